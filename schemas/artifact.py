@@ -1,0 +1,59 @@
+"""Model artifacts on the wire: a retained meta message and retained raw chunks.
+
+The meta is not signed: it only helps fetching. What makes an artifact trusted is
+the signed manifest naming its sha256 and size; each chunk is checked against the
+meta as it arrives (so a corrupt chunk is refetched, not carried along) and the
+whole file against the manifest before it may be loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Final
+
+from pydantic import Field, model_validator
+
+from schemas.codec import WireModel
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "MAX_CHUNK_BYTES", "ArtifactMeta", "split_artifact"]
+
+DEFAULT_CHUNK_BYTES: Final = 256 * 1024
+MAX_CHUNK_BYTES: Final = 1024 * 1024
+SHA256_PATTERN: Final = r"^[0-9a-f]{64}$"
+
+
+class ArtifactMeta(WireModel):
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    size: int = Field(ge=1)
+    chunk_size: int = Field(ge=1024, le=MAX_CHUNK_BYTES)
+    chunks: tuple[str, ...] = Field(min_length=1, max_length=4096)
+    name: str = Field(max_length=128)
+    media_type: str = "application/onnx"
+
+    @model_validator(mode="after")
+    def _chunk_count(self) -> ArtifactMeta:
+        expected = -(-self.size // self.chunk_size)
+        if len(self.chunks) != expected:
+            msg = f"{len(self.chunks)} chunk hashes for {expected} chunks"
+            raise ValueError(msg)
+        return self
+
+    def chunk_length(self, index: int) -> int:
+        if index == len(self.chunks) - 1:
+            return self.size - index * self.chunk_size
+        return self.chunk_size
+
+
+def split_artifact(
+    data: bytes, *, name: str, chunk_size: int = DEFAULT_CHUNK_BYTES
+) -> tuple[ArtifactMeta, list[bytes]]:
+    """Cut a model file into chunks and describe them."""
+    chunks = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
+    meta = ArtifactMeta(
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        chunk_size=chunk_size,
+        chunks=tuple(hashlib.sha256(c).hexdigest() for c in chunks),
+        name=name,
+    )
+    return meta, chunks

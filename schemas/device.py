@@ -1,0 +1,97 @@
+"""What devices publish about themselves: state, health reports and events."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Final
+
+from pydantic import Field
+
+from schemas.codec import WireModel
+
+__all__ = [
+    "OFFLINE",
+    "ONLINE",
+    "DeviceState",
+    "Event",
+    "EventKind",
+    "HealthReport",
+    "Mode",
+    "Rejection",
+    "Verdict",
+]
+
+ONLINE: Final = b"online"
+OFFLINE: Final = b"offline"
+
+
+class Mode(StrEnum):
+    IDLE = "idle"
+    """No model yet."""
+    SERVING = "serving"
+    UPDATING = "updating"
+    """Serving the previous model while a new one is fetched, loaded or soaked."""
+    DEGRADED = "degraded"
+    """Serving, but the last update failed and was rolled back."""
+
+
+class Rejection(WireModel):
+    reason: str
+    detail: str = Field(max_length=1000)
+    at: float
+
+
+class DeviceState(WireModel):
+    device_id: str
+    hw_class: str
+    mode: Mode
+    active_release: str | None
+    active_sha256: str | None
+    target_release: str | None
+    rollout_id: str | None
+    applied_seq: int
+    trust_version: int
+    inferences_total: int
+    last_inference_at: float | None
+    last_rejection: Rejection | None
+    updated_at: float
+
+
+class Verdict(StrEnum):
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+
+
+class HealthReport(WireModel):
+    report_id: str
+    device_id: str
+    rollout_id: str | None
+    manifest_seq: int
+    release: str
+    verdict: Verdict
+    reasons: tuple[str, ...] = ()
+    inferences: int
+    errors: int
+    p95_latency_ms: float | None
+    soak_seconds: float
+    at: float
+
+
+class EventKind(StrEnum):
+    TRUST_REJECTED = "trust_rejected"
+    MANIFEST_REJECTED = "manifest_rejected"
+    ARTIFACT_REJECTED = "artifact_rejected"
+    UPDATE_APPLIED = "update_applied"
+    ROLLBACK = "rollback"
+    TELEMETRY_COARSENED = "telemetry_coarsened"
+
+
+class Event(WireModel):
+    event_id: str
+    device_id: str
+    kind: EventKind
+    reason: str | None = None
+    detail: str = Field(default="", max_length=2000)
+    manifest_seq: int | None = None
+    release: str | None = None
+    at: float

@@ -1,0 +1,112 @@
+"""Per-hardware-class manifests: what each device of a class should run.
+
+One retained, signed manifest per class carries every wave of a rollout:
+``stable`` is what everyone runs; ``rollout`` names a candidate for the canaries and
+for devices whose stable bucket is below ``cutoff_bp``. Raising ``cutoff_bp`` is the
+next wave, clearing ``rollout`` is a rollback, moving the candidate into ``stable``
+is the promotion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Final, Literal
+
+from pydantic import Field
+
+from schemas.artifact import SHA256_PATTERN
+from schemas.codec import WireModel
+
+__all__ = [
+    "BUCKETS",
+    "MANIFEST_KIND",
+    "ArtifactRef",
+    "HealthBudget",
+    "Manifest",
+    "Release",
+    "RolloutCohort",
+    "Runtime",
+    "Target",
+    "TensorSpec",
+    "bucket",
+]
+
+MANIFEST_KIND: Final = "manifest"
+BUCKETS: Final = 10_000
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class ArtifactRef(WireModel):
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    size: int = Field(ge=1)
+
+
+class Runtime(WireModel):
+    engine: Literal["onnxruntime"] = "onnxruntime"
+    providers: tuple[str, ...] = Field(min_length=1, max_length=8)
+    """Execution providers in order of preference; the agent uses those it has."""
+    intra_op_threads: int = Field(default=1, ge=1, le=64)
+
+
+class TensorSpec(WireModel):
+    name: str = Field(min_length=1, max_length=128)
+    dtype: str = Field(max_length=32)
+    shape: tuple[int | str | None, ...]
+
+
+class HealthBudget(WireModel):
+    max_error_rate: float = Field(ge=0.0, le=1.0)
+    p95_latency_ms: float = Field(gt=0.0)
+    min_inferences: int = Field(ge=1)
+    soak_seconds: float = Field(ge=0.0)
+
+
+class Release(WireModel):
+    name: str = Field(pattern=_NAME)
+    artifact: ArtifactRef
+    runtime: Runtime
+    inputs: tuple[TensorSpec, ...] = Field(min_length=1)
+    outputs: tuple[TensorSpec, ...] = Field(min_length=1)
+    health: HealthBudget
+
+    @property
+    def release_id(self) -> str:
+        """Short, unique name of a release: its name and the start of its digest."""
+        return f"{self.name}@{self.artifact.sha256[:12]}"
+
+
+class RolloutCohort(WireModel):
+    id: str = Field(pattern=_NAME)
+    candidate: Release
+    salt: str = Field(min_length=1, max_length=64)
+    cutoff_bp: int = Field(ge=0, le=BUCKETS)
+    canaries: tuple[str, ...] = Field(default=(), max_length=1000)
+
+
+class Manifest(WireModel):
+    hw_class: str = Field(pattern=_NAME)
+    seq: int = Field(ge=1)
+    issued_at: float
+    expires_at: float
+    stable: Release | None
+    rollout: RolloutCohort | None = None
+
+    def target_for(self, device_id: str) -> Target:
+        """Which release ``device_id`` should run under this manifest."""
+        cohort = self.rollout
+        if cohort is not None and (
+            device_id in cohort.canaries or bucket(cohort.salt, device_id) < cohort.cutoff_bp
+        ):
+            return Target(release=cohort.candidate, rollout_id=cohort.id)
+        return Target(release=self.stable, rollout_id=None)
+
+
+class Target(WireModel):
+    release: Release | None
+    rollout_id: str | None
+
+
+def bucket(salt: str, device_id: str) -> int:
+    """A device's stable bucket in ``0..BUCKETS-1`` for a rollout's salt."""
+    digest = hashlib.sha256(f"{salt}\0{device_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % BUCKETS

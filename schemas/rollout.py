@@ -1,0 +1,113 @@
+"""Rollout messages: the operator's signed spec and the coordinator's status.
+
+The spec is desired state with a generation number: pause, resume and abort are new
+generations of the same retained spec. The status is what the coordinator observed
+and decided; the state machine that produces it lives in ``coordinator.rollout``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from enum import StrEnum
+from typing import Final
+
+from pydantic import Field, field_validator
+
+from schemas.codec import WireModel
+from schemas.manifest import ArtifactRef, TensorSpec
+
+__all__ = [
+    "ROLLOUT_SPEC_KIND",
+    "Candidate",
+    "Desired",
+    "Phase",
+    "RolloutSpec",
+    "RolloutStatus",
+    "WaveCounts",
+]
+
+ROLLOUT_SPEC_KIND: Final = "rollout-spec"
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class Desired(StrEnum):
+    ACTIVE = "active"
+    PAUSED = "paused"
+    ABORTED = "aborted"
+
+
+class Candidate(WireModel):
+    """The model the operator wants rolled out, as published under ``artifacts/``."""
+
+    name: str = Field(pattern=_NAME)
+    artifact: ArtifactRef
+    inputs: tuple[TensorSpec, ...] = Field(min_length=1)
+    outputs: tuple[TensorSpec, ...] = Field(min_length=1)
+
+
+class RolloutSpec(WireModel):
+    id: str = Field(pattern=_NAME)
+    generation: int = Field(ge=1)
+    desired: Desired = Desired.ACTIVE
+    classes: tuple[str, ...] = Field(min_length=1, max_length=64)
+    candidate: Candidate
+    waves_percent: tuple[float, ...] = Field(min_length=1, max_length=20)
+    canaries: tuple[str, ...] = Field(default=(), max_length=1000)
+    success_ratio: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Promote a wave when healthy >= success_ratio x targeted."""
+    max_failure_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Abort when unhealthy / reported exceeds this."""
+    wave_timeout_s: float = Field(default=600.0, gt=0.0)
+    issued_at: float
+    operator: str = Field(max_length=64)
+
+    @field_validator("waves_percent")
+    @classmethod
+    def _increasing(cls, waves: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0.0 < w <= 100.0 for w in waves):
+            msg = "wave percentages must lie in (0, 100]"
+            raise ValueError(msg)
+        if any(b <= a for a, b in itertools.pairwise(waves)):
+            msg = "wave percentages must increase"
+            raise ValueError(msg)
+        if waves[-1] != 100.0:
+            msg = "the last wave must reach 100 percent"
+            raise ValueError(msg)
+        return waves
+
+
+class Phase(StrEnum):
+    WAVE = "wave"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    ROLLED_BACK = "rolled_back"
+    REJECTED = "rejected"
+
+    @property
+    def final(self) -> bool:
+        return self in {Phase.COMPLETED, Phase.ROLLED_BACK, Phase.REJECTED}
+
+
+class WaveCounts(WireModel):
+    targeted: int = 0
+    updated: int = 0
+    healthy: int = 0
+    unhealthy: int = 0
+
+    @property
+    def reported(self) -> int:
+        return self.healthy + self.unhealthy
+
+
+class RolloutStatus(WireModel):
+    id: str
+    generation: int
+    phase: Phase
+    wave: int
+    """Index of the current wave (0-based); equal to the number of waves when done."""
+    waves_percent: tuple[float, ...]
+    counts: WaveCounts
+    classes: tuple[str, ...]
+    release: str | None = None
+    reason: str | None = None
+    updated_at: float

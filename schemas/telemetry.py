@@ -1,0 +1,117 @@
+"""Telemetry summaries: one fixed window of a device's inference, summarised.
+
+Everything in a summary is mergeable without loss of counts: latencies go into
+log-spaced buckets (relative error bounded by the bucket ratio), confidences into
+fixed bins, predicted labels into counts. The agent's store-and-forward queue merges
+its oldest windows into coarser ones when full, so resolution drops but no
+inference is silently forgotten.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable
+from typing import Final
+
+from pydantic import Field
+
+from schemas.codec import WireModel
+
+__all__ = [
+    "CONFIDENCE_BINS",
+    "LATENCY_GAMMA",
+    "LogHistogram",
+    "TelemetrySummary",
+    "confidence_bin",
+    "latency_bucket",
+    "merge_summaries",
+]
+
+LATENCY_GAMMA: Final = 1.2
+"""Ratio between successive latency bucket bounds: quantiles are within 10%."""
+CONFIDENCE_BINS: Final = 10
+_MIN_MS: Final = 1e-3
+
+
+def latency_bucket(ms: float) -> int:
+    """Index of the bucket ``(GAMMA**(i-1), GAMMA**i]`` holding ``ms``."""
+    return math.ceil(math.log(max(ms, _MIN_MS)) / math.log(LATENCY_GAMMA))
+
+
+def confidence_bin(p: float) -> int:
+    return min(CONFIDENCE_BINS - 1, max(0, int(p * CONFIDENCE_BINS)))
+
+
+class LogHistogram(WireModel):
+    buckets: tuple[tuple[int, int], ...] = ()
+    """Sorted ``(bucket index, count)`` pairs; empty buckets are left out."""
+
+    @classmethod
+    def of(cls, values_ms: Iterable[float]) -> LogHistogram:
+        return cls.from_counts(Counter(latency_bucket(v) for v in values_ms))
+
+    @classmethod
+    def from_counts(cls, counts: Counter[int]) -> LogHistogram:
+        return cls(buckets=tuple(sorted((i, n) for i, n in counts.items() if n)))
+
+    @property
+    def count(self) -> int:
+        return sum(n for _, n in self.buckets)
+
+    def merge(self, other: LogHistogram) -> LogHistogram:
+        counts: Counter[int] = Counter(dict(self.buckets))
+        counts.update(dict(other.buckets))
+        return LogHistogram.from_counts(counts)
+
+    def quantile(self, q: float) -> float | None:
+        """Upper bound of the bucket holding quantile ``q``; None when empty."""
+        total = self.count
+        if total == 0:
+            return None
+        rank = q * total
+        seen = 0
+        for index, n in self.buckets:
+            seen += n
+            if seen >= rank:
+                return float(LATENCY_GAMMA**index)
+        return float(LATENCY_GAMMA ** self.buckets[-1][0])
+
+
+class TelemetrySummary(WireModel):
+    summary_id: str
+    device_id: str
+    release: str | None
+    window_start: float
+    window_end: float
+    windows: int = Field(default=1, ge=1)
+    """How many original windows this summary stands for (>1 once coarsened)."""
+    count: int = Field(ge=0)
+    errors: int = Field(ge=0)
+    latency_ms: LogHistogram
+    confidence: tuple[int, ...] = Field(min_length=CONFIDENCE_BINS, max_length=CONFIDENCE_BINS)
+    labels: dict[str, int] = Field(default_factory=dict)
+    max_rss_bytes: int = 0
+
+
+def merge_summaries(first: TelemetrySummary, second: TelemetrySummary) -> TelemetrySummary:
+    """One coarser summary standing for both; keeps ``first``'s id and release.
+
+    Counts are conserved exactly; only time resolution is lost.
+    """
+    labels = Counter(first.labels)
+    labels.update(second.labels)
+    return TelemetrySummary(
+        summary_id=first.summary_id,
+        device_id=first.device_id,
+        release=first.release if first.release == second.release else None,
+        window_start=min(first.window_start, second.window_start),
+        window_end=max(first.window_end, second.window_end),
+        windows=first.windows + second.windows,
+        count=first.count + second.count,
+        errors=first.errors + second.errors,
+        latency_ms=first.latency_ms.merge(second.latency_ms),
+        confidence=tuple(a + b for a, b in zip(first.confidence, second.confidence, strict=True)),
+        labels=dict(labels),
+        max_rss_bytes=max(first.max_rss_bytes, second.max_rss_bytes),
+    )

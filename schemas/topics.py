@@ -1,0 +1,191 @@
+"""Every topic of the edgefleet tree, built and parsed in one place.
+
+No other module assembles a topic string by hand. Names that go into a topic
+(device ids, classes, rollout ids) are checked here, so a hostile id cannot inject
+``/``, ``+`` or ``#`` into another party's namespace.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+from schemas.errors import MalformedPayloadError, Reason
+
+__all__ = [
+    "PREFIX",
+    "DeviceChannel",
+    "ParsedTopic",
+    "TopicKind",
+    "all_artifacts",
+    "all_class_manifests",
+    "all_devices",
+    "all_rollout_specs",
+    "all_rollout_statuses",
+    "artifact_chunk",
+    "artifact_chunks",
+    "artifact_meta",
+    "check_name",
+    "class_manifest",
+    "coordinator_presence",
+    "device",
+    "parse",
+    "rollout_spec",
+    "rollout_status",
+    "trust",
+]
+
+PREFIX: Final = "fleet/v1"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class DeviceChannel(StrEnum):
+    """The topics under ``devices/{id}/``."""
+
+    PRESENCE = "presence"
+    STATE = "state"
+    HEALTH = "health"
+    TELEMETRY = "telemetry"
+    EVENTS = "events"
+
+
+class TopicKind(StrEnum):
+    TRUST = "trust"
+    CLASS_MANIFEST = "class_manifest"
+    ARTIFACT_META = "artifact_meta"
+    ARTIFACT_CHUNK = "artifact_chunk"
+    ROLLOUT_SPEC = "rollout_spec"
+    ROLLOUT_STATUS = "rollout_status"
+    DEVICE = "device"
+    COORDINATOR_PRESENCE = "coordinator_presence"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParsedTopic:
+    """A topic of the tree, taken apart. Only the fields its kind uses are set."""
+
+    kind: TopicKind
+    name: str | None = None
+    """The class, rollout id, device id or artifact sha256 the topic is about."""
+    channel: DeviceChannel | None = None
+    index: int | None = None
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """Return ``value`` if it may stand as one topic level, else raise ValueError."""
+    if not _NAME.fullmatch(value):
+        msg = f"invalid {what} {value!r}: use 1-64 of [A-Za-z0-9._-], starting alphanumeric"
+        raise ValueError(msg)
+    return value
+
+
+def _sha(value: str) -> str:
+    if not _SHA256.fullmatch(value):
+        msg = f"invalid sha256 {value!r}"
+        raise ValueError(msg)
+    return value
+
+
+def trust() -> str:
+    return f"{PREFIX}/trust"
+
+
+def class_manifest(hw_class: str) -> str:
+    return f"{PREFIX}/classes/{check_name(hw_class, 'class')}/manifest"
+
+
+def artifact_meta(sha256: str) -> str:
+    return f"{PREFIX}/artifacts/{_sha(sha256)}/meta"
+
+
+def artifact_chunk(sha256: str, index: int) -> str:
+    if index < 0:
+        msg = f"negative chunk index {index}"
+        raise ValueError(msg)
+    return f"{PREFIX}/artifacts/{_sha(sha256)}/{index}"
+
+
+def artifact_chunks(sha256: str) -> str:
+    """Filter for every chunk (and the meta) of one artifact."""
+    return f"{PREFIX}/artifacts/{_sha(sha256)}/+"
+
+
+def rollout_spec(rollout_id: str) -> str:
+    return f"{PREFIX}/rollouts/{check_name(rollout_id, 'rollout id')}/spec"
+
+
+def rollout_status(rollout_id: str) -> str:
+    return f"{PREFIX}/rollouts/{check_name(rollout_id, 'rollout id')}/status"
+
+
+def device(device_id: str, channel: DeviceChannel) -> str:
+    return f"{PREFIX}/devices/{check_name(device_id, 'device id')}/{channel.value}"
+
+
+def coordinator_presence() -> str:
+    return f"{PREFIX}/coordinator/presence"
+
+
+def all_devices(channel: DeviceChannel) -> str:
+    return f"{PREFIX}/devices/+/{channel.value}"
+
+
+def all_class_manifests() -> str:
+    return f"{PREFIX}/classes/+/manifest"
+
+
+def all_rollout_specs() -> str:
+    return f"{PREFIX}/rollouts/+/spec"
+
+
+def all_rollout_statuses() -> str:
+    return f"{PREFIX}/rollouts/+/status"
+
+
+def all_artifacts() -> str:
+    return f"{PREFIX}/artifacts/#"
+
+
+def parse(topic: str) -> ParsedTopic:
+    """Take a received topic apart.
+
+    Raises:
+        MalformedPayloadError: the topic is not one of the tree's.
+    """
+    if not topic.startswith(PREFIX + "/"):
+        raise MalformedPayloadError(Reason.MALFORMED, f"topic {topic!r} outside {PREFIX}")
+    parts = topic[len(PREFIX) + 1 :].split("/")
+    try:
+        return _parse_parts(parts)
+    except ValueError as exc:
+        raise MalformedPayloadError(Reason.MALFORMED, f"topic {topic!r}: {exc}") from exc
+
+
+def _parse_parts(parts: list[str]) -> ParsedTopic:
+    match parts:
+        case ["trust"]:
+            return ParsedTopic(kind=TopicKind.TRUST)
+        case ["classes", name, "manifest"]:
+            return ParsedTopic(kind=TopicKind.CLASS_MANIFEST, name=check_name(name, "class"))
+        case ["artifacts", sha, "meta"]:
+            return ParsedTopic(kind=TopicKind.ARTIFACT_META, name=_sha(sha))
+        case ["artifacts", sha, index] if index.isdigit() and len(index) <= 9:
+            return ParsedTopic(kind=TopicKind.ARTIFACT_CHUNK, name=_sha(sha), index=int(index))
+        case ["rollouts", rid, "spec"]:
+            return ParsedTopic(kind=TopicKind.ROLLOUT_SPEC, name=check_name(rid, "rollout id"))
+        case ["rollouts", rid, "status"]:
+            return ParsedTopic(kind=TopicKind.ROLLOUT_STATUS, name=check_name(rid, "rollout id"))
+        case ["devices", did, channel] if channel in DeviceChannel.__members__.values():
+            return ParsedTopic(
+                kind=TopicKind.DEVICE,
+                name=check_name(did, "device id"),
+                channel=DeviceChannel(channel),
+            )
+        case ["coordinator", "presence"]:
+            return ParsedTopic(kind=TopicKind.COORDINATOR_PRESENCE)
+        case _:
+            msg = "unknown topic"
+            raise ValueError(msg)
