@@ -43,6 +43,7 @@ class Reason(StrEnum):
     NOT_TRUSTED = "not_trusted"
     CHUNK_CORRUPT = "chunk_corrupt"
     ARTIFACT_MISMATCH = "artifact_mismatch"
+    FETCH_TIMEOUT = "fetch_timeout"
     MODEL_LOAD_FAILED = "model_load_failed"
     SELF_TEST_FAILED = "self_test_failed"
     PROFILE_MISMATCH = "profile_mismatch"

@@ -1,0 +1,50 @@
+"""Judging a soak: live inference statistics against a release's health budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from schemas import HealthBudget, Verdict
+
+__all__ = ["SoakStats", "judge"]
+
+
+@dataclass
+class SoakStats:
+    """Inference outcomes of one model since it was swapped in."""
+
+    started: float
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    @property
+    def inferences(self) -> int:
+        return len(self.latencies_ms) + self.errors
+
+    def p95_ms(self) -> float | None:
+        if not self.latencies_ms:
+            return None
+        return float(np.percentile(self.latencies_ms, 95))
+
+    def ready(self, budget: HealthBudget, now: float) -> bool:
+        """Soaked long enough, over enough inferences, to be judged."""
+        return (
+            now - self.started >= budget.soak_seconds and self.inferences >= budget.min_inferences
+        )
+
+
+def judge(stats: SoakStats, budget: HealthBudget) -> tuple[Verdict, tuple[str, ...]]:
+    """The verdict on a soak, with machine-readable reasons when unhealthy."""
+    reasons: list[str] = []
+    if stats.inferences < budget.min_inferences:
+        reasons.append(f"too_few_inferences:{stats.inferences}<{budget.min_inferences}")
+    if stats.inferences:
+        error_rate = stats.errors / stats.inferences
+        if error_rate > budget.max_error_rate:
+            reasons.append(f"error_rate:{error_rate:.3f}>{budget.max_error_rate:.3f}")
+    p95 = stats.p95_ms()
+    if p95 is not None and p95 > budget.p95_latency_ms:
+        reasons.append(f"p95_latency_ms:{p95:.2f}>{budget.p95_latency_ms:.2f}")
+    return (Verdict.UNHEALTHY if reasons else Verdict.HEALTHY), tuple(reasons)

@@ -1,0 +1,60 @@
+"""Summarising inference into fixed telemetry windows on the device."""
+
+from __future__ import annotations
+
+import resource
+import uuid
+from collections import Counter
+
+from agent.runtime import InferenceResult
+from schemas import LogHistogram, TelemetrySummary
+from schemas.telemetry import CONFIDENCE_BINS, confidence_bin, latency_bucket
+
+__all__ = ["TelemetryWindow"]
+
+
+class TelemetryWindow:
+    """Accumulates one window; :meth:`close` turns it into a summary and starts anew."""
+
+    def __init__(self, device_id: str, started: float) -> None:
+        self._device_id = device_id
+        self._reset(started, None)
+
+    def _reset(self, started: float, release: str | None) -> None:
+        self._started = started
+        self._release = release
+        self._count = 0
+        self._errors = 0
+        self._latency: Counter[int] = Counter()
+        self._confidence = [0] * CONFIDENCE_BINS
+        self._labels: Counter[str] = Counter()
+
+    def record(self, release: str, result: InferenceResult | None) -> None:
+        """Count one inference; ``None`` is a failed one."""
+        self._release = release
+        self._count += 1
+        if result is None:
+            self._errors += 1
+            return
+        self._latency[latency_bucket(result.latency_ms)] += 1
+        if result.confidence is not None:
+            self._confidence[confidence_bin(result.confidence)] += 1
+        if result.label is not None:
+            self._labels[str(result.label)] += 1
+
+    def close(self, now: float) -> TelemetrySummary:
+        summary = TelemetrySummary(
+            summary_id=uuid.uuid4().hex,
+            device_id=self._device_id,
+            release=self._release,
+            window_start=self._started,
+            window_end=now,
+            count=self._count,
+            errors=self._errors,
+            latency_ms=LogHistogram.from_counts(self._latency),
+            confidence=tuple(self._confidence),
+            labels=dict(self._labels),
+            max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        )
+        self._reset(now, self._release)
+        return summary
