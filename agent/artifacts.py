@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Final
 
 from schemas import ArtifactError, ArtifactMeta, ArtifactRef, Reason, decode
+from schemas.artifact import check_chunk, check_whole
 from storage import atomic_write
 
 __all__ = ["ArtifactStore"]
@@ -80,14 +81,7 @@ class ArtifactStore:
         Raises:
             ArtifactError: CHUNK_CORRUPT when its length or sha256 is not the meta's.
         """
-        if index >= len(meta.chunks):
-            raise ArtifactError(Reason.CHUNK_CORRUPT, f"chunk {index} beyond {len(meta.chunks)}")
-        if len(data) != meta.chunk_length(index) or (
-            hashlib.sha256(data).hexdigest() != meta.chunks[index]
-        ):
-            raise ArtifactError(
-                Reason.CHUNK_CORRUPT, f"chunk {index} of {meta.sha256[:12]} fails its sha256"
-            )
+        check_chunk(meta, index, data)
         atomic_write(self._partial / meta.sha256 / str(index), data)
 
     def missing(self, meta: ArtifactMeta) -> list[int]:
@@ -103,11 +97,11 @@ class ArtifactStore:
         """
         folder = self._partial / meta.sha256
         data = b"".join((folder / str(i)).read_bytes() for i in range(len(meta.chunks)))
-        if len(data) != meta.size or hashlib.sha256(data).hexdigest() != meta.sha256:
+        try:
+            check_whole(meta, data)
+        except ArtifactError:
             shutil.rmtree(folder, ignore_errors=True)
-            raise ArtifactError(
-                Reason.ARTIFACT_MISMATCH, f"assembled artifact {meta.sha256[:12]} fails its sha256"
-            )
+            raise
         path = self.model_path(meta.sha256)
         atomic_write(path, data, mode=0o600)
         shutil.rmtree(folder, ignore_errors=True)

@@ -14,8 +14,16 @@ from typing import Final
 from pydantic import Field, model_validator
 
 from schemas.codec import WireModel
+from schemas.errors import ArtifactError, Reason
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "MAX_CHUNK_BYTES", "ArtifactMeta", "split_artifact"]
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "MAX_CHUNK_BYTES",
+    "ArtifactMeta",
+    "check_chunk",
+    "check_whole",
+    "split_artifact",
+]
 
 DEFAULT_CHUNK_BYTES: Final = 256 * 1024
 MAX_CHUNK_BYTES: Final = 1024 * 1024
@@ -57,3 +65,34 @@ def split_artifact(
         name=name,
     )
     return meta, chunks
+
+
+def check_chunk(meta: ArtifactMeta, index: int, data: bytes) -> None:
+    """Check one chunk against the meta.
+
+    Raises:
+        ArtifactError: CHUNK_CORRUPT when its index, length or sha256 is wrong.
+    """
+    if not 0 <= index < len(meta.chunks):
+        raise ArtifactError(
+            Reason.CHUNK_CORRUPT, f"chunk {index} outside 0..{len(meta.chunks) - 1}"
+        )
+    if (
+        len(data) != meta.chunk_length(index)
+        or hashlib.sha256(data).hexdigest() != meta.chunks[index]
+    ):
+        raise ArtifactError(
+            Reason.CHUNK_CORRUPT, f"chunk {index} of {meta.sha256[:12]} fails its sha256"
+        )
+
+
+def check_whole(meta: ArtifactMeta, data: bytes) -> None:
+    """Check assembled bytes against the meta's digest and size.
+
+    Raises:
+        ArtifactError: ARTIFACT_MISMATCH.
+    """
+    if len(data) != meta.size or hashlib.sha256(data).hexdigest() != meta.sha256:
+        raise ArtifactError(
+            Reason.ARTIFACT_MISMATCH, f"assembled artifact {meta.sha256[:12]} fails its sha256"
+        )

@@ -1,0 +1,16 @@
+"""The cloud side of edgefleet, and the operator's commands."""
+
+from coordinator.profiles import DEFAULT_PROFILES, ClassProfile, load_profiles
+from coordinator.rollout import Action, RolloutRecord, decide
+from coordinator.service import Coordinator, CoordinatorConfig
+
+__all__ = [
+    "DEFAULT_PROFILES",
+    "Action",
+    "ClassProfile",
+    "Coordinator",
+    "CoordinatorConfig",
+    "RolloutRecord",
+    "decide",
+    "load_profiles",
+]

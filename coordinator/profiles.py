@@ -1,0 +1,57 @@
+"""Hardware class profiles: what each class of device can run and how to judge it.
+
+Read from a TOML file at the entry point (``classes.toml`` beside this module is the
+default). A candidate that does not fit a class is refused for that class before any
+device sees it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas import HealthBudget, Runtime
+
+__all__ = ["DEFAULT_PROFILES", "ClassProfile", "RolloutDefaults", "load_profiles"]
+
+DEFAULT_PROFILES = Path(__file__).with_name("classes.toml")
+
+
+class RolloutDefaults(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    waves: tuple[float, ...] = (10.0, 50.0, 100.0)
+    success_ratio: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_failure_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    wave_timeout_s: float = Field(default=900.0, gt=0.0)
+
+
+class ClassProfile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    description: str = ""
+    providers: tuple[str, ...] = Field(min_length=1)
+    precisions: tuple[str, ...] = ("fp32",)
+    max_model_bytes: int = Field(gt=0)
+    intra_op_threads: int = Field(default=1, ge=1, le=64)
+    health: HealthBudget
+    rollout: RolloutDefaults = RolloutDefaults()
+    manifest_ttl_s: float = Field(default=86_400.0, gt=0.0)
+
+    @property
+    def runtime(self) -> Runtime:
+        return Runtime(providers=self.providers, intra_op_threads=self.intra_op_threads)
+
+
+def load_profiles(path: Path = DEFAULT_PROFILES) -> dict[str, ClassProfile]:
+    """Read ``[classes.<name>]`` tables.
+
+    Raises:
+        OSError, tomllib.TOMLDecodeError, pydantic.ValidationError: a bad file.
+    """
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    classes = data.get("classes", {})
+    return {name: ClassProfile(name=name, **table) for name, table in classes.items()}

@@ -1,0 +1,140 @@
+"""The rollout state machine: waves, promotion, pause, abort and rollback.
+
+Theory of operation. A rollout moves its candidate through waves of increasing
+``cutoff_bp``. The coordinator feeds it the counts it observes for the current wave
+(devices targeted, updated, healthy, unhealthy) and the operator's desired state, and
+applies the transition :func:`decide` returns. Everything here is pure: no clock
+reads, no I/O, so the coordinator can replay it after a restart and tests can drive
+it directly.
+
+    WAVE --advance--> WAVE (next cutoff)      WAVE --complete--> COMPLETED (stable := candidate)
+    WAVE --roll_back--> ROLLED_BACK           WAVE/--pause--> PAUSED --resume--> WAVE
+    PAUSED --roll_back--> ROLLED_BACK         (validation failure: REJECTED before any wave)
+
+A wave advances when ``healthy >= success_ratio * targeted`` (and someone was
+targeted); it rolls back when ``unhealthy / reported > max_failure_ratio`` or when the
+wave outlives its timeout.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+from typing import Final
+
+from pydantic import BaseModel, ConfigDict
+
+from schemas import Desired, Phase, Release, UsageError, WaveCounts
+from schemas.manifest import BUCKETS as BUCKETS_ALL
+
+__all__ = ["TRANSITIONS", "Action", "RolloutRecord", "apply", "cutoff_bp", "decide"]
+
+
+class Action(StrEnum):
+    WAIT = "wait"
+    ADVANCE = "advance"
+    COMPLETE = "complete"
+    ROLL_BACK = "roll_back"
+    PAUSE = "pause"
+    RESUME = "resume"
+
+
+TRANSITIONS: Final[dict[tuple[Phase, Action], Phase]] = {
+    (Phase.WAVE, Action.WAIT): Phase.WAVE,
+    (Phase.WAVE, Action.ADVANCE): Phase.WAVE,
+    (Phase.WAVE, Action.COMPLETE): Phase.COMPLETED,
+    (Phase.WAVE, Action.ROLL_BACK): Phase.ROLLED_BACK,
+    (Phase.WAVE, Action.PAUSE): Phase.PAUSED,
+    (Phase.PAUSED, Action.WAIT): Phase.PAUSED,
+    (Phase.PAUSED, Action.RESUME): Phase.WAVE,
+    (Phase.PAUSED, Action.ROLL_BACK): Phase.ROLLED_BACK,
+}
+
+
+class RolloutRecord(BaseModel):
+    """A rollout as the coordinator's store keeps it."""
+
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+    id: str
+    generation: int
+    spec: bytes
+    """The operator-signed spec bytes, kept for audit."""
+    classes: tuple[str, ...]
+    candidates: dict[str, Release]
+    waves_percent: tuple[float, ...]
+    canaries: tuple[str, ...]
+    success_ratio: float
+    max_failure_ratio: float
+    wave_timeout_s: float
+    desired: Desired = Desired.ACTIVE
+    phase: Phase
+    wave: int
+    wave_started_at: float
+    counts: WaveCounts = WaveCounts()
+    reason: str | None = None
+    updated_at: float
+
+    @property
+    def release_id(self) -> str:
+        return next(iter(self.candidates.values())).release_id
+
+
+def cutoff_bp(record: RolloutRecord) -> int:
+    """Bucket cutoff of the current wave (the last wave's once completed)."""
+    index = min(record.wave, len(record.waves_percent) - 1)
+    return min(BUCKETS_ALL, math.ceil(record.waves_percent[index] * BUCKETS_ALL / 100.0))
+
+
+def decide(
+    record: RolloutRecord, counts: WaveCounts, desired: Desired, now: float
+) -> tuple[Action, str | None]:
+    """What to do next, and why (for the status and the audit log)."""
+    if desired is Desired.ABORTED:
+        return Action.ROLL_BACK, "aborted by operator"
+    if record.phase is Phase.PAUSED:
+        return (Action.RESUME, None) if desired is Desired.ACTIVE else (Action.WAIT, None)
+    if desired is Desired.PAUSED:
+        return Action.PAUSE, "paused by operator"
+    wave_no = record.wave + 1
+    if counts.reported and counts.unhealthy / counts.reported > record.max_failure_ratio:
+        return (
+            Action.ROLL_BACK,
+            f"wave {wave_no}: {counts.unhealthy} of {counts.reported} reporting devices unhealthy",
+        )
+    if counts.targeted and counts.healthy >= record.success_ratio * counts.targeted:
+        last = record.wave == len(record.waves_percent) - 1
+        return (Action.COMPLETE if last else Action.ADVANCE), (
+            f"wave {wave_no}: {counts.healthy} of {counts.targeted} devices healthy"
+        )
+    if now - record.wave_started_at > record.wave_timeout_s:
+        return (
+            Action.ROLL_BACK,
+            f"wave {wave_no}: timed out with {counts.healthy} of {counts.targeted} healthy",
+        )
+    return Action.WAIT, None
+
+
+def apply(
+    record: RolloutRecord, action: Action, reason: str | None, counts: WaveCounts, now: float
+) -> RolloutRecord:
+    """The record after ``action``.
+
+    Raises:
+        UsageError: the action is not allowed in the record's phase.
+    """
+    try:
+        phase = TRANSITIONS[(record.phase, action)]
+    except KeyError:
+        msg = f"rollout {record.id}: no transition from {record.phase} on {action}"
+        raise UsageError(msg) from None
+    changes: dict[str, object] = {"phase": phase, "counts": counts, "updated_at": now}
+    if reason is not None:
+        changes["reason"] = reason
+    if action is Action.ADVANCE:
+        changes.update(wave=record.wave + 1, wave_started_at=now, counts=WaveCounts())
+    elif action is Action.COMPLETE:
+        changes["wave"] = len(record.waves_percent)
+    elif action is Action.RESUME:
+        changes["wave_started_at"] = now
+    return record.model_copy(update=changes)
