@@ -1,0 +1,37 @@
+"""Everything about the broker: rendering its config, ACLs and TLS material, running it,
+and talking to it (:mod:`broker.session`, the only module that imports the MQTT client).
+"""
+
+from broker.acl import Accounts, DeviceGrant, render_acl, render_password_file
+from broker.config import BrokerPorts, ConfigError, default_template, render_config
+from broker.launcher import (
+    BrokerError,
+    BrokerMaterial,
+    MosquittoBroker,
+    free_port,
+    free_ports,
+    which_mosquitto,
+)
+from broker.pki import issue_client_cert, issue_server_cert, make_ca, write_private, write_public
+
+__all__ = [
+    "Accounts",
+    "BrokerError",
+    "BrokerMaterial",
+    "BrokerPorts",
+    "ConfigError",
+    "DeviceGrant",
+    "MosquittoBroker",
+    "default_template",
+    "free_port",
+    "free_ports",
+    "issue_client_cert",
+    "issue_server_cert",
+    "make_ca",
+    "render_acl",
+    "render_config",
+    "render_password_file",
+    "which_mosquitto",
+    "write_private",
+    "write_public",
+]
