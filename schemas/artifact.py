@@ -9,7 +9,7 @@ whole file against the manifest before it may be loaded.
 from __future__ import annotations
 
 import hashlib
-from typing import Final
+from typing import Annotated, Final
 
 from pydantic import Field, model_validator
 
@@ -28,13 +28,17 @@ __all__ = [
 DEFAULT_CHUNK_BYTES: Final = 256 * 1024
 MAX_CHUNK_BYTES: Final = 1024 * 1024
 SHA256_PATTERN: Final = r"^[0-9a-f]{64}$"
+# 66 wire bytes per hex digest: 3072 of them leave room under MAX_MESSAGE_BYTES.
+MAX_CHUNKS: Final = 3072
 
 
 class ArtifactMeta(WireModel):
     sha256: str = Field(pattern=SHA256_PATTERN)
     size: int = Field(ge=1)
     chunk_size: int = Field(ge=1024, le=MAX_CHUNK_BYTES)
-    chunks: tuple[str, ...] = Field(min_length=1, max_length=4096)
+    chunks: tuple[Annotated[str, Field(pattern=SHA256_PATTERN)], ...] = Field(
+        min_length=1, max_length=MAX_CHUNKS
+    )
     name: str = Field(max_length=128)
     media_type: str = "application/onnx"
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
+from itertools import pairwise
 from typing import Final
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from schemas.codec import WireModel
 
@@ -28,7 +29,7 @@ __all__ = [
     "merge_summaries",
 ]
 
-LATENCY_GAMMA: Final = 1.2
+LATENCY_GAMMA: Final = 1.1
 """Ratio between successive latency bucket bounds: quantiles are within 10%."""
 CONFIDENCE_BINS: Final = 10
 _MIN_MS: Final = 1e-3
@@ -46,6 +47,17 @@ def confidence_bin(p: float) -> int:
 class LogHistogram(WireModel):
     buckets: tuple[tuple[int, int], ...] = ()
     """Sorted ``(bucket index, count)`` pairs; empty buckets are left out."""
+
+    @field_validator("buckets")
+    @classmethod
+    def _canonical(cls, buckets: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+        if any(n <= 0 for _, n in buckets):
+            msg = "bucket counts must be positive"
+            raise ValueError(msg)
+        if any(b[0] <= a[0] for a, b in pairwise(buckets)):
+            msg = "bucket indices must strictly increase"
+            raise ValueError(msg)
+        return buckets
 
     @classmethod
     def of(cls, values_ms: Iterable[float]) -> LogHistogram:

@@ -40,6 +40,7 @@ __all__ = [
 PREFIX: Final = "fleet/v1"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_INDEX = re.compile(r"0|[1-9][0-9]{0,8}")
 
 
 class DeviceChannel(StrEnum):
@@ -172,7 +173,7 @@ def _parse_parts(parts: list[str]) -> ParsedTopic:
             return ParsedTopic(kind=TopicKind.CLASS_MANIFEST, name=check_name(name, "class"))
         case ["artifacts", sha, "meta"]:
             return ParsedTopic(kind=TopicKind.ARTIFACT_META, name=_sha(sha))
-        case ["artifacts", sha, index] if index.isdigit() and len(index) <= 9:
+        case ["artifacts", sha, index] if _INDEX.fullmatch(index):
             return ParsedTopic(kind=TopicKind.ARTIFACT_CHUNK, name=_sha(sha), index=int(index))
         case ["rollouts", rid, "spec"]:
             return ParsedTopic(kind=TopicKind.ROLLOUT_SPEC, name=check_name(rid, "rollout id"))

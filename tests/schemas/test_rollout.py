@@ -1,0 +1,91 @@
+"""RolloutSpec validation: waves must increase and end at 100 percent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from schemas import (
+    MalformedPayloadError,
+    Phase,
+    Reason,
+    RolloutSpec,
+    WaveCounts,
+    decode,
+    encode,
+)
+
+
+def _spec_with(spec: RolloutSpec, **changes: Any) -> RolloutSpec:
+    return RolloutSpec.model_validate({**spec.model_dump(), **changes})
+
+
+@pytest.mark.parametrize(
+    "waves",
+    [
+        pytest.param((100.0,), id="single-full-wave"),
+        pytest.param((1.0, 100.0), id="canary-then-all"),
+        pytest.param((0.5, 5.0, 25.0, 50.0, 100.0), id="five-waves"),
+        pytest.param(tuple(float(p) for p in range(5, 101, 5)), id="twenty-waves"),
+    ],
+)
+def test_increasing_waves_ending_at_100_are_accepted(
+    rollout_spec: RolloutSpec, waves: tuple[float, ...]
+) -> None:
+    assert _spec_with(rollout_spec, waves_percent=waves).waves_percent == waves
+
+
+@pytest.mark.parametrize(
+    ("waves", "why"),
+    [
+        pytest.param((), "at least 1", id="no-waves"),
+        pytest.param((10.0, 50.0), "reach 100", id="stops-short"),
+        pytest.param((50.0, 10.0, 100.0), "increase", id="decreasing"),
+        pytest.param((10.0, 10.0, 100.0), "increase", id="repeated"),
+        pytest.param((10.0, 100.0, 100.0), "increase", id="repeated-100"),
+        pytest.param((0.0, 100.0), r"\(0, 100\]", id="zero-wave"),
+        pytest.param((-5.0, 100.0), r"\(0, 100\]", id="negative"),
+        pytest.param((10.0, 150.0), r"\(0, 100\]", id="beyond-100"),
+        pytest.param((float("nan"), 100.0), r"\(0, 100\]", id="nan"),
+        pytest.param((*(float(p) for p in range(1, 101, 4)), 100.0), "at most 20", id="too-many"),
+    ],
+)
+def test_waves_that_do_not_increase_to_100_are_refused(
+    rollout_spec: RolloutSpec, waves: tuple[float, ...], why: str
+) -> None:
+    with pytest.raises(ValueError, match=why):
+        _spec_with(rollout_spec, waves_percent=waves)
+
+
+def test_spec_with_bad_waves_on_the_wire_is_rejected_schema(rollout_spec: RolloutSpec) -> None:
+    forged = encode(rollout_spec.model_copy(update={"waves_percent": (50.0, 10.0)}))
+    with pytest.raises(MalformedPayloadError) as info:
+        decode(forged, RolloutSpec)
+    assert info.value.reason is Reason.SCHEMA
+    assert "waves_percent" in info.value.detail
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("success_ratio", 0.0),
+        ("success_ratio", 1.01),
+        ("max_failure_ratio", 1.0),
+        ("max_failure_ratio", -0.1),
+        ("generation", 0),
+        ("wave_timeout_s", 0.0),
+        ("classes", ()),
+        ("id", "../evil"),
+    ],
+)
+def test_spec_fields_out_of_range_are_refused(
+    rollout_spec: RolloutSpec, field: str, value: object
+) -> None:
+    with pytest.raises(ValueError, match=field):
+        _spec_with(rollout_spec, **{field: value})
+
+
+def test_phase_finality_and_reported_counts() -> None:
+    assert {p for p in Phase if p.final} == {Phase.COMPLETED, Phase.ROLLED_BACK, Phase.REJECTED}
+    assert WaveCounts(targeted=10, updated=9, healthy=6, unhealthy=2).reported == 8
