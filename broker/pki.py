@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,6 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from storage import atomic_write
 
 __all__ = [
     "issue_client_cert",
@@ -172,41 +172,19 @@ def issue_client_cert(
     )
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    # Temp file in the same directory so os.replace is an atomic rename on one filesystem;
-    # mkstemp creates it 0600, so a private key is never readable by others, even briefly.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fchmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write_private(path: Path, data: bytes) -> None:
     """Atomically write secret ``data`` (a private key) to ``path`` with mode 0600.
 
     Raises:
-        OSError: the directory is missing or not writable.
+        OSError: the directory is not writable.
     """
-    _write_atomic(path, data, 0o600)
+    atomic_write(path, data, mode=0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
     """Atomically write ``data`` (a certificate, a config) to ``path`` with mode 0644.
 
     Raises:
-        OSError: the directory is missing or not writable.
+        OSError: the directory is not writable.
     """
-    _write_atomic(path, data, 0o644)
+    atomic_write(path, data, mode=0o644)

@@ -17,12 +17,9 @@ file is intact reuses it without training.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +53,7 @@ from models.train import (
     train_logreg,
     train_mlp,
 )
+from storage import atomic_write
 
 __all__ = [
     "DEMO_MODEL_NAMES",
@@ -214,7 +212,7 @@ def _write_model(
     )
     data = serialize(model)
     path = out_dir / f"{spec.name}.onnx"
-    _atomic_write(path, data)
+    atomic_write(path, data)
     return DemoModel(
         name=spec.name,
         path=path,
@@ -283,26 +281,4 @@ def _read_index(path: Path) -> dict[str, Any]:
 
 def _write_index(out_dir: Path, entries: dict[str, Any]) -> None:
     text = json.dumps({"schema": _INDEX_SCHEMA, "models": entries}, indent=2, sort_keys=True)
-    _atomic_write(out_dir / INDEX_FILENAME, (text + "\n").encode("utf-8"))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the complete new one."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.chmod(0o644)
-        tmp.replace(path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(out_dir / INDEX_FILENAME, (text + "\n").encode("utf-8"))

@@ -1,0 +1,249 @@
+"""The ``edgefleet`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from agent import AgentConfig
+from broker.launcher import BrokerError, MosquittoBroker
+from broker.session import Session, TransportError
+from coordinator import Coordinator
+from coordinator.operator import next_generation, read_spec, read_status, submit_spec
+from coordinator.profiles import DEFAULT_PROFILES
+from edgefleet.demo import run_demo
+from edgefleet.home import OPERATOR, Home
+from edgefleet.runner import coordinator_config, make_agent, start_rollout
+from models import build_demo_models
+from schemas import Desired, EdgefleetError, Role
+
+__all__ = ["main"]
+
+
+def _home(args: argparse.Namespace) -> Home:
+    return Home(Path(args.home))
+
+
+def _keys_init(args: argparse.Namespace) -> int:
+    home = Home.init(Path(args.home), host=args.host)
+    print(f"created {home.root}: root, manifest and operator keys, CA, accounts, trust v1")
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    folder = _home(args).enroll(args.device_id, args.hw_class)
+    print(folder)
+    return 0
+
+
+def _broker_up(args: argparse.Namespace) -> int:
+    home = _home(args)
+    _, ports = home.broker()
+    broker = MosquittoBroker(
+        folder=home.root / "broker",
+        material=home.broker_material(),
+        ports=ports,
+        host=args.bind,
+    )
+    with broker:
+        print(
+            f"mosquitto up: devices :{ports.devices} (mTLS), services :{ports.services}, "
+            f"websockets :{ports.websockets}; Ctrl-C stops it",
+            flush=True,
+        )
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    return 0
+
+
+def _coordinator_run(args: argparse.Namespace) -> int:
+    home = _home(args)
+    config = coordinator_config(home, Path(args.data), Path(args.classes))
+    asyncio.run(Coordinator(config).run())
+    return 0
+
+
+def _agent_run(args: argparse.Namespace) -> int:
+    bundle = Path(args.bundle)
+    data = Path(args.data) if args.data else bundle / "data"
+    agent = make_agent(bundle, AgentConfig(data_dir=data), seed=0)
+    asyncio.run(agent.run())
+    return 0
+
+
+async def _operator(home: Home) -> Session:
+    return Session(home.service_endpoint(OPERATOR), client_id=f"operator-{os.getpid()}")
+
+
+def _rollout_start(args: argparse.Namespace) -> int:
+    home = _home(args)
+    model = Path(args.model)
+    rollout_id = args.id or f"{args.name or model.stem}-{int(time.time())}"
+
+    async def go() -> None:
+        async with await _operator(home) as session:
+            await start_rollout(
+                session,
+                home,
+                model,
+                rollout_id=rollout_id,
+                name=args.name or model.stem,
+                classes=tuple(args.hw_class),
+                waves=tuple(float(w) for w in args.waves.split(",")),
+                canaries=tuple(args.canary),
+            )
+
+    asyncio.run(go())
+    print(rollout_id)
+    return 0
+
+
+def _rollout_status(args: argparse.Namespace) -> int:
+    home = _home(args)
+
+    async def go() -> int:
+        async with await _operator(home) as session:
+            while True:
+                status = await read_status(session, args.rollout_id)
+                if status is None:
+                    print(f"no status for {args.rollout_id}", file=sys.stderr)
+                    return 1
+                c = status.counts
+                print(
+                    f"{status.id} gen {status.generation} {status.phase.value} "
+                    f"wave {min(status.wave + 1, len(status.waves_percent))}/"
+                    f"{len(status.waves_percent)} release {status.release} "
+                    f"targeted {c.targeted} updated {c.updated} healthy {c.healthy} "
+                    f"unhealthy {c.unhealthy}" + (f" — {status.reason}" if status.reason else "")
+                )
+                if not args.watch or status.phase.final:
+                    return 0
+                await asyncio.sleep(1.0)
+
+    return asyncio.run(go())
+
+
+def _rollout_change(desired: Desired) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        home = _home(args)
+
+        async def go() -> int:
+            async with await _operator(home) as session:
+                spec = await read_spec(session, args.rollout_id)
+                if spec is None:
+                    print(f"no rollout {args.rollout_id}", file=sys.stderr)
+                    return 1
+                await submit_spec(session, next_generation(spec, desired), home.key(Role.OPERATOR))
+                return 0
+
+        return asyncio.run(go())
+
+    return run
+
+
+def _models_build(args: argparse.Namespace) -> int:
+    for model in build_demo_models(Path(args.out)).values():
+        print(f"{model.name:<15} {model.path}  accuracy {model.holdout_accuracy:.4f}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    return 0 if run_demo(devices_per_class=args.devices_per_class, keep=args.keep) else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgefleet", description=__doc__)
+    parser.add_argument(
+        "--home",
+        default=os.environ.get("EDGEFLEET_HOME", ".edgefleet"),
+        help="fleet home with keys and enrollments (default: $EDGEFLEET_HOME or ./.edgefleet)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(required=True, metavar="command")
+
+    keys = sub.add_parser("keys", help="signing keys and trust").add_subparsers(required=True)
+    p = keys.add_parser("init", help="create root/manifest/operator keys, CA and accounts")
+    p.add_argument("--host", default="127.0.0.1", help="broker host name for certificates")
+    p.set_defaults(func=_keys_init)
+
+    device = sub.add_parser("device", help="devices").add_subparsers(required=True)
+    p = device.add_parser("enroll", help="issue a device certificate and bundle")
+    p.add_argument("device_id")
+    p.add_argument("--class", dest="hw_class", required=True)
+    p.set_defaults(func=_enroll)
+
+    broker = sub.add_parser("broker", help="the MQTT broker").add_subparsers(required=True)
+    p = broker.add_parser("up", help="run Mosquitto for development")
+    p.add_argument("--bind", default="127.0.0.1")
+    p.set_defaults(func=_broker_up)
+
+    coord = sub.add_parser("coordinator", help="the cloud side").add_subparsers(required=True)
+    p = coord.add_parser("run", help="run the coordinator")
+    p.add_argument("--classes", default=str(DEFAULT_PROFILES), help="hardware class profiles")
+    p.add_argument("--data", default=".edgefleet/coordinator-data")
+    p.set_defaults(func=_coordinator_run)
+
+    agent = sub.add_parser("agent", help="the device side").add_subparsers(required=True)
+    p = agent.add_parser("run", help="run an agent on its enrollment bundle")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--data", help="data folder (default: BUNDLE/data)")
+    p.set_defaults(func=_agent_run)
+
+    rollout = sub.add_parser("rollout", help="rollouts").add_subparsers(required=True)
+    p = rollout.add_parser("start", help="publish a model and a signed rollout spec")
+    p.add_argument("--class", dest="hw_class", action="append", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--name", help="release name (default: the model file's stem)")
+    p.add_argument("--waves", default="10,50,100")
+    p.add_argument("--canary", action="append", default=[])
+    p.add_argument("--id", help="rollout id (default: name-timestamp)")
+    p.set_defaults(func=_rollout_start)
+    p = rollout.add_parser("status", help="print a rollout's status")
+    p.add_argument("rollout_id")
+    p.add_argument("--watch", action="store_true")
+    p.set_defaults(func=_rollout_status)
+    for verb, desired in (
+        ("pause", Desired.PAUSED),
+        ("resume", Desired.ACTIVE),
+        ("abort", Desired.ABORTED),
+    ):
+        p = rollout.add_parser(verb, help=f"{verb} a rollout (a new spec generation)")
+        p.add_argument("rollout_id")
+        p.set_defaults(func=_rollout_change(desired))
+
+    models = sub.add_parser("models", help="demo models").add_subparsers(required=True)
+    p = models.add_parser("build", help="train the demo models and export them to ONNX")
+    p.add_argument("--out", default="demo-models")
+    p.set_defaults(func=_models_build)
+
+    p = sub.add_parser("demo", help="broker, coordinator, fleet and three rollouts, live")
+    p.add_argument("--devices-per-class", type=int, default=12)
+    p.add_argument("--keep", action="store_true", help="keep the working folder")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (EdgefleetError, BrokerError, TransportError, OSError, ValueError) as exc:
+        print(f"edgefleet: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""``edgefleet demo``: a broker, a coordinator and a fleet of agents in two hardware
+classes; a first install, a rollout in three waves, and a bad build stopped and
+rolled back by its health reports. Shown live; ends by itself and cleans up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from broker.session import Session
+from edgefleet.runner import Fleet, start_rollout
+from models import DemoModel, build_demo_models
+from schemas import DeviceState, Phase, RolloutStatus, decode, topics
+from schemas.topics import DeviceChannel, TopicKind
+
+__all__ = ["DemoOutcome", "run_demo"]
+
+CLASSES = ("jetson-vision-standard", "intel-lowpower-detector")
+
+
+@dataclass
+class DemoOutcome:
+    statuses: dict[str, RolloutStatus] = field(default_factory=dict)
+    states: dict[str, DeviceState] = field(default_factory=dict)
+
+    def serving(self) -> Counter[str]:
+        return Counter(s.active_release or "-" for s in self.states.values())
+
+
+class _Watch:
+    """Follows rollout status and device state the way a dashboard does: on the wire."""
+
+    def __init__(self, out: TextIO, started: float) -> None:
+        self.outcome = DemoOutcome()
+        self._out = out
+        self._started = started
+        self._last: dict[str, str] = {}
+        self.changed = asyncio.Event()
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self._started:6.1f}s] {text}", file=self._out, flush=True)
+
+    async def follow(self, session: Session) -> None:
+        await session.subscribe(
+            topics.all_rollout_statuses(), topics.all_devices(DeviceChannel.STATE)
+        )
+        async for message in session.messages():
+            parsed = topics.parse(message.topic)
+            if parsed.kind is TopicKind.ROLLOUT_STATUS and message.payload:
+                status = decode(message.payload, RolloutStatus)
+                self.outcome.statuses[status.id] = status
+                self._show(status)
+            elif parsed.kind is TopicKind.DEVICE and message.payload:
+                state = decode(message.payload, DeviceState)
+                self.outcome.states[state.device_id] = state
+            self.changed.set()
+
+    def _show(self, status: RolloutStatus) -> None:
+        c = status.counts
+        total = len(status.waves_percent)
+        wave = f"wave {min(status.wave + 1, total)}/{total}"
+        if status.phase is Phase.WAVE:
+            wave += f" ({status.waves_percent[status.wave]:g}%)"
+        line = (
+            f"{status.id:<12} {status.phase.value:<11} {wave:<16} targeted {c.targeted:>2}  "
+            f"updated {c.updated:>2}  healthy {c.healthy:>2}  unhealthy {c.unhealthy:>2}"
+        )
+        if status.reason and status.phase.final:
+            line += f"\n{'':>10}reason: {status.reason}"
+        if self._last.get(status.id) != line:
+            self._last[status.id] = line
+            self.say(line)
+
+    def fleet_line(self) -> str:
+        per_class: dict[str, Counter[str]] = {}
+        for state in self.outcome.states.values():
+            per_class.setdefault(state.hw_class, Counter())[state.active_release or "-"] += 1
+        return " | ".join(
+            f"{c}: " + ", ".join(f"{n}x {r}" for r, n in sorted(releases.items()))
+            for c, releases in sorted(per_class.items())
+        )
+
+    async def until_final(self, rollout_id: str, timeout: float) -> RolloutStatus:
+        async with asyncio.timeout(timeout):
+            while True:
+                status = self.outcome.statuses.get(rollout_id)
+                if status is not None and status.phase.final:
+                    return status
+                self.changed.clear()
+                await self.changed.wait()
+
+
+async def _scenario(fleet: Fleet, demo_models: dict[str, DemoModel], watch: _Watch) -> bool:
+    canaries = tuple(
+        next(d for d, c in fleet.home.devices().items() if c == hw_class) for hw_class in CLASSES
+    )
+    plan = (
+        ("install-v1", "digits-v1", (100.0,), Phase.COMPLETED, "first install of digits-v1"),
+        (
+            "upgrade-v2",
+            "digits-v2",
+            (10.0, 50.0, 100.0),
+            Phase.COMPLETED,
+            "roll out digits-v2 in three waves (canaries, 10%, 50%, 100%)",
+        ),
+        (
+            "bad-build",
+            "digits-v2-slow",
+            (10.0, 50.0, 100.0),
+            Phase.ROLLED_BACK,
+            "roll out digits-v2-slow, a build far over the latency budget",
+        ),
+    )
+    ok = True
+    async with fleet.operator() as operator:
+        for rollout_id, model, waves, expected, what in plan:
+            watch.say(f"== {what}")
+            await start_rollout(
+                operator,
+                fleet.home,
+                demo_models[model].path,
+                rollout_id=rollout_id,
+                name=model,
+                classes=CLASSES,
+                waves=waves,
+                canaries=canaries if len(waves) > 1 else (),
+            )
+            status = await watch.until_final(rollout_id, timeout=90.0)
+            await asyncio.sleep(1.0)
+            watch.say(f"fleet: {watch.fleet_line()}")
+            if status.phase is not expected:
+                watch.say(f"!! expected {expected.value}, got {status.phase.value}")
+                ok = False
+    return ok
+
+
+async def _run(workdir: Path, devices_per_class: int, out: TextIO) -> bool:
+    started = time.monotonic()
+    watch = _Watch(out, started)
+    watch.say("building demo models from scikit-learn's digits data set ...")
+    demo_models = await asyncio.to_thread(build_demo_models, workdir / "models")
+    for m in demo_models.values():
+        watch.say(
+            f"  {m.name:<15} {m.size / 1024:7.1f} KiB  held-out accuracy {m.holdout_accuracy:.3f}"
+        )
+    fleet = Fleet(workdir=workdir, classes=dict.fromkeys(CLASSES, devices_per_class))
+    await asyncio.to_thread(fleet.setup)
+    try:
+        watch.say(
+            f"broker up (mTLS :{fleet.broker.ports.devices}, "
+            f"services :{fleet.broker.ports.services}, "
+            f"websockets :{fleet.broker.ports.websockets}); starting coordinator and "
+            f"{devices_per_class * len(CLASSES)} agents"
+        )
+        async with asyncio.TaskGroup() as tg:
+            fleet.start_coordinator(tg)
+            for device_id in fleet.home.devices():
+                fleet.start_agent(tg, device_id)
+            async with fleet.operator() as dashboard:
+                follower = tg.create_task(watch.follow(dashboard))
+                try:
+                    ok = await _scenario(fleet, demo_models, watch)
+                finally:
+                    follower.cancel()
+            for task in [*fleet.agent_tasks.values(), fleet.coordinator_task]:
+                if task is not None:
+                    task.cancel()
+    finally:
+        await asyncio.to_thread(fleet.close)
+    serving = watch.outcome.serving()
+    watch.say(f"done: devices serving {dict(serving)}")
+    total = sum(serving.values())
+    inferences = sum(s.inferences_total for s in watch.outcome.states.values())
+    watch.say(
+        f"{'OK' if ok else 'FAILED'}: {total} devices, {inferences} inferences reported; "
+        "the bad build was stopped in its first wave and rolled back"
+        if ok
+        else "FAILED"
+    )
+    return ok
+
+
+def run_demo(*, devices_per_class: int = 12, keep: bool = False, out: TextIO = sys.stdout) -> bool:
+    """Run the whole demo; True when every rollout ended as expected."""
+    workdir = Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
+    # Mosquitto drops to its own user when started as root: it must reach its folder.
+    workdir.chmod(0o755)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            return asyncio.run(_run(workdir, devices_per_class, out))
+        return False
+    finally:
+        if keep:
+            print(f"kept {workdir}", file=out)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)

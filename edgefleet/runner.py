@@ -1,0 +1,152 @@
+"""Composing parties in one process: a fleet of agents, a coordinator, an operator
+session. Shared by the CLI, the demo and the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from agent import Agent, AgentConfig, Bundle, Feed
+from broker.config import BrokerPorts
+from broker.launcher import MosquittoBroker, free_ports
+from broker.session import Session
+from coordinator import Coordinator, CoordinatorConfig, load_profiles
+from coordinator.operator import describe_candidate, publish_artifact, submit_spec
+from coordinator.profiles import DEFAULT_PROFILES
+from edgefleet.home import COORDINATOR, OPERATOR, Home
+from models import INPUT_NAME, DigitsStream
+from schemas import Role, RolloutSpec
+
+__all__ = ["Fleet", "digits_source", "start_rollout"]
+
+
+def digits_source(seed: int) -> Iterator[Feed]:
+    """A device's camera: real held-out digits, in a device-specific order."""
+    stream = DigitsStream(seed=seed)
+    for sample in stream:
+        yield {INPUT_NAME: np.asarray(sample, dtype=np.float32)}
+
+
+class _Source:
+    def __init__(self, seed: int) -> None:
+        self._it = digits_source(seed)
+
+    def __call__(self) -> Feed:
+        return next(self._it)
+
+
+def coordinator_config(
+    home: Home, data_dir: Path, profiles: Path = DEFAULT_PROFILES, tick_s: float = 0.5
+) -> CoordinatorConfig:
+    return CoordinatorConfig(
+        data_dir=data_dir,
+        endpoint=home.service_endpoint(COORDINATOR),
+        profiles=load_profiles(profiles),
+        manifest_key=home.key(Role.MANIFEST),
+        trust=home.trust(),
+        root_keys=home.root_public_keys(),
+        tick_s=tick_s,
+    )
+
+
+def make_agent(bundle_dir: Path, config: AgentConfig, *, seed: int) -> Agent:
+    """An agent on its enrollment bundle, its camera a stream of real digits."""
+    bundle = Bundle.load(bundle_dir)
+    return Agent(bundle, bundle_dir, config, _Source(seed))
+
+
+@dataclass
+class Fleet:
+    """A home, a broker, a coordinator and agents, all in one process (for the demo
+    and tests). Each agent has its own connection, identity and data folder."""
+
+    workdir: Path
+    classes: dict[str, int]
+    agent_config: AgentConfig = field(default_factory=lambda: AgentConfig(data_dir=Path()))
+    """Settings for every agent; each gets its own ``data_dir`` under ``workdir``."""
+    profiles: Path = DEFAULT_PROFILES
+    home: Home = field(init=False)
+    broker: MosquittoBroker = field(init=False)
+    agents: dict[str, Agent] = field(default_factory=dict)
+    agent_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    coordinator: Coordinator | None = None
+    coordinator_task: asyncio.Task[None] | None = None
+
+    def setup(self) -> None:
+        """Keys, enrollment and the broker (blocking)."""
+        devices, services, websockets = free_ports(3)
+        ports = BrokerPorts(devices=devices, services=services, websockets=websockets)
+        self.home = Home.init(self.workdir / "home", ports=ports)
+        for hw_class, count in self.classes.items():
+            prefix = hw_class.split("-")[0]
+            for i in range(count):
+                self.home.enroll(f"{prefix}-{i:03d}", hw_class)
+        self.broker = MosquittoBroker(
+            folder=self.workdir / "broker", material=self.home.broker_material(), ports=ports
+        )
+        self.broker.start()
+
+    def start_coordinator(self, tg: asyncio.TaskGroup) -> Coordinator:
+        config = coordinator_config(self.home, self.workdir / "coordinator", self.profiles)
+        self.coordinator = Coordinator(config)
+        self.coordinator_task = tg.create_task(self.coordinator.run())
+        return self.coordinator
+
+    def start_agent(self, tg: asyncio.TaskGroup, device_id: str) -> Agent:
+        agent = make_agent(
+            self.home.root / "devices" / device_id,
+            replace(self.agent_config, data_dir=self.workdir / "agents" / device_id),
+            seed=sum(device_id.encode()),
+        )
+        self.agents[device_id] = agent
+        self.agent_tasks[device_id] = tg.create_task(agent.run())
+        return agent
+
+    async def stop_agent(self, device_id: str) -> None:
+        task = self.agent_tasks.pop(device_id)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    @contextlib.asynccontextmanager
+    async def operator(self) -> AsyncIterator[Session]:
+        async with Session(self.home.service_endpoint(OPERATOR), client_id="operator") as s:
+            yield s
+
+    def close(self) -> None:
+        self.broker.stop()
+
+
+async def start_rollout(
+    session: Session,
+    home: Home,
+    model: Path,
+    *,
+    rollout_id: str,
+    name: str,
+    classes: tuple[str, ...],
+    waves: tuple[float, ...],
+    canaries: tuple[str, ...] = (),
+) -> RolloutSpec:
+    """Publish a model and an operator-signed spec for it."""
+    data = await asyncio.to_thread(model.read_bytes)
+    candidate = await asyncio.to_thread(describe_candidate, data, name=name)
+    await publish_artifact(session, data, name=name)
+    spec = RolloutSpec(
+        id=rollout_id,
+        generation=1,
+        classes=classes,
+        candidate=candidate,
+        waves_percent=waves,
+        canaries=canaries,
+        issued_at=time.time(),
+        operator=OPERATOR,
+    )
+    await submit_spec(session, spec, home.key(Role.OPERATOR))
+    return spec
