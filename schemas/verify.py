@@ -4,12 +4,13 @@ Like python-tuf's ``TrustedMetadataSet``: pure (bytes and a clock reading in,
 verified object or a typed :class:`~schemas.errors.RejectedError` out), no I/O, and
 every check in a fixed order. For a manifest the order is:
 
-1. size and envelope shape;
-2. signature by a key the current TrustDoc allows for the manifest role;
-3. body schema;
-4. hardware class is the device's own;
-5. seq above the one applied (replay / rollback protection);
-6. not expired (a frozen cloud cannot keep devices on stale orders forever).
+1. a TrustDoc is held and has not expired (else nothing can be verified);
+2. size and envelope shape;
+3. signature by a key the current TrustDoc allows for the manifest role;
+4. body schema;
+5. hardware class is the device's own;
+6. seq above the one applied (replay / rollback protection);
+7. not expired (a frozen cloud cannot keep devices on stale orders forever).
 
 A TrustDoc must be signed by the root role of the trust already held (the root keys
 of the enrollment bundle at first) *and* by its own root role, carry a higher version

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets up what is missing, then checks everything: ruff (lint and format), mypy --strict,
+# and the test suite against a real Mosquitto. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/setup.sh
+PACKAGES=(schemas broker agent coordinator models storage edgefleet tests)
+echo "== ruff" >&2
+.venv/bin/python -m ruff check .
+.venv/bin/python -m ruff format --check .
+echo "== mypy --strict" >&2
+.venv/bin/python -m mypy "${PACKAGES[@]}"
+echo "== pytest" >&2
+exec .venv/bin/python -m pytest "$@"
