@@ -16,20 +16,11 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from schemas import ArtifactError, Reason, Release
+from schemas.manifest import dtype_name
 
 __all__ = ["Feed", "InferenceResult", "ModelSlot"]
 
 Feed = dict[str, npt.NDArray[np.generic]]
-
-_DTYPES = {
-    "tensor(float)": "float32",
-    "tensor(double)": "float64",
-    "tensor(float16)": "float16",
-    "tensor(int64)": "int64",
-    "tensor(int32)": "int32",
-    "tensor(uint8)": "uint8",
-    "tensor(int8)": "int8",
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,12 +62,12 @@ class ModelSlot:
 
     def _check_io(self) -> None:
         declared = {t.name: t.dtype for t in self.release.inputs}
-        actual = {i.name: _DTYPES.get(i.type, i.type) for i in self._session.get_inputs()}
+        actual = {i.name: dtype_name(i.type) for i in self._session.get_inputs()}
         if declared != actual:
             raise ArtifactError(
                 Reason.MODEL_LOAD_FAILED, f"model inputs {actual} differ from release {declared}"
             )
-        outputs = {o.name: _DTYPES.get(o.type, o.type) for o in self._session.get_outputs()}
+        outputs = {o.name: dtype_name(o.type) for o in self._session.get_outputs()}
         for spec in self.release.outputs:
             if outputs.get(spec.name) != spec.dtype:
                 raise ArtifactError(

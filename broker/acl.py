@@ -11,23 +11,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from schemas import topics
+from schemas.topics import DeviceChannel, check_name
+
 __all__ = [
-    "PREFIX",
     "Accounts",
     "DeviceGrant",
     "hash_password",
     "render_acl",
     "render_password_file",
-    "validate_name",
 ]
 
-PREFIX = "fleet/v1"
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 # Mosquitto 2's mosquitto_passwd: "$7$" = PBKDF2-HMAC-SHA512, 101 iterations by default,
 # a 12-byte random salt; salt and hash are standard base64.
@@ -35,14 +32,10 @@ _PBKDF2_ITERATIONS = 101
 _SALT_BYTES = 12
 
 _DASHBOARD_READ = (
-    "rollouts/+/status",
-    "devices/+/state",
-    "devices/+/presence",
-    "devices/+/health",
-    "devices/+/telemetry",
-    "devices/+/events",
-    "classes/+/manifest",
-    "coordinator/presence",
+    topics.all_rollout_statuses(),
+    *(topics.all_devices(channel) for channel in DeviceChannel),
+    topics.all_class_manifests(),
+    topics.coordinator_presence(),
 )
 
 
@@ -67,20 +60,8 @@ class Accounts:
         return (self.coordinator, *self.operators, *self.dashboards)
 
 
-def validate_name(kind: str, value: str) -> str:
-    """Check that ``value`` is a safe id (for topics, ACL lines, certificate CNs).
-
-    Raises:
-        ValueError: ``value`` does not match ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``.
-    """
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
-        msg = f"invalid {kind} {value!r}: must match {_NAME.pattern}"
-        raise ValueError(msg)
-    return value
-
-
-def _topic(mode: str, suffix: str) -> str:
-    return f"topic {mode} {PREFIX}/{suffix}"
+def _topic(mode: str, topic_filter: str) -> str:
+    return f"topic {mode} {topic_filter}"
 
 
 def render_acl(devices: Iterable[DeviceGrant], accounts: Accounts) -> str:
@@ -92,7 +73,7 @@ def render_acl(devices: Iterable[DeviceGrant], accounts: Accounts) -> str:
     """
     service_names = accounts.names()
     for name in service_names:
-        validate_name("account name", name)
+        check_name(name, "account name")
     if len(set(service_names)) != len(service_names):
         msg = f"account names must be distinct: {service_names}"
         raise ValueError(msg)
@@ -102,15 +83,15 @@ def render_acl(devices: Iterable[DeviceGrant], accounts: Accounts) -> str:
         "# Default deny: each user block lists everything that account may do.",
         "",
         f"user {accounts.coordinator}",
-        _topic("readwrite", "#"),
+        _topic("readwrite", topics.everything()),
         "",
     ]
     for operator in accounts.operators:
         lines += [
             f"user {operator}",
-            _topic("read", "#"),
-            _topic("write", "artifacts/#"),
-            _topic("write", "rollouts/+/spec"),
+            _topic("read", topics.everything()),
+            _topic("write", topics.all_artifacts()),
+            _topic("write", topics.all_rollout_specs()),
             "",
         ]
     for dashboard in accounts.dashboards:
@@ -118,8 +99,8 @@ def render_acl(devices: Iterable[DeviceGrant], accounts: Accounts) -> str:
 
     seen: set[str] = set()
     for grant in devices:
-        device_id = validate_name("device id", grant.device_id)
-        hw_class = validate_name("hardware class", grant.hw_class)
+        device_id = check_name(grant.device_id, "device id")
+        hw_class = check_name(grant.hw_class, "hardware class")
         if device_id in service_names:
             msg = f"device id {device_id!r} collides with a service account name"
             raise ValueError(msg)
@@ -129,10 +110,10 @@ def render_acl(devices: Iterable[DeviceGrant], accounts: Accounts) -> str:
         seen.add(device_id)
         lines += [
             f"user {device_id}",
-            _topic("read", "trust"),
-            _topic("read", f"classes/{hw_class}/manifest"),
-            _topic("read", "artifacts/#"),
-            _topic("readwrite", f"devices/{device_id}/#"),
+            _topic("read", topics.trust()),
+            _topic("read", topics.class_manifest(hw_class)),
+            _topic("read", topics.all_artifacts()),
+            _topic("readwrite", topics.device_all(device_id)),
             "",
         ]
     return "\n".join(lines)
@@ -152,5 +133,5 @@ def render_password_file(users: Mapping[str, str]) -> str:
     Raises:
         ValueError: a username is malformed (it would also break the ``user:hash`` format).
     """
-    lines = [f"{validate_name('username', u)}:{hash_password(p)}" for u, p in users.items()]
+    lines = [f"{check_name(u, 'username')}:{hash_password(p)}" for u, p in users.items()]
     return "".join(f"{line}\n" for line in lines)

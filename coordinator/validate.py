@@ -8,6 +8,7 @@ import onnxruntime as ort
 
 from coordinator.profiles import ClassProfile
 from schemas import Candidate, TensorSpec
+from schemas.manifest import dtype_name
 
 __all__ = ["ModelFacts", "inspect_model", "problems_for_class"]
 
@@ -22,15 +23,6 @@ _INT8_OPS = frozenset(
         "DynamicQuantizeLinear",
     }
 )
-_ORT_DTYPES = {
-    "tensor(float)": "float32",
-    "tensor(double)": "float64",
-    "tensor(float16)": "float16",
-    "tensor(int64)": "int64",
-    "tensor(int32)": "int32",
-    "tensor(uint8)": "uint8",
-    "tensor(int8)": "int8",
-}
 
 
 class ModelFacts:
@@ -54,7 +46,7 @@ class ModelFacts:
 
 def _spec(arg: ort.NodeArg) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) else (d or None) for d in arg.shape)
-    return TensorSpec(name=arg.name, dtype=_ORT_DTYPES.get(arg.type, arg.type), shape=shape)
+    return TensorSpec(name=arg.name, dtype=dtype_name(arg.type), shape=shape)
 
 
 def inspect_model(data: bytes) -> ModelFacts:

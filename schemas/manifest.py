@@ -29,6 +29,7 @@ __all__ = [
     "Target",
     "TensorSpec",
     "bucket",
+    "dtype_name",
 ]
 
 MANIFEST_KIND: Final = "manifest"
@@ -46,6 +47,23 @@ class Runtime(WireModel):
     providers: tuple[str, ...] = Field(min_length=1, max_length=8)
     """Execution providers in order of preference; the agent uses those it has."""
     intra_op_threads: int = Field(default=1, ge=1, le=64)
+
+
+_ORT_DTYPES: Final = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(uint8)": "uint8",
+    "tensor(int8)": "int8",
+    "tensor(bool)": "bool",
+}
+
+
+def dtype_name(onnx_type: str) -> str:
+    """The wire name of a tensor type as onnxruntime spells it (``tensor(float)``)."""
+    return _ORT_DTYPES.get(onnx_type, onnx_type)
 
 
 class TensorSpec(WireModel):

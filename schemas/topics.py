@@ -31,6 +31,8 @@ __all__ = [
     "class_manifest",
     "coordinator_presence",
     "device",
+    "device_all",
+    "everything",
     "parse",
     "rollout_spec",
     "rollout_status",
@@ -148,6 +150,16 @@ def all_rollout_statuses() -> str:
 
 def all_artifacts() -> str:
     return f"{PREFIX}/artifacts/#"
+
+
+def device_all(device_id: str) -> str:
+    """Filter for every topic of one device."""
+    return f"{PREFIX}/devices/{check_name(device_id, 'device id')}/#"
+
+
+def everything() -> str:
+    """Filter for the whole tree."""
+    return f"{PREFIX}/#"
 
 
 def parse(topic: str) -> ParsedTopic:
