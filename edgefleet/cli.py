@@ -52,13 +52,17 @@ def _broker_up(args: argparse.Namespace) -> int:
         ports=ports,
         host=args.bind,
     )
+    # Block the signals first so sigwait() receives them and the broker is stopped by
+    # the context manager rather than orphaned by the default handler.
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     with broker:
         print(
             f"mosquitto up: devices :{ports.devices} (mTLS), services :{ports.services}, "
             f"websockets :{ports.websockets}; Ctrl-C stops it",
             flush=True,
         )
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        signal.sigwait(stop_signals)
     return 0
 
 
