@@ -9,7 +9,8 @@ waiting for the coordinator. A newer target may supersede any stage in flight.
     IDLE/SERVING/DEGRADED --target--> FETCHING --fetched--> LOADING --loaded--> SOAKING
     SOAKING --healthy--> SERVING        SOAKING --unhealthy--> DEGRADED (rolled back)
     FETCHING/LOADING --failed--> DEGRADED (or IDLE when there was no model)
-    FETCHING/LOADING/SOAKING --superseded--> back where it started
+    FETCHING/LOADING/SOAKING --superseded--> SERVING (IDLE without a model): the
+        failure or update that was in flight no longer matters; the new target starts over
 """
 
 from __future__ import annotations

@@ -57,6 +57,10 @@ class Outbox:
         self._db.execute(_SCHEMA)
         self.coarsened = 0
         """How many merges the cap has forced since this outbox was opened."""
+        self._leased_upto = 0
+        # Rows up to this id were handed out by peek() and may be on the wire. Until
+        # delete() settles that batch, coarsening leaves them alone: merging a queued
+        # window into one of them would have its PUBACK delete the window unsent.
 
     def close(self) -> None:
         with self._lock:
@@ -87,24 +91,25 @@ class Outbox:
             rows = self._db.execute(
                 "SELECT id, kind, topic, payload FROM outbox ORDER BY id LIMIT ?", (limit,)
             ).fetchall()
+            self._leased_upto = rows[-1][0] if rows else 0
         return [OutboxItem(id=r[0], kind=r[1], topic=r[2], payload=bytes(r[3])) for r in rows]
 
     def delete(self, ids: list[int]) -> None:
         """Forget messages the broker acknowledged."""
-        if not ids:
-            return
         with self._lock:
-            self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+            self._leased_upto = 0  # the batch is settled: what was not acked is re-peeked
+            if ids:
+                self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
 
     def _coarsen(self) -> None:
         """Merge the oldest half of the telemetry rows pairwise, in one transaction."""
         rows = self._db.execute(
-            "SELECT id, topic, payload FROM outbox WHERE kind = ? ORDER BY id LIMIT ?",
-            (_TELEMETRY, max(2, self._max_items // 2)),
+            "SELECT id, topic, payload FROM outbox WHERE kind = ? AND id > ? ORDER BY id LIMIT ?",
+            (_TELEMETRY, self._leased_upto, max(2, self._max_items // 2)),
         ).fetchall()
         if len(rows) < 2:
-            # Only events are queued: they are rare and small, so they may exceed
-            # the cap rather than be dropped.
+            # Only events (or rows in flight) are queued: they may exceed the cap
+            # rather than be dropped.
             return
         self._db.execute("BEGIN IMMEDIATE")
         try:

@@ -83,7 +83,9 @@ class RolloutRecord(BaseModel):
 def cutoff_bp(record: RolloutRecord) -> int:
     """Bucket cutoff of the current wave (the last wave's once completed)."""
     index = min(record.wave, len(record.waves_percent) - 1)
-    return min(BUCKETS_ALL, math.ceil(record.waves_percent[index] * BUCKETS_ALL / 100.0))
+    # Rounded before ceil: 0.07 % is 7 buckets, though 0.07 * 10000 / 100 is 7.000000000000001.
+    buckets = round(record.waves_percent[index] * BUCKETS_ALL / 100.0, 6)
+    return min(BUCKETS_ALL, math.ceil(buckets))
 
 
 def decide(
@@ -102,7 +104,8 @@ def decide(
             Action.ROLL_BACK,
             f"wave {wave_no}: {counts.unhealthy} of {counts.reported} reporting devices unhealthy",
         )
-    if counts.targeted and counts.healthy >= record.success_ratio * counts.targeted:
+    # Divide rather than multiply: 55 / 100 >= 0.55 holds, 55 >= 0.55 * 100 does not.
+    if counts.targeted and counts.healthy / counts.targeted >= record.success_ratio:
         last = record.wave == len(record.waves_percent) - 1
         return (Action.COMPLETE if last else Action.ADVANCE), (
             f"wave {wave_no}: {counts.healthy} of {counts.targeted} devices healthy"

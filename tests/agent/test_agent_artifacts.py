@@ -1,0 +1,141 @@
+"""The artifact store: only verified chunks are kept, only a verified whole is published,
+fetches resume across restarts, and a model rotting on disk is noticed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.artifacts import ArtifactStore
+from models import DemoModel
+from schemas import ArtifactError, ArtifactMeta, ArtifactRef, Reason, encode, split_artifact
+
+CHUNK = 4096
+
+
+@pytest.fixture
+def model_bytes(demo_models: dict[str, DemoModel]) -> bytes:
+    return demo_models["digits-v2"].path.read_bytes()
+
+
+@pytest.fixture
+def split(model_bytes: bytes) -> tuple[ArtifactMeta, list[bytes]]:
+    meta, chunks = split_artifact(model_bytes, name="digits-v2", chunk_size=CHUNK)
+    assert len(chunks) > 3  # the tests below need a multi-chunk artifact
+    return meta, chunks
+
+
+def _ref(meta: ArtifactMeta) -> ArtifactRef:
+    return ArtifactRef(sha256=meta.sha256, size=meta.size)
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
+
+
+def test_chunked_artifact_assembles_to_the_exact_bytes_and_only_then_appears(
+    tmp_path: Path, model_bytes: bytes, split: tuple[ArtifactMeta, list[bytes]]
+) -> None:
+    meta, chunks = split
+    store = ArtifactStore(tmp_path)
+    assert store.missing(meta) == list(range(len(chunks)))
+
+    for index in reversed(range(len(chunks))):  # arrival order does not matter
+        store.put_chunk(meta, index, chunks[index])
+        assert store.verified(_ref(meta)) is None
+        assert list((tmp_path / "models").iterdir()) == []
+    assert store.missing(meta) == []
+
+    path = store.assemble(meta)
+    assert path == store.model_path(meta.sha256)
+    assert path.read_bytes() == model_bytes
+    assert store.verified(_ref(meta)) == path
+    assert list((tmp_path / "models").iterdir()) == [path]
+
+
+def test_corrupt_chunk_is_refused_and_not_kept(
+    tmp_path: Path, split: tuple[ArtifactMeta, list[bytes]]
+) -> None:
+    meta, chunks = split
+    store = ArtifactStore(tmp_path)
+    forgeries = {
+        "bit flip": (1, _flip(chunks[1], 100)),
+        "truncated": (1, chunks[1][:-1]),
+        "another chunk's bytes": (1, chunks[2]),
+        "index past the end": (len(chunks), chunks[0]),
+        "negative index": (-1, chunks[0]),
+    }
+    for label, (index, data) in forgeries.items():
+        with pytest.raises(ArtifactError) as caught:
+            store.put_chunk(meta, index, data)
+        assert caught.value.reason is Reason.CHUNK_CORRUPT, label
+    assert store.missing(meta) == list(range(len(chunks)))
+
+
+def test_fetch_resumes_after_restart_with_the_chunks_already_stored(
+    tmp_path: Path, model_bytes: bytes, split: tuple[ArtifactMeta, list[bytes]]
+) -> None:
+    meta, chunks = split
+    before = ArtifactStore(tmp_path)
+    stored = list(range(0, len(chunks), 2))
+    for index in stored:
+        before.put_chunk(meta, index, chunks[index])
+
+    after = ArtifactStore(tmp_path)  # the agent restarted
+    missing = after.missing(meta)
+    assert missing == [i for i in range(len(chunks)) if i not in stored]
+    for index in missing:
+        after.put_chunk(meta, index, chunks[index])
+    assert after.assemble(meta).read_bytes() == model_bytes
+
+
+def test_meta_naming_another_artifact_is_refused(
+    tmp_path: Path,
+    split: tuple[ArtifactMeta, list[bytes]],
+    demo_models: dict[str, DemoModel],
+) -> None:
+    meta, _ = split
+    store = ArtifactStore(tmp_path)
+    assert store.accept_meta(_ref(meta), encode(meta)) == meta
+
+    v1 = demo_models["digits-v1"]
+    other_sha = ArtifactRef(sha256=v1.sha256, size=meta.size)
+    other_size = ArtifactRef(sha256=meta.sha256, size=meta.size + 1)
+    for ref in (other_sha, other_size):
+        with pytest.raises(ArtifactError) as caught:
+            store.accept_meta(ref, encode(meta))
+        assert caught.value.reason is Reason.ARTIFACT_MISMATCH
+
+
+def test_chunk_rotting_on_disk_before_assembly_is_caught_and_the_fetch_restarts(
+    tmp_path: Path, split: tuple[ArtifactMeta, list[bytes]]
+) -> None:
+    meta, chunks = split
+    store = ArtifactStore(tmp_path)
+    for index, data in enumerate(chunks):
+        store.put_chunk(meta, index, data)
+    rotten = tmp_path / "partial" / meta.sha256 / "2"
+    rotten.write_bytes(_flip(rotten.read_bytes(), 7))
+
+    with pytest.raises(ArtifactError) as caught:
+        store.assemble(meta)
+    assert caught.value.reason is Reason.ARTIFACT_MISMATCH
+    assert store.verified(_ref(meta)) is None
+    assert store.missing(meta) == list(range(len(chunks)))
+
+
+@pytest.mark.parametrize("damage", ["bit flip", "truncation"])
+def test_model_file_corrupted_on_disk_is_detected_and_removed(
+    tmp_path: Path, split: tuple[ArtifactMeta, list[bytes]], damage: str
+) -> None:
+    meta, chunks = split
+    store = ArtifactStore(tmp_path)
+    for index, data in enumerate(chunks):
+        store.put_chunk(meta, index, data)
+    path = store.assemble(meta)
+    data = path.read_bytes()
+    path.write_bytes(_flip(data, len(data) // 2) if damage == "bit flip" else data[:-10])
+
+    assert store.verified(_ref(meta)) is None
+    assert not path.exists()

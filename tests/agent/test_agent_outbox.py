@@ -1,0 +1,178 @@
+"""The store-and-forward queue: FIFO, durable, deletes only what was acked, and when full
+merges old telemetry into coarser windows without losing a single count."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from pathlib import Path
+
+from agent.outbox import Outbox, OutboxItem
+from agent.runtime import InferenceResult
+from agent.telemetry import TelemetryWindow
+from schemas import LogHistogram, TelemetrySummary, decode, merge_summaries
+
+TOPIC = "fleet/v1/devices/dev-0001/telemetry"
+EVENTS = "fleet/v1/devices/dev-0001/events"
+RELEASE = "digits-v1@0123456789ab"
+T0 = 1_700_000_000.0
+
+
+def _summary(index: int) -> TelemetrySummary:
+    """One real window of varied inferences: latencies, confidences, labels and errors."""
+    window = TelemetryWindow("dev-0001", started=T0 + 10.0 * index)
+    for k in range(3 + index % 4):
+        window.record(
+            RELEASE,
+            InferenceResult(
+                latency_ms=0.05 + ((index * 7 + k * 3) % 40) * 0.9,
+                confidence=((index * 13 + k * 29) % 101) / 100.0,
+                label=(index + k) % 10,
+            ),
+        )
+    if index % 3 == 0:
+        window.record(RELEASE, None)
+    return window.close(T0 + 10.0 * index + 10.0)
+
+
+def _summaries(items: list[OutboxItem]) -> list[TelemetrySummary]:
+    return [decode(i.payload, TelemetrySummary) for i in items if i.kind == "telemetry"]
+
+
+def _total(summaries: list[TelemetrySummary]) -> TelemetrySummary:
+    total = summaries[0]
+    for s in summaries[1:]:
+        total = merge_summaries(total, s)
+    return total
+
+
+def _all(outbox: Outbox) -> list[OutboxItem]:
+    return outbox.peek(1_000_000)
+
+
+def test_messages_come_out_in_the_order_they_went_in(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    sent = [(f"kind-{i % 2}", f"topic/{i}", f"payload {i}".encode()) for i in range(12)]
+    for kind, topic, payload in sent:
+        outbox.append(kind, topic, payload)
+
+    items = _all(outbox)
+    assert [(i.kind, i.topic, i.payload) for i in items] == sent
+    assert [i.id for i in items] == sorted(i.id for i in items)
+    assert [(i.topic) for i in outbox.peek(3)] == ["topic/0", "topic/1", "topic/2"]
+    outbox.close()
+
+
+def test_queued_messages_survive_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite"
+    outbox = Outbox(path)
+    summary = _summary(1)
+    outbox.append_summary(TOPIC, summary)
+    outbox.append("event", EVENTS, b"rolled back")
+    before = _all(outbox)
+    outbox.close()
+
+    reopened = Outbox(path)
+    assert _all(reopened) == before
+    assert _summaries(_all(reopened)) == [summary]
+    # Ids keep growing after a restart, so FIFO order holds across it.
+    reopened.append("event", EVENTS, b"after restart")
+    assert _all(reopened)[-1].payload == b"after restart"
+    assert _all(reopened)[-1].id > max(i.id for i in before)
+    reopened.close()
+
+
+def test_delete_forgets_only_the_acked_ids(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    for i in range(5):
+        outbox.append("event", EVENTS, f"e{i}".encode())
+    items = _all(outbox)
+
+    outbox.delete([items[1].id, items[3].id, 10_000])
+    assert [i.payload for i in _all(outbox)] == [b"e0", b"e2", b"e4"]
+    outbox.delete([])
+    assert len(outbox) == 3
+    outbox.close()
+
+
+def test_outbox_database_is_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite"
+    Outbox(path).close()
+    with sqlite3.connect(path) as db:
+        (mode,) = db.execute("PRAGMA journal_mode").fetchone()
+    assert mode == "wal"
+
+
+def test_full_outbox_coarsens_old_telemetry_and_conserves_every_count(tmp_path: Path) -> None:
+    cap = 8
+    outbox = Outbox(tmp_path / "outbox.sqlite", max_items=cap)
+    appended = [_summary(i) for i in range(40)]
+    for summary in appended:
+        outbox.append_summary(TOPIC, summary)
+        assert len(outbox) <= cap
+
+    assert outbox.coarsened > 0
+    kept = _summaries(_all(outbox))
+    assert len(kept) < len(appended)
+    total, expected = _total(kept), _total(appended)
+    assert sum(s.windows for s in kept) == len(appended)
+    assert total.count == expected.count == sum(s.count for s in appended)
+    assert total.errors == expected.errors > 0
+    assert Counter(total.labels) == sum((Counter(s.labels) for s in appended), Counter())
+    assert total.confidence == tuple(map(sum, zip(*(s.confidence for s in appended), strict=True)))
+    assert total.latency_ms == LogHistogram.from_counts(
+        sum((Counter(dict(s.latency_ms.buckets)) for s in appended), Counter())
+    )
+    # Coarser, but still in time order and covering the whole span.
+    assert [s.window_start for s in kept] == sorted(s.window_start for s in kept)
+    assert min(s.window_start for s in kept) == appended[0].window_start
+    assert max(s.window_end for s in kept) == appended[-1].window_end
+    outbox.close()
+
+
+def test_coarsening_never_merges_or_drops_events(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.sqlite", max_items=6)
+    events: list[bytes] = []
+    for i in range(30):
+        if i % 5 == 0:
+            events.append(f"event {i}".encode())
+            outbox.append("event", EVENTS, events[-1])
+        else:
+            outbox.append_summary(TOPIC, _summary(i))
+
+    items = _all(outbox)
+    assert outbox.coarsened > 0
+    assert [i.payload for i in items if i.kind == "event"] == events
+    assert all(i.topic == EVENTS for i in items if i.kind == "event")
+    outbox.close()
+
+
+def test_outbox_of_only_events_grows_past_its_cap_rather_than_drop_one(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.sqlite", max_items=4)
+    for i in range(9):
+        outbox.append("event", EVENTS, f"event {i}".encode())
+    assert [i.payload for i in _all(outbox)] == [f"event {i}".encode() for i in range(9)]
+    assert outbox.coarsened == 0
+    outbox.close()
+
+
+def test_summary_merged_into_a_row_in_flight_is_not_lost_when_that_row_is_acked(
+    tmp_path: Path,
+) -> None:
+    """The flush loop peeks a batch, awaits the PUBACKs, then deletes the acked ids, while
+    the telemetry loop keeps appending. Coarsening in between must not fold a queued window
+    into a row whose *original* bytes are on the wire: deleting that row on its PUBACK would
+    silently drop the folded-in window."""
+    outbox = Outbox(tmp_path / "outbox.sqlite", max_items=4)
+    appended = [_summary(i) for i in range(5)]
+    for summary in appended[:4]:
+        outbox.append_summary(TOPIC, summary)
+
+    in_flight = outbox.peek(1)
+    delivered = _summaries(in_flight)
+    outbox.append_summary(TOPIC, appended[4])  # at the cap: coarsens while row 1 is in flight
+    outbox.delete([i.id for i in in_flight])  # its PUBACK arrives
+
+    still_queued = _summaries(_all(outbox))
+    assert sum(s.count for s in delivered + still_queued) == sum(s.count for s in appended)
+    outbox.close()

@@ -1,0 +1,222 @@
+"""The coordinator's view of a wave: who is targeted, who reported what. Reports arrive at
+least once and out of order; counting must be idempotent and keep the newest."""
+
+from __future__ import annotations
+
+from coordinator.fleet import FleetView
+from coordinator.rollout import RolloutRecord, cutoff_bp
+from schemas import (
+    DeviceState,
+    HealthReport,
+    LogHistogram,
+    Manifest,
+    Mode,
+    RolloutCohort,
+    TelemetrySummary,
+    Verdict,
+    WaveCounts,
+)
+
+CLASS = "jetson-vision-standard"
+T0 = 1_700_000_000.0
+
+
+def _state(device_id: str, *, hw_class: str = CLASS, sha256: str | None = None) -> DeviceState:
+    return DeviceState(
+        device_id=device_id,
+        hw_class=hw_class,
+        mode=Mode.SERVING,
+        active_release=None,
+        active_sha256=sha256,
+        target_release=None,
+        rollout_id=None,
+        applied_seq=3,
+        trust_version=1,
+        inferences_total=0,
+        last_inference_at=None,
+        last_rejection=None,
+        updated_at=T0,
+    )
+
+
+def _report(
+    record: RolloutRecord,
+    device_id: str,
+    verdict: Verdict,
+    *,
+    report_id: str | None = None,
+    at: float = T0,
+    rollout_id: str | None = None,
+    release: str | None = None,
+) -> HealthReport:
+    return HealthReport(
+        report_id=report_id or f"{device_id}-{verdict.value}-{at}",
+        device_id=device_id,
+        rollout_id=record.id if rollout_id is None else rollout_id,
+        manifest_seq=4,
+        release=record.release_id if release is None else release,
+        verdict=verdict,
+        inferences=100,
+        errors=0,
+        p95_latency_ms=1.0,
+        soak_seconds=4.0,
+        at=at,
+    )
+
+
+def _manifest(record: RolloutRecord) -> Manifest:
+    """The manifest the coordinator publishes for this wave (salt = rollout id)."""
+    return Manifest(
+        hw_class=CLASS,
+        seq=4,
+        issued_at=T0,
+        expires_at=T0 + 86_400.0,
+        stable=None,
+        rollout=RolloutCohort(
+            id=record.id,
+            candidate=record.candidates[CLASS],
+            salt=record.id,
+            cutoff_bp=cutoff_bp(record),
+            canaries=record.canaries,
+        ),
+    )
+
+
+def _online(fleet: FleetView, device_id: str, **state: str) -> None:
+    fleet.on_presence(device_id, online=True)
+    fleet.on_state(_state(device_id, **state))
+
+
+def _split_by_cohort(record: RolloutRecord, n: int) -> tuple[list[str], list[str]]:
+    """Device ids the manifest sends to the candidate, and those it keeps on stable."""
+    manifest = _manifest(record)
+    ids = [f"cam-{i:04d}" for i in range(n)]
+    inside = [d for d in ids if manifest.target_for(d).rollout_id == record.id]
+    return inside, [d for d in ids if d not in inside]
+
+
+def test_cohort_is_exactly_the_devices_the_manifest_sends_to_the_candidate(
+    record: RolloutRecord,
+) -> None:
+    for wave in range(3):
+        at_wave = record.model_copy(update={"wave": wave})
+        inside, outside = _split_by_cohort(at_wave, 200)
+        assert (inside and outside) or wave == 2
+        fleet = FleetView()
+        for device_id in [*inside, *outside, *at_wave.canaries]:
+            _online(fleet, device_id)
+        assert fleet.counts(at_wave).targeted == len(inside) + len(at_wave.canaries)
+        for device_id in [*inside, *at_wave.canaries]:
+            assert fleet.in_cohort(at_wave, fleet.device(device_id))
+        for device_id in outside:
+            assert not fleet.in_cohort(at_wave, fleet.device(device_id))
+
+
+def test_canary_is_targeted_whatever_its_bucket(record: RolloutRecord) -> None:
+    _, outside = _split_by_cohort(record, 50)
+    canary_record = record.model_copy(update={"canaries": (outside[0],)})
+    fleet = FleetView()
+    _online(fleet, outside[0])
+    _online(fleet, outside[1])
+    assert fleet.counts(canary_record).targeted == 1
+    assert fleet.counts(record).targeted == 0
+
+
+def test_devices_of_other_classes_or_of_unknown_class_are_not_targeted(
+    record: RolloutRecord,
+) -> None:
+    fleet = FleetView()
+    _online(fleet, "cam-canary", hw_class="medical-cart-cpu")
+    fleet.on_presence("cam-canary-2", online=True)  # its state has not arrived yet
+    fleet.on_health(_report(record, "cam-canary-2", Verdict.HEALTHY))
+    canaries = record.model_copy(update={"canaries": ("cam-canary", "cam-canary-2")})
+    assert fleet.counts(canaries) == WaveCounts()
+
+
+def test_offline_device_is_not_waited_for_unless_it_already_reported(
+    record: RolloutRecord,
+) -> None:
+    inside, _ = _split_by_cohort(record, 200)
+    quiet, reported = inside[:2]
+    fleet = FleetView()
+    for device_id in (quiet, reported):
+        fleet.on_state(_state(device_id))
+        fleet.on_presence(device_id, online=False)
+    assert fleet.counts(record).targeted == 0
+
+    fleet.on_health(_report(record, reported, Verdict.HEALTHY))
+    assert fleet.counts(record) == WaveCounts(targeted=1, healthy=1)
+
+
+def test_counts_updated_healthy_and_unhealthy_devices(record: RolloutRecord) -> None:
+    inside, _ = _split_by_cohort(record, 400)
+    sha = record.candidates[CLASS].artifact.sha256
+    fleet = FleetView()
+    for device_id in inside[:4]:
+        _online(fleet, device_id, sha256=sha)
+    _online(fleet, inside[4])  # still on stable
+    fleet.on_health(_report(record, inside[0], Verdict.HEALTHY))
+    fleet.on_health(_report(record, inside[1], Verdict.HEALTHY))
+    fleet.on_health(_report(record, inside[2], Verdict.UNHEALTHY))
+    assert fleet.counts(record) == WaveCounts(targeted=5, updated=4, healthy=2, unhealthy=1)
+
+
+def test_redelivered_health_report_is_ignored(record: RolloutRecord) -> None:
+    """QoS 1 redelivers: an old unhealthy report arriving again, with the same timestamp as
+    the healthy one that superseded it, must not count again."""
+    fleet = FleetView()
+    device_id = _split_by_cohort(record, 200)[0][0]
+    _online(fleet, device_id)
+    first = _report(record, device_id, Verdict.UNHEALTHY, report_id="r-1", at=T0)
+    second = _report(record, device_id, Verdict.HEALTHY, report_id="r-2", at=T0)
+    assert fleet.on_health(first)
+    assert fleet.on_health(second)
+    assert not fleet.on_health(first)
+    assert fleet.counts(record) == WaveCounts(targeted=1, healthy=1)
+
+
+def test_older_health_report_does_not_replace_a_newer_one(record: RolloutRecord) -> None:
+    fleet = FleetView()
+    device_id = _split_by_cohort(record, 200)[0][0]
+    _online(fleet, device_id)
+    assert fleet.on_health(_report(record, device_id, Verdict.HEALTHY, at=T0 + 10.0))
+    assert not fleet.on_health(_report(record, device_id, Verdict.UNHEALTHY, at=T0 + 5.0))
+    assert fleet.counts(record) == WaveCounts(targeted=1, healthy=1)
+    assert fleet.on_health(_report(record, device_id, Verdict.UNHEALTHY, at=T0 + 20.0))
+    assert fleet.counts(record) == WaveCounts(targeted=1, unhealthy=1)
+
+
+def test_reports_about_another_rollout_or_release_are_not_counted(
+    record: RolloutRecord,
+) -> None:
+    inside, _ = _split_by_cohort(record, 400)
+    online, offline = inside[:2], inside[2:4]
+    fleet = FleetView()
+    for device_id in online:
+        _online(fleet, device_id)
+    for device_id in offline:
+        fleet.on_state(_state(device_id))
+    for devices in (online, offline):
+        fleet.on_health(_report(record, devices[0], Verdict.UNHEALTHY, rollout_id="rollout-6"))
+        fleet.on_health(_report(record, devices[1], Verdict.UNHEALTHY, release="digits-v1@00"))
+    assert fleet.counts(record) == WaveCounts(targeted=2)
+
+
+def test_redelivered_telemetry_summary_is_counted_once() -> None:
+    summary = TelemetrySummary(
+        summary_id="w-1",
+        device_id="cam-0001",
+        release=None,
+        window_start=T0,
+        window_end=T0 + 10.0,
+        count=50,
+        errors=2,
+        latency_ms=LogHistogram.of([1.0] * 48),
+        confidence=(0,) * 9 + (48,),
+    )
+    fleet = FleetView()
+    assert fleet.on_telemetry(summary)
+    assert not fleet.on_telemetry(summary)
+    assert fleet.on_telemetry(summary.model_copy(update={"summary_id": "w-2"}))
+    view = fleet.device("cam-0001")
+    assert (view.inferences, view.errors) == (100, 4)

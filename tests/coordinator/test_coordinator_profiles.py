@@ -1,0 +1,72 @@
+"""Class profiles: the shipped classes.toml, and a bad file refused at start-up."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from coordinator.profiles import DEFAULT_PROFILES, load_profiles
+
+GOOD = """
+[classes.edge-cpu]
+providers = ["CPUExecutionProvider"]
+max_model_bytes = 1_000_000
+health = { max_error_rate = 0.01, p95_latency_ms = 10.0, min_inferences = 60, soak_seconds = 4.0 }
+"""
+
+
+def test_shipped_classes_toml_defines_the_four_hardware_classes() -> None:
+    profiles = load_profiles()
+    assert set(profiles) == {
+        "jetson-vision-standard",
+        "intel-lowpower-detector",
+        "factory-gateway-gpu",
+        "medical-cart-cpu",
+    }
+    for name, profile in profiles.items():
+        assert profile.name == name
+        assert profile.runtime.providers == profile.providers
+        assert profile.rollout.waves[-1] == 100.0
+    medical = profiles["medical-cart-cpu"]
+    assert medical.rollout.waves == (1.0, 10.0, 50.0, 100.0)
+    assert medical.health.soak_seconds == 300.0
+    assert profiles["factory-gateway-gpu"].runtime.intra_op_threads == 2
+    assert load_profiles(DEFAULT_PROFILES) == profiles
+
+
+def test_minimal_class_gets_bounded_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "classes.toml"
+    path.write_text(GOOD)
+    profile = load_profiles(path)["edge-cpu"]
+    assert profile.precisions == ("fp32",)
+    assert profile.rollout.waves == (10.0, 50.0, 100.0)
+    assert profile.rollout.max_failure_ratio == 0.0
+
+
+@pytest.mark.parametrize(
+    "mistake",
+    [
+        ("max_model_bytes = 1_000_000", "max_model_bytes = 1_000_000\nmax_modle_bytes = 5"),
+        ("soak_seconds = 4.0 }", "soak_seconds = 4.0, p99_latency_ms = 3.0 }"),
+        ("max_model_bytes = 1_000_000", "max_model_bytes = 1_000_000\nrollout = { wave = [50] }"),
+        ("max_model_bytes = 1_000_000", "max_model_bytes = 0"),
+        ('providers = ["CPUExecutionProvider"]', "providers = []"),
+    ],
+)
+def test_class_with_an_unknown_key_or_bad_value_is_refused(
+    tmp_path: Path, mistake: tuple[str, str]
+) -> None:
+    path = tmp_path / "classes.toml"
+    path.write_text(GOOD.replace(*mistake))
+    with pytest.raises(ValidationError):
+        load_profiles(path)
+
+
+def test_file_that_is_not_toml_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "classes.toml"
+    path.write_text(GOOD.replace("]\n", "\n", 1))
+    with pytest.raises(tomllib.TOMLDecodeError):
+        load_profiles(path)

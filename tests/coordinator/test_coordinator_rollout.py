@@ -1,0 +1,155 @@
+"""The rollout state machine, driven directly: promotion, rollback, timeout, operator
+pause/resume/abort, and the wave cutoffs that go into the manifest."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from coordinator.rollout import TRANSITIONS, Action, RolloutRecord, apply, cutoff_bp, decide
+from schemas import Desired, Phase, UsageError, WaveCounts
+
+T0 = 1_700_000_000.0
+ACTIVE = Desired.ACTIVE
+
+
+def _with(record: RolloutRecord, **changes: object) -> RolloutRecord:
+    return record.model_copy(update=changes)
+
+
+def _step(record: RolloutRecord, counts: WaveCounts, desired: Desired, now: float) -> RolloutRecord:
+    action, reason = decide(record, counts, desired, now)
+    return apply(record, action, reason, counts, now)
+
+
+def test_waves_of_10_50_100_percent_cut_at_1000_5000_10000_buckets(record: RolloutRecord) -> None:
+    assert [cutoff_bp(_with(record, wave=w)) for w in range(4)] == [1000, 5000, 10000, 10000]
+    assert cutoff_bp(_with(record, waves_percent=(0.01, 33.33, 100.0))) == 1
+    assert cutoff_bp(_with(record, waves_percent=(0.01, 33.33, 100.0), wave=1)) == 3333
+
+
+@pytest.mark.parametrize(
+    ("percent", "buckets"), [(0.5, 50), (0.07, 7), (1.11, 111), (2.22, 222), (33.33, 3333)]
+)
+def test_wave_percent_in_hundredths_cuts_at_exactly_that_many_buckets(
+    record: RolloutRecord, percent: float, buckets: int
+) -> None:
+    """One bucket is 0.01 % of the fleet: a 0.07 % wave is 7 buckets, not 8."""
+    assert cutoff_bp(_with(record, waves_percent=(percent, 100.0))) == buckets
+
+
+def test_wave_with_every_targeted_device_healthy_advances_then_completes(
+    record: RolloutRecord,
+) -> None:
+    healthy = WaveCounts(targeted=4, updated=4, healthy=4)
+    now = T0 + 60.0
+    for wave, cutoff in [(1, 5000), (2, 10000)]:
+        action, reason = decide(record, healthy, ACTIVE, now)
+        assert action is Action.ADVANCE
+        assert reason == f"wave {wave}: 4 of 4 devices healthy"
+        record = apply(record, action, reason, healthy, now)
+        assert (record.phase, record.wave, cutoff_bp(record)) == (Phase.WAVE, wave, cutoff)
+        assert record.wave_started_at == now
+        assert record.counts == WaveCounts()  # the next wave starts counting afresh
+        now += 60.0
+
+    action, reason = decide(record, healthy, ACTIVE, now)
+    assert action is Action.COMPLETE
+    done = apply(record, action, reason, healthy, now)
+    assert (done.phase, done.wave) == (Phase.COMPLETED, 3)
+    assert done.phase.final
+    assert cutoff_bp(done) == 10000
+
+
+def test_wave_waits_until_success_ratio_of_targeted_are_healthy(record: RolloutRecord) -> None:
+    lenient = _with(record, success_ratio=0.9)
+    assert decide(lenient, WaveCounts(targeted=10, healthy=8), ACTIVE, T0)[0] is Action.WAIT
+    assert decide(lenient, WaveCounts(targeted=10, healthy=9), ACTIVE, T0)[0] is Action.ADVANCE
+    assert decide(record, WaveCounts(targeted=10, healthy=9), ACTIVE, T0)[0] is Action.WAIT
+
+
+@pytest.mark.parametrize(("ratio", "targeted"), [(0.55, 100), (0.07, 100), (0.28, 25), (0.56, 50)])
+def test_exactly_success_ratio_of_targeted_healthy_advances(
+    record: RolloutRecord, ratio: float, targeted: int
+) -> None:
+    """``healthy >= success_ratio x targeted`` must hold at equality: 55 of 100 healthy
+    meets a 0.55 ratio, even though 0.55 * 100 is 55.00000000000001 in floating point."""
+    healthy = round(ratio * targeted)
+    counts = WaveCounts(targeted=targeted, updated=targeted, healthy=healthy)
+    assert decide(_with(record, success_ratio=ratio), counts, ACTIVE, T0)[0] is Action.ADVANCE
+
+
+def test_wave_with_nobody_targeted_is_not_promoted(record: RolloutRecord) -> None:
+    assert decide(record, WaveCounts(), ACTIVE, T0 + 1.0) == (Action.WAIT, None)
+    lenient = _with(record, success_ratio=0.01)
+    assert decide(lenient, WaveCounts(), ACTIVE, T0 + 1.0) == (Action.WAIT, None)
+
+
+def test_one_unhealthy_of_one_reported_rolls_back_at_zero_tolerance(record: RolloutRecord) -> None:
+    counts = WaveCounts(targeted=5, updated=1, unhealthy=1)
+    action, reason = decide(record, counts, ACTIVE, T0 + 5.0)
+    assert action is Action.ROLL_BACK
+    assert reason == "wave 1: 1 of 1 reporting devices unhealthy"
+    rolled = apply(record, action, reason, counts, T0 + 5.0)
+    assert rolled.phase is Phase.ROLLED_BACK
+    assert rolled.reason == reason
+    assert rolled.counts == counts
+
+
+def test_failures_up_to_max_failure_ratio_are_tolerated(record: RolloutRecord) -> None:
+    tolerant = _with(record, max_failure_ratio=0.25, success_ratio=0.75)
+    at_limit = WaveCounts(targeted=4, updated=4, healthy=3, unhealthy=1)
+    over = WaveCounts(targeted=4, updated=4, healthy=2, unhealthy=2)
+    assert decide(tolerant, at_limit, ACTIVE, T0)[0] is Action.ADVANCE
+    assert decide(tolerant, over, ACTIVE, T0)[0] is Action.ROLL_BACK
+
+
+def test_unhealthy_report_wins_over_a_healthy_majority(record: RolloutRecord) -> None:
+    counts = WaveCounts(targeted=10, updated=10, healthy=10, unhealthy=1)
+    assert decide(_with(record, success_ratio=0.5), counts, ACTIVE, T0)[0] is Action.ROLL_BACK
+
+
+def test_wave_outliving_its_timeout_rolls_back(record: RolloutRecord) -> None:
+    counts = WaveCounts(targeted=3, updated=2, healthy=2)
+    deadline = record.wave_started_at + record.wave_timeout_s
+    assert decide(record, counts, ACTIVE, deadline) == (Action.WAIT, None)
+    action, reason = decide(record, counts, ACTIVE, deadline + 0.001)
+    assert action is Action.ROLL_BACK
+    assert reason == "wave 1: timed out with 2 of 3 healthy"
+
+
+def test_operator_pause_holds_the_wave_and_resume_restarts_its_clock(
+    record: RolloutRecord,
+) -> None:
+    all_healthy = WaveCounts(targeted=2, updated=2, healthy=2)
+    paused = _step(record, all_healthy, Desired.PAUSED, T0 + 10.0)
+    assert (paused.phase, paused.reason) == (Phase.PAUSED, "paused by operator")
+
+    # Paused: no promotion however good the counts, and no timeout either.
+    much_later = T0 + 10 * record.wave_timeout_s
+    assert decide(paused, all_healthy, Desired.PAUSED, much_later) == (Action.WAIT, None)
+    assert _step(paused, all_healthy, Desired.PAUSED, much_later).phase is Phase.PAUSED
+
+    resumed = _step(paused, WaveCounts(), ACTIVE, much_later)
+    assert (resumed.phase, resumed.wave, resumed.wave_started_at) == (Phase.WAVE, 0, much_later)
+    assert decide(resumed, WaveCounts(), ACTIVE, much_later + 1.0) == (Action.WAIT, None)
+
+
+@pytest.mark.parametrize("phase", [Phase.WAVE, Phase.PAUSED])
+def test_operator_abort_rolls_back_from_a_wave_or_a_pause(
+    record: RolloutRecord, phase: Phase
+) -> None:
+    healthy = WaveCounts(targeted=2, updated=2, healthy=2)
+    aborted = _step(_with(record, phase=phase), healthy, Desired.ABORTED, T0 + 1.0)
+    assert (aborted.phase, aborted.reason) == (Phase.ROLLED_BACK, "aborted by operator")
+
+
+@pytest.mark.parametrize(
+    ("phase", "action"), [p for p in itertools.product(Phase, Action) if p not in TRANSITIONS]
+)
+def test_action_not_allowed_in_a_phase_is_a_usage_error(
+    record: RolloutRecord, phase: Phase, action: Action
+) -> None:
+    with pytest.raises(UsageError, match="no transition"):
+        apply(_with(record, phase=phase), action, None, WaveCounts(), T0)

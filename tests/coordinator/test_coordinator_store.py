@@ -1,0 +1,61 @@
+"""The coordinator's crash-safe store: everything it decides survives a restart, and the
+file is only ever replaced whole."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from coordinator.rollout import RolloutRecord
+from coordinator.store import ClassRecord, CoordinatorStore
+from schemas import Phase, WaveCounts
+
+
+def test_classes_rollouts_and_audit_survive_close_and_reopen(
+    tmp_path: Path, record: RolloutRecord
+) -> None:
+    path = tmp_path / "coordinator" / "store.json"
+    store = CoordinatorStore(path)
+    klass = ClassRecord(
+        name="jetson-vision-standard",
+        seq=7,
+        stable=record.candidates["jetson-vision-standard"],
+        manifest=b"\x00signed\xffmanifest",
+        expires_at=1_700_086_400.0,
+        content="stable=digits-v2",
+    )
+    store.put_class(klass)
+    store.put_rollout(record)
+    later = record.model_copy(update={"wave": 1, "counts": WaveCounts(targeted=3, healthy=3)})
+    store.put_rollout(later)  # same id: replaces, does not duplicate
+    store.audit({"rollout": record.id, "what": "admitted"})
+    store.audit({"rollout": record.id, "what": "advanced"})
+    store.close()
+
+    reopened = CoordinatorStore(path)
+    assert reopened.classes() == {klass.name: klass}
+    assert reopened.rollouts() == {record.id: later}
+    assert reopened.rollouts()[record.id].spec == record.spec
+    assert [e["what"] for e in reopened.audit_log()] == ["admitted", "advanced"]
+    reopened.close()
+
+
+def test_every_write_replaces_the_file_whole_and_leaves_no_temp_files(
+    tmp_path: Path, record: RolloutRecord
+) -> None:
+    path = tmp_path / "store.json"
+    store = CoordinatorStore(path)
+    store.put_rollout(record)
+    for wave, phase in [(1, Phase.WAVE), (1, Phase.PAUSED), (3, Phase.COMPLETED)]:
+        before = path.read_bytes()
+        with path.open("rb") as reader:  # a reader that opened the file before the write
+            store.put_rollout(record.model_copy(update={"wave": wave, "phase": phase}))
+            store.audit({"wave": wave, "phase": phase.value})
+            # It still sees the whole previous document: the file was renamed over, not
+            # rewritten in place.
+            assert reader.read() == before
+        assert path.read_bytes() != before
+        assert json.loads(path.read_text())["rollouts"]
+        assert [p.name for p in tmp_path.iterdir()] == ["store.json"]
+    assert path.stat().st_mode & 0o077 == 0  # it holds signed specs: private to its owner
+    store.close()
