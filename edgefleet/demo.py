@@ -43,6 +43,7 @@ class _Watch:
         self._out = out
         self._started = started
         self._last: dict[str, str] = {}
+        self._shown: dict[str, tuple[tuple[str, Phase, int], float]] = {}
         self.changed = asyncio.Event()
 
     def say(self, text: str) -> None:
@@ -69,15 +70,26 @@ class _Watch:
         wave = f"wave {min(status.wave + 1, total)}/{total}"
         if status.phase is Phase.WAVE:
             wave += f" ({status.waves_percent[status.wave]:g}%)"
+            if c.targeted == 0:
+                return  # a wave just opened: nothing observed yet
         line = (
             f"{status.id:<12} {status.phase.value:<11} {wave:<16} targeted {c.targeted:>2}  "
             f"updated {c.updated:>2}  healthy {c.healthy:>2}  unhealthy {c.unhealthy:>2}"
         )
         if status.reason and status.phase.final:
             line += f"\n{'':>10}reason: {status.reason}"
-        if self._last.get(status.id) != line:
-            self._last[status.id] = line
-            self.say(line)
+        key = (status.id, status.phase, status.wave)
+        now = time.monotonic()
+        # One line per change of phase or wave, and at most one a second within a wave.
+        if self._last.get(status.id) == line or (
+            self._shown.get(status.id, (None, 0.0))[0] == key
+            and now - self._shown[status.id][1] < 1.0
+            and not status.phase.final
+        ):
+            return
+        self._last[status.id] = line
+        self._shown[status.id] = (key, now)
+        self.say(line)
 
     def fleet_line(self) -> str:
         per_class: dict[str, Counter[str]] = {}
