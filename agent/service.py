@@ -55,6 +55,9 @@ __all__ = ["Agent", "AgentConfig", "InputSource"]
 
 log = logging.getLogger(__name__)
 
+_IN_FLIGHT = (Stage.FETCHING, Stage.LOADING, Stage.SOAKING)
+"""Stages a newer target may cut short; after them a verdict is being recorded."""
+
 
 class InputSource(Protocol):
     """Where the device's inputs come from (a camera, a sensor); one feed per call."""
@@ -275,6 +278,10 @@ class Agent:
             changed = asyncio.create_task(self._target_changed.wait())
             try:
                 await asyncio.wait({work, changed}, return_when=asyncio.FIRST_COMPLETED)
+                if not work.done() and self._stage not in _IN_FLIGHT:
+                    # Past its verdict: let it store, announce and report it (the
+                    # coordinator waits for that report); the new target comes next.
+                    await work
             finally:
                 changed.cancel()
                 if not work.done():
@@ -282,7 +289,8 @@ class Agent:
                     with contextlib.suppress(asyncio.CancelledError):
                         await work
                     self._soak = None
-                    self._step(Step.SUPERSEDED)
+                    if self._stage in _IN_FLIGHT:
+                        self._step(Step.SUPERSEDED)
             if work.done() and not work.cancelled() and (exc := work.exception()) is not None:
                 raise exc
 

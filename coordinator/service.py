@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -59,6 +60,8 @@ log = logging.getLogger(__name__)
 
 CLIENT_ID = "coordinator"
 
+_R = TypeVar("_R")
+
 
 @dataclass(frozen=True, kw_only=True)
 class CoordinatorConfig:
@@ -92,6 +95,10 @@ class Coordinator:
         self._fetches: dict[str, _Fetch] = {}
         self._validating: set[str] = set()
         self._changed = asyncio.Event()
+        self._sync_lock = asyncio.Lock()
+        """One manifest sync at a time: each takes its seq from what the last one stored."""
+        self._store_lock = asyncio.Lock()
+        """The store rewrites its whole file on every write: one writing thread at a time."""
 
     @property
     def fleet(self) -> FleetView:
@@ -188,7 +195,15 @@ class Coordinator:
 
     async def _sync_manifests(self) -> None:
         """Publish a new manifest for every class whose content changed or whose
-        manifest nears expiry; the seq is stored before the manifest is published."""
+        manifest nears expiry; the seq is stored before the manifest is published.
+
+        Callers (ticks, new specs, re-asserts on connect) run concurrently: unserialised,
+        two of them would both take ``seq + 1`` and publish different manifests under it.
+        """
+        async with self._sync_lock:
+            await self._sync_manifests_locked()
+
+    async def _sync_manifests_locked(self) -> None:
         now = self._clock()
         for name, profile in self._config.profiles.items():
             stable, cohort = self._desired_content(name)
@@ -218,7 +233,7 @@ class Coordinator:
                     "content": content,
                 }
             )
-            await asyncio.to_thread(self._store.put_class, record)
+            await self._write(self._store.put_class, record)
             self._classes[name] = record
             log.info("coordinator: %s manifest seq %d", name, manifest.seq)
             await self._publish(topics.class_manifest(name), signed)
@@ -426,21 +441,28 @@ class Coordinator:
     ) -> None:
         updated = apply(record, action, reason, counts, now)
         if action is Action.COMPLETE:
-            for name, release in updated.candidates.items():
-                current = self._classes.get(name, ClassRecord(name=name))
-                promoted = current.model_copy(update={"stable": release})
-                await asyncio.to_thread(self._store.put_class, promoted)
-                self._classes[name] = promoted
+            # Under the sync lock: a sync in flight would otherwise store its newer seq
+            # between our read of the class record and our write of it, and lose it.
+            async with self._sync_lock:
+                for name, release in updated.candidates.items():
+                    current = self._classes.get(name, ClassRecord(name=name))
+                    promoted = current.model_copy(update={"stable": release})
+                    await self._write(self._store.put_class, promoted)
+                    self._classes[name] = promoted
         await self._save(updated, action.value, reason or "")
         log.info("coordinator: rollout %s %s: %s", record.id, action.value, reason)
         await self._sync_manifests()
         await self._publish_status(updated)
 
     async def _save(self, record: RolloutRecord, what: str, detail: str) -> None:
-        await asyncio.to_thread(self._store.put_rollout, record)
+        await self._write(self._store.put_rollout, record)
         self._rollouts[record.id] = record
         await self._audit(what, record.id, detail)
 
     async def _audit(self, what: str, rollout_id: str, detail: str) -> None:
         entry = {"at": self._clock(), "event": what, "rollout": rollout_id, "detail": detail}
-        await asyncio.to_thread(self._store.audit, entry)
+        await self._write(self._store.audit, entry)
+
+    async def _write(self, fn: Callable[[_R], None], record: _R) -> None:
+        async with self._store_lock:
+            await asyncio.to_thread(fn, record)

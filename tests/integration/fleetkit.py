@@ -1,0 +1,564 @@
+"""Building blocks of the integration tests: a live fleet, a recorder of what crosses
+the broker, and manifests signed with a home's real keys.
+
+Everything here is real: Mosquitto with the fleet's TLS material and ACL, onnxruntime
+in every agent, Ed25519 signatures. Tests assert on what arrives over MQTT and on the
+agents' own state; timeouts only guard against hanging, never measure speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from agent import Agent, AgentConfig
+from agent.lifecycle import Stage
+from broker.session import Message, Session
+from coordinator.operator import describe_candidate
+from coordinator.profiles import ClassProfile, load_profiles
+from coordinator.store import CoordinatorStore
+from edgefleet.home import COORDINATOR, OPERATOR, Home
+from edgefleet.runner import Fleet, make_agent, start_rollout
+from models import DemoModel
+from schemas import (
+    MANIFEST_KIND,
+    DeviceState,
+    Event,
+    HealthReport,
+    KeyPair,
+    Manifest,
+    Phase,
+    RejectedError,
+    Release,
+    Role,
+    RolloutStatus,
+    TelemetrySummary,
+    TrustedState,
+    decode,
+    encode,
+    seal,
+    topics,
+)
+from schemas.envelope import Envelope
+from schemas.topics import DeviceChannel, TopicKind
+
+T = TypeVar("T")
+
+JETSON: Final = "jetson-vision-standard"
+INTEL: Final = "intel-lowpower-detector"
+
+# The shipped class profiles, with a short soak so a wave takes seconds, not minutes.
+# Latency budgets are the real ones: digits-v2 runs in well under 1 ms, the slow build
+# in tens of ms.
+TEST_PROFILES: Final = """
+[classes.jetson-vision-standard]
+providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+max_model_bytes = 200_000_000
+health = { max_error_rate = 0.01, p95_latency_ms = 10.0, min_inferences = 20, soak_seconds = 1.5 }
+
+[classes.intel-lowpower-detector]
+providers = ["OpenVINOExecutionProvider", "CPUExecutionProvider"]
+max_model_bytes = 20_000_000
+health = { max_error_rate = 0.01, p95_latency_ms = 15.0, min_inferences = 20, soak_seconds = 1.5 }
+"""
+
+AGENT_CONFIG: Final = AgentConfig(
+    data_dir=Path(),
+    inference_hz=30.0,
+    telemetry_window_s=1.0,
+    state_interval_s=1.0,
+    reconnect_s=0.5,
+    fetch_timeout_s=60.0,
+)
+
+WAVES: Final = (10.0, 50.0, 100.0)
+WAVE_CUTOFFS: Final = (1000, 5000, 10000)
+ROLLOUT_TIMEOUT_S: Final = 90.0
+"""A guard against a hang; a rollout of these tests takes a few seconds per wave."""
+
+MakeFleet = Callable[[dict[str, int]], Fleet]
+_PROMOTION = re.compile(r"wave (\d+): (\d+) of (\d+) devices healthy")
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` that re-raises a lone error out of TaskGroup exception groups."""
+    try:
+        return asyncio.run(main)
+    except BaseExceptionGroup as group:
+        leaves: list[BaseException] = []
+        stack: list[BaseException] = [group]
+        while stack:
+            exc = stack.pop()
+            if isinstance(exc, BaseExceptionGroup):
+                stack.extend(exc.exceptions)
+            else:
+                leaves.append(exc)
+        if len(leaves) == 1:
+            raise leaves[0] from group
+        raise
+
+
+# -- running a fleet -----------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def live(
+    fleet: Fleet, *, coordinator: bool = True, agents: Iterable[str] | None = None
+) -> AsyncIterator[asyncio.TaskGroup]:
+    """The coordinator (optionally) and agents running; all cancelled on exit."""
+    async with asyncio.TaskGroup() as tg:
+        if coordinator:
+            fleet.start_coordinator(tg)
+        for device_id in fleet.home.devices() if agents is None else agents:
+            fleet.start_agent(tg, device_id)
+        try:
+            yield tg
+        finally:
+            for task in [*fleet.agent_tasks.values(), fleet.coordinator_task]:
+                if task is not None:
+                    task.cancel()
+
+
+def start_agent_with(fleet: Fleet, tg: asyncio.TaskGroup, device_id: str, **changes: Any) -> Agent:
+    """Like ``Fleet.start_agent``, with some agent settings changed for this one."""
+    agent = make_agent(
+        fleet.home.root / "devices" / device_id,
+        replace(fleet.agent_config, data_dir=fleet.workdir / "agents" / device_id, **changes),
+        seed=sum(device_id.encode()),
+    )
+    fleet.agents[device_id] = agent
+    fleet.agent_tasks[device_id] = tg.create_task(agent.run())
+    return agent
+
+
+def canaries_of(fleet: Fleet) -> tuple[str, ...]:
+    """The first device of every class."""
+    devices = fleet.home.devices()
+    return tuple(next(d for d, c in devices.items() if c == hw_class) for hw_class in fleet.classes)
+
+
+async def roll_out(
+    operator: Session,
+    fleet: Fleet,
+    wire: Wire,
+    model: DemoModel,
+    *,
+    rollout_id: str,
+    waves: tuple[float, ...] = (100.0,),
+    canaries: tuple[str, ...] = (),
+    expect: Phase = Phase.COMPLETED,
+) -> RolloutStatus:
+    """Publish ``model`` and a signed spec; wait for the rollout's final status."""
+    await start_rollout(
+        operator,
+        fleet.home,
+        model.path,
+        rollout_id=rollout_id,
+        name=model.name,
+        classes=tuple(fleet.classes),
+        waves=waves,
+        canaries=canaries,
+    )
+    status = await wire.until(
+        lambda: wire.final_status(rollout_id), what=f"rollout {rollout_id} to end"
+    )
+    assert status.phase is expect, f"{rollout_id}: {status.phase} ({status.reason})"
+    return status
+
+
+def release_id(model: DemoModel) -> str:
+    return f"{model.name}@{model.sha256[:12]}"
+
+
+def audit_log(fleet: Fleet) -> list[dict[str, Any]]:
+    """The coordinator's audit log, read from its store (once it stopped)."""
+    store = CoordinatorStore(fleet.workdir / "coordinator" / "coordinator.json")
+    try:
+        return store.audit_log()
+    finally:
+        store.close()
+
+
+def outbox_rows(path: Path) -> list[tuple[int, str, bytes]]:
+    """``(id, kind, payload)`` of what waits in an agent's outbox (a second reader)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT id, kind, payload FROM outbox ORDER BY id").fetchall()
+    finally:
+        db.close()
+    return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T | None]], *, what: str, timeout: float = ROLLOUT_TIMEOUT_S
+) -> T:
+    """The first truthy result of an async ``probe`` (for state outside the wire, such
+    as an agent's outbox), polled; fails after ``timeout`` (a hang guard only)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            msg = f"timed out after {timeout:g} s waiting for {what}"
+            raise AssertionError(msg)
+        await asyncio.sleep(0.1)
+
+
+def settled(stage: Stage) -> bool:
+    return stage in (Stage.SERVING, Stage.DEGRADED, Stage.IDLE)
+
+
+# -- manifests signed by hand ------------------------------------------------------------
+
+
+def profiles(fleet: Fleet) -> dict[str, ClassProfile]:
+    return load_profiles(fleet.profiles)
+
+
+def release_for(model: DemoModel, profile: ClassProfile) -> Release:
+    """The release the coordinator would build for ``model`` in ``profile``'s class."""
+    candidate = describe_candidate(model.path.read_bytes(), name=model.name)
+    return Release(
+        name=candidate.name,
+        artifact=candidate.artifact,
+        runtime=profile.runtime,
+        inputs=candidate.inputs,
+        outputs=candidate.outputs,
+        health=profile.health,
+    )
+
+
+def manifest(
+    hw_class: str,
+    seq: int,
+    stable: Release | None,
+    *,
+    ttl_s: float = 3600.0,
+    issued_at: float | None = None,
+) -> Manifest:
+    now = time.time() if issued_at is None else issued_at
+    return Manifest(
+        hw_class=hw_class, seq=seq, issued_at=now, expires_at=now + ttl_s, stable=stable
+    )
+
+
+def sign(doc: Manifest, *keys: KeyPair) -> bytes:
+    return seal(MANIFEST_KIND, encode(doc), list(keys))
+
+
+def coordinator_session(home: Home, client_id: str = "it-coordinator-account") -> Session:
+    """A session on the coordinator's account, the one that may write manifests."""
+    return Session(home.service_endpoint(COORDINATOR), client_id=client_id)
+
+
+async def publish_manifest(session: Session, hw_class: str, payload: bytes) -> None:
+    await session.publish(topics.class_manifest(hw_class), payload, retain=True)
+
+
+def manifest_key(home: Home) -> KeyPair:
+    return home.key(Role.MANIFEST)
+
+
+# -- what crosses the broker --------------------------------------------------------------
+
+
+DEFAULT_FILTERS: Final = (
+    topics.all_rollout_statuses(),
+    topics.all_class_manifests(),
+    *(topics.all_devices(c) for c in DeviceChannel),
+)
+
+
+@dataclass
+class SeenManifest:
+    payload: bytes
+    verified: Manifest | None
+    rejected: RejectedError | None
+
+
+@dataclass
+class Wire:
+    """Follows the broker as a dashboard does, and reads manifests as a device does.
+
+    Retained manifests re-asserted unchanged (identical bytes) are recorded once.
+    ``on_status`` hooks run as each rollout status arrives, in arrival order.
+    """
+
+    home: Home
+    raw: list[Message] = field(default_factory=list)
+    undecodable: list[Message] = field(default_factory=list)
+    statuses: dict[str, list[RolloutStatus]] = field(default_factory=dict)
+    manifests: dict[str, list[SeenManifest]] = field(default_factory=dict)
+    states: dict[str, DeviceState] = field(default_factory=dict)
+    presence: dict[str, bytes] = field(default_factory=dict)
+    health: dict[str, HealthReport] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    telemetry: dict[str, TelemetrySummary] = field(default_factory=dict)
+    on_status: list[Callable[[RolloutStatus], None]] = field(default_factory=list)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _devices: dict[str, TrustedState] = field(default_factory=dict)
+    _applied: dict[str, int] = field(default_factory=dict)
+
+    _task: asyncio.Task[None] | None = None
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        home: Home,
+        *,
+        account: str = OPERATOR,
+        filters: tuple[str, ...] = DEFAULT_FILTERS,
+        persistent: bool = False,
+    ) -> AsyncIterator[Wire]:
+        wire = cls(home)
+        session = Session(
+            home.service_endpoint(account),
+            client_id=f"it-wire-{uuid.uuid4().hex[:8]}",
+            clean_start=not persistent,
+            session_expiry=600 if persistent else 0,
+        )
+        async with session:
+            await session.subscribe(*filters)
+            task = wire._task = asyncio.create_task(wire._follow(session))
+            try:
+                yield wire
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _follow(self, session: Session) -> None:
+        async for message in session.messages():
+            self.raw.append(message)
+            if message.payload:
+                try:
+                    self._record(message)
+                except RejectedError:
+                    self.undecodable.append(message)
+            self._changed.set()
+
+    def _record(self, message: Message) -> None:
+        parsed = topics.parse(message.topic)
+        payload = message.payload
+        if parsed.kind is TopicKind.ROLLOUT_STATUS:
+            status = decode(payload, RolloutStatus)
+            self.statuses.setdefault(status.id, []).append(status)
+            for hook in self.on_status:
+                hook(status)
+        elif parsed.kind is TopicKind.CLASS_MANIFEST and parsed.name is not None:
+            self._as_device(parsed.name, payload)
+        elif parsed.kind is TopicKind.DEVICE and parsed.name is not None:
+            device_id = parsed.name
+            match parsed.channel:
+                case DeviceChannel.STATE:
+                    self.states[device_id] = decode(payload, DeviceState)
+                case DeviceChannel.PRESENCE:
+                    self.presence[device_id] = payload
+                case DeviceChannel.HEALTH:
+                    self.health[device_id] = decode(payload, HealthReport)
+                case DeviceChannel.EVENTS:
+                    self.events.append(decode(payload, Event))
+                case DeviceChannel.TELEMETRY:
+                    summary = decode(payload, TelemetrySummary)
+                    self.telemetry[summary.summary_id] = summary
+                case _:
+                    pass
+
+    def _as_device(self, hw_class: str, payload: bytes) -> None:
+        seen = self.manifests.setdefault(hw_class, [])
+        if seen and seen[-1].payload == payload:
+            return  # a re-assert of the retained manifest
+        trusted = self._devices.get(hw_class)
+        if trusted is None:
+            trusted = TrustedState(self.home.root_public_keys())
+            trusted.update_trust(self.home.trust(), now=time.time())
+            self._devices[hw_class] = trusted
+        try:
+            verified = trusted.verify_manifest(
+                payload,
+                hw_class=hw_class,
+                applied_seq=self._applied.get(hw_class, 0),
+                now=time.time(),
+            )
+        except RejectedError as exc:
+            seen.append(SeenManifest(payload, None, exc))
+        else:
+            self._applied[hw_class] = verified.seq
+            seen.append(SeenManifest(payload, verified, None))
+
+    # -- waiting --------------------------------------------------------------------------
+
+    async def until(
+        self, probe: Callable[[], T | None], *, what: str, timeout: float = ROLLOUT_TIMEOUT_S
+    ) -> T:
+        """The first truthy result of ``probe``, re-checked on every message and every
+        quarter second. Fails the test after ``timeout`` (a hang guard only)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._changed.clear()
+            if self._task is not None and self._task.done():
+                await self._task  # the watcher failed: raise why
+                msg = "the watcher's session ended"
+                raise AssertionError(msg)
+            result = probe()
+            if result:
+                return result
+            left = deadline - time.monotonic()
+            if left <= 0:
+                msg = f"timed out after {timeout:g} s waiting for {what}"
+                raise AssertionError(msg)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(0.25, left)):
+                    await self._changed.wait()
+
+    # -- views ------------------------------------------------------------------------
+
+    def final_status(self, rollout_id: str) -> RolloutStatus | None:
+        history = self.statuses.get(rollout_id, [])
+        if history and history[-1].phase.final:
+            return history[-1]
+        return None
+
+    def waves_seen(self, rollout_id: str) -> list[int]:
+        """Wave indexes of a rollout's statuses in arrival order, repeats collapsed."""
+        waves: list[int] = []
+        for status in self.statuses.get(rollout_id, []):
+            if not waves or waves[-1] != status.wave:
+                waves.append(status.wave)
+        return waves
+
+    def verified_manifests(self, hw_class: str) -> list[Manifest]:
+        """The class's manifests as a device accepted them; fails on any rejected one."""
+        out: list[Manifest] = []
+        history = self.manifests.get(hw_class, [])
+        for seen in history:
+            assert seen.rejected is None, (
+                f"{hw_class}: a device rejects {seen.rejected}; manifests seen: "
+                + "; ".join(_describe(s.payload) for s in history)
+            )
+            assert seen.verified is not None
+            out.append(seen.verified)
+        return out
+
+
+def _describe(payload: bytes) -> str:
+    """seq, issue time and content of a manifest, unverified (for failure messages)."""
+    try:
+        doc = decode(decode(payload, Envelope).body, Manifest)
+    except RejectedError as exc:
+        return f"<{exc}>"
+    cohort = "-" if doc.rollout is None else f"{doc.rollout.id}@{doc.rollout.cutoff_bp}"
+    stable = "-" if doc.stable is None else doc.stable.release_id
+    return f"seq {doc.seq} at {doc.issued_at:.3f} stable {stable} rollout {cohort}"
+
+
+# -- checks shared by the rollout tests ----------------------------------------------------
+
+
+@dataclass
+class PromotionCheck:
+    """Checks each promotion as its status arrives: the wave index moves by one, and
+    every device of the finished wave's cohort already reported healthy on the
+    candidate (health reports reach the watcher before the status they caused)."""
+
+    wire: Wire
+    rollout_id: str
+    release: str
+    classes: dict[str, str]
+    """device id -> class, of the devices that are online for the whole rollout."""
+    violations: list[str] = field(default_factory=list)
+    promotions: list[tuple[int, int, int]] = field(default_factory=list)
+    """(finished wave index, healthy, targeted) as the coordinator's reason says."""
+    _wave: int | None = None
+
+    def __call__(self, status: RolloutStatus) -> None:
+        if status.id != self.rollout_id:
+            return
+        previous, self._wave = self._wave, status.wave
+        if previous is None or status.wave == previous:
+            return
+        if status.wave != previous + 1:
+            self.violations.append(f"wave went from {previous} to {status.wave}")
+            return
+        match = _PROMOTION.search(status.reason or "")
+        if match is None:
+            self.violations.append(f"promotion to {status.wave} without a reason: {status}")
+            return
+        number, healthy, targeted = (int(g) for g in match.groups())
+        self.promotions.append((number - 1, healthy, targeted))
+        if number != previous + 1 or targeted < 1 or healthy < targeted:
+            self.violations.append(f"promoted past wave {previous}: {status.reason}")
+        for device_id in self.cohort(previous):
+            report = self.wire.health.get(device_id)
+            if (
+                report is None
+                or report.rollout_id != self.rollout_id
+                or report.release != self.release
+                or report.verdict.value != "healthy"
+            ):
+                self.violations.append(
+                    f"wave {previous} promoted before {device_id} reported healthy: {report}"
+                )
+
+    def cohort(self, wave: int) -> set[str]:
+        """Devices targeted in ``wave``, per the manifests the devices got for it."""
+        cutoff = WAVE_CUTOFFS[wave]
+        members: set[str] = set()
+        for hw_class in set(self.classes.values()):
+            wave_manifest = next(
+                (
+                    s.verified
+                    for s in self.wire.manifests.get(hw_class, [])
+                    if s.verified is not None
+                    and s.verified.rollout is not None
+                    and s.verified.rollout.id == self.rollout_id
+                    and s.verified.rollout.cutoff_bp == cutoff
+                ),
+                None,
+            )
+            if wave_manifest is None:
+                self.violations.append(f"{hw_class}: no manifest for wave {wave}")
+                continue
+            members |= {
+                d
+                for d, c in self.classes.items()
+                if c == hw_class and wave_manifest.target_for(d).rollout_id == self.rollout_id
+            }
+        return members
+
+
+def check_wave_manifests(wire: Wire, hw_class: str, rollout_id: str, release: str) -> list[int]:
+    """Assert the class's manifests went 1000/5000/10000 for the rollout and then
+    promoted the candidate to stable; return the seqs (verified strictly increasing)."""
+    manifests = wire.verified_manifests(hw_class)
+    seqs = [m.seq for m in manifests]
+    assert seqs == sorted(set(seqs)), f"{hw_class}: seq not strictly increasing: {seqs}"
+    first = next(
+        i for i, m in enumerate(manifests) if m.rollout is not None and m.rollout.id == rollout_id
+    )
+    cutoffs: list[int] = []
+    promoted = None
+    for m in manifests[first:]:
+        if m.rollout is not None and m.rollout.id == rollout_id:
+            assert promoted is None, f"{hw_class}: rollout back in a manifest after promotion"
+            assert m.rollout.candidate.release_id == release
+            if not cutoffs or cutoffs[-1] != m.rollout.cutoff_bp:
+                cutoffs.append(m.rollout.cutoff_bp)
+        elif promoted is None:
+            promoted = m
+    assert cutoffs == list(WAVE_CUTOFFS), f"{hw_class}: cutoffs {cutoffs}"
+    assert promoted is not None, f"{hw_class}: candidate never promoted"
+    assert promoted.rollout is None
+    assert promoted.stable is not None
+    assert promoted.stable.release_id == release
+    return seqs
