@@ -85,10 +85,11 @@ class FleetView:
         on this rollout: a device that is offline converges by itself later and is
         not waited for.
         """
-        targeted = updated = healthy = unhealthy = 0
+        members = targeted = updated = healthy = unhealthy = 0
         for view in self.devices.values():
             if not self.in_cohort(record, view):
                 continue
+            members += 1
             candidate = record.candidates[view.hw_class or ""]
             report = view.health
             reported = (
@@ -106,4 +107,24 @@ class FleetView:
                     healthy += 1
                 else:
                     unhealthy += 1
-        return WaveCounts(targeted=targeted, updated=updated, healthy=healthy, unhealthy=unhealthy)
+        return WaveCounts(
+            members=members,
+            targeted=targeted,
+            updated=updated,
+            healthy=healthy,
+            unhealthy=unhealthy,
+        )
+
+    def unhealthy_reasons(self, record: RolloutRecord, limit: int = 3) -> list[str]:
+        """``device: reason`` for the first unhealthy reports on the rollout's wave."""
+        found = []
+        for view in sorted(self.devices.values(), key=lambda v: v.device_id):
+            report = view.health
+            if (
+                self.in_cohort(record, view)
+                and report is not None
+                and report.rollout_id == record.id
+                and report.verdict is Verdict.UNHEALTHY
+            ):
+                found.append(f"{view.device_id}: {', '.join(report.reasons) or 'unhealthy'}")
+        return found[:limit]

@@ -89,9 +89,19 @@ def cutoff_bp(record: RolloutRecord) -> int:
 
 
 def decide(
-    record: RolloutRecord, counts: WaveCounts, desired: Desired, now: float
+    record: RolloutRecord,
+    counts: WaveCounts,
+    desired: Desired,
+    now: float,
+    *,
+    fleet_known: bool = True,
 ) -> tuple[Action, str | None]:
-    """What to do next, and why (for the status and the audit log)."""
+    """What to do next, and why (for the status and the audit log).
+
+    ``fleet_known`` says the counts stand on a complete view of the fleet (the
+    coordinator has had time to read the retained device topics); only then may a
+    wave that reaches no device at all be passed over.
+    """
     if desired is Desired.ABORTED:
         return Action.ROLL_BACK, "aborted by operator"
     if record.phase is Phase.PAUSED:
@@ -99,6 +109,7 @@ def decide(
     if desired is Desired.PAUSED:
         return Action.PAUSE, "paused by operator"
     wave_no = record.wave + 1
+    last = record.wave == len(record.waves_percent) - 1
     if counts.reported and counts.unhealthy / counts.reported > record.max_failure_ratio:
         return (
             Action.ROLL_BACK,
@@ -106,10 +117,13 @@ def decide(
         )
     # Divide rather than multiply: 55 / 100 >= 0.55 holds, 55 >= 0.55 * 100 does not.
     if counts.targeted and counts.healthy / counts.targeted >= record.success_ratio:
-        last = record.wave == len(record.waves_percent) - 1
         return (Action.COMPLETE if last else Action.ADVANCE), (
             f"wave {wave_no}: {counts.healthy} of {counts.targeted} devices healthy"
         )
+    if counts.members == 0 and counts.targeted == 0 and fleet_known and not last:
+        # A small fleet's early wave can hold no device: nothing to wait for. The last
+        # wave never passes empty, so a candidate is never promoted on no evidence.
+        return Action.ADVANCE, f"wave {wave_no}: reaches no device"
     if now - record.wave_started_at > record.wave_timeout_s:
         return (
             Action.ROLL_BACK,

@@ -73,6 +73,8 @@ class CoordinatorConfig:
     """The root-signed TrustDoc envelope to publish; the root key stays offline."""
     root_keys: dict[str, Ed25519PublicKey]
     tick_s: float = 0.5
+    settle_s: float = 2.0
+    """After connecting, how long before the fleet view counts as complete."""
     artifact_timeout_s: float = 60.0
     session_expiry_s: int = 7 * 24 * 3600
 
@@ -95,6 +97,7 @@ class Coordinator:
         self._fetches: dict[str, _Fetch] = {}
         self._validating: set[str] = set()
         self._changed = asyncio.Event()
+        self._linked_at: float | None = None
         self._sync_lock = asyncio.Lock()
         """One manifest sync at a time: each takes its seq from what the last one stored."""
         self._store_lock = asyncio.Lock()
@@ -135,6 +138,7 @@ class Coordinator:
                     topics.all_rollout_specs(),
                     *(topics.all_devices(c) for c in DeviceChannel),
                 )
+                self._linked_at = time.monotonic()
                 tg.create_task(self._reassert_on_connect(session))
                 tg.create_task(self._dispatch(session, tg))
                 tg.create_task(self._tick_loop())
@@ -415,13 +419,23 @@ class Coordinator:
             self._changed.clear()
             await self._tick()
 
+    def _fleet_known(self) -> bool:
+        """Retained device topics arrive right after subscribing; until they had time
+        to, an empty wave may only look empty."""
+        linked = self._linked_at
+        return linked is not None and time.monotonic() - linked >= self._config.settle_s
+
     async def _tick(self) -> None:
         now = self._clock()
         for record in list(self._rollouts.values()):
             if record.phase.final:
                 continue
             counts = self._fleet.counts(record)
-            action, reason = decide(record, counts, record.desired, now)
+            action, reason = decide(
+                record, counts, record.desired, now, fleet_known=self._fleet_known()
+            )
+            if action is Action.ROLL_BACK and counts.unhealthy:
+                reason = f"{reason} ({'; '.join(self._fleet.unhealthy_reasons(record))})"
             if action is Action.WAIT:
                 if counts != record.counts:
                     observed = record.model_copy(update={"counts": counts, "updated_at": now})

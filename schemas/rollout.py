@@ -89,7 +89,10 @@ class Phase(StrEnum):
 
 
 class WaveCounts(WireModel):
+    members: int = 0
+    """Devices known to be in the wave, online or not."""
     targeted: int = 0
+    """Members online now, or that already reported on this rollout."""
     updated: int = 0
     healthy: int = 0
     unhealthy: int = 0

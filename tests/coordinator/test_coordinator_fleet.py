@@ -142,10 +142,10 @@ def test_offline_device_is_not_waited_for_unless_it_already_reported(
     for device_id in (quiet, reported):
         fleet.on_state(_state(device_id))
         fleet.on_presence(device_id, online=False)
-    assert fleet.counts(record).targeted == 0
+    assert fleet.counts(record) == WaveCounts(members=2, targeted=0)
 
     fleet.on_health(_report(record, reported, Verdict.HEALTHY))
-    assert fleet.counts(record) == WaveCounts(targeted=1, healthy=1)
+    assert fleet.counts(record) == WaveCounts(members=2, targeted=1, healthy=1)
 
 
 def test_counts_updated_healthy_and_unhealthy_devices(record: RolloutRecord) -> None:
@@ -158,7 +158,9 @@ def test_counts_updated_healthy_and_unhealthy_devices(record: RolloutRecord) -> 
     fleet.on_health(_report(record, inside[0], Verdict.HEALTHY))
     fleet.on_health(_report(record, inside[1], Verdict.HEALTHY))
     fleet.on_health(_report(record, inside[2], Verdict.UNHEALTHY))
-    assert fleet.counts(record) == WaveCounts(targeted=5, updated=4, healthy=2, unhealthy=1)
+    assert fleet.counts(record) == WaveCounts(
+        members=5, targeted=5, updated=4, healthy=2, unhealthy=1
+    )
 
 
 def test_redelivered_health_report_is_ignored(record: RolloutRecord) -> None:
@@ -172,7 +174,7 @@ def test_redelivered_health_report_is_ignored(record: RolloutRecord) -> None:
     assert fleet.on_health(first)
     assert fleet.on_health(second)
     assert not fleet.on_health(first)
-    assert fleet.counts(record) == WaveCounts(targeted=1, healthy=1)
+    assert fleet.counts(record) == WaveCounts(members=1, targeted=1, healthy=1)
 
 
 def test_older_health_report_does_not_replace_a_newer_one(record: RolloutRecord) -> None:
@@ -181,9 +183,9 @@ def test_older_health_report_does_not_replace_a_newer_one(record: RolloutRecord)
     _online(fleet, device_id)
     assert fleet.on_health(_report(record, device_id, Verdict.HEALTHY, at=T0 + 10.0))
     assert not fleet.on_health(_report(record, device_id, Verdict.UNHEALTHY, at=T0 + 5.0))
-    assert fleet.counts(record) == WaveCounts(targeted=1, healthy=1)
+    assert fleet.counts(record) == WaveCounts(members=1, targeted=1, healthy=1)
     assert fleet.on_health(_report(record, device_id, Verdict.UNHEALTHY, at=T0 + 20.0))
-    assert fleet.counts(record) == WaveCounts(targeted=1, unhealthy=1)
+    assert fleet.counts(record) == WaveCounts(members=1, targeted=1, unhealthy=1)
 
 
 def test_reports_about_another_rollout_or_release_are_not_counted(
@@ -199,7 +201,7 @@ def test_reports_about_another_rollout_or_release_are_not_counted(
     for devices in (online, offline):
         fleet.on_health(_report(record, devices[0], Verdict.UNHEALTHY, rollout_id="rollout-6"))
         fleet.on_health(_report(record, devices[1], Verdict.UNHEALTHY, release="digits-v1@00"))
-    assert fleet.counts(record) == WaveCounts(targeted=2)
+    assert fleet.counts(record) == WaveCounts(members=4, targeted=2)
 
 
 def test_redelivered_telemetry_summary_is_counted_once() -> None:
@@ -220,3 +222,16 @@ def test_redelivered_telemetry_summary_is_counted_once() -> None:
     assert fleet.on_telemetry(summary.model_copy(update={"summary_id": "w-2"}))
     view = fleet.device("cam-0001")
     assert (view.inferences, view.errors) == (100, 4)
+
+
+def test_unhealthy_reasons_name_the_devices_and_their_reasons(record: RolloutRecord) -> None:
+    inside, _ = _split_by_cohort(record, 200)
+    fleet = FleetView()
+    for device_id in inside[:2]:
+        _online(fleet, device_id)
+    fleet.on_health(_report(record, inside[0], Verdict.HEALTHY))
+    slow = _report(record, inside[1], Verdict.UNHEALTHY).model_copy(
+        update={"reasons": ("p95_latency_ms:35.00>10.00",)}
+    )
+    fleet.on_health(slow)
+    assert fleet.unhealthy_reasons(record) == [f"{inside[1]}: p95_latency_ms:35.00>10.00"]

@@ -80,10 +80,31 @@ def test_exactly_success_ratio_of_targeted_healthy_advances(
     assert decide(_with(record, success_ratio=ratio), counts, ACTIVE, T0)[0] is Action.ADVANCE
 
 
-def test_wave_with_nobody_targeted_is_not_promoted(record: RolloutRecord) -> None:
-    assert decide(record, WaveCounts(), ACTIVE, T0 + 1.0) == (Action.WAIT, None)
+def test_wave_whose_members_are_all_offline_is_not_promoted(record: RolloutRecord) -> None:
+    offline = WaveCounts(members=3)
+    assert decide(record, offline, ACTIVE, T0 + 1.0) == (Action.WAIT, None)
     lenient = _with(record, success_ratio=0.01)
-    assert decide(lenient, WaveCounts(), ACTIVE, T0 + 1.0) == (Action.WAIT, None)
+    assert decide(lenient, offline, ACTIVE, T0 + 1.0) == (Action.WAIT, None)
+
+
+def test_early_wave_reaching_no_device_is_passed_over(record: RolloutRecord) -> None:
+    assert decide(record, WaveCounts(), ACTIVE, T0 + 1.0) == (
+        Action.ADVANCE,
+        "wave 1: reaches no device",
+    )
+
+
+def test_empty_wave_is_not_passed_over_before_the_fleet_is_known(record: RolloutRecord) -> None:
+    """Right after a coordinator restart the fleet view is still filling up."""
+    decision = decide(record, WaveCounts(), ACTIVE, T0 + 1.0, fleet_known=False)
+    assert decision == (Action.WAIT, None)
+
+
+def test_last_wave_reaching_no_device_never_completes(record: RolloutRecord) -> None:
+    """No candidate becomes stable on no evidence: the empty last wave times out."""
+    last = _with(record, wave=2)
+    assert decide(last, WaveCounts(), ACTIVE, T0 + 1.0) == (Action.WAIT, None)
+    assert decide(last, WaveCounts(), ACTIVE, T0 + 601.0)[0] is Action.ROLL_BACK
 
 
 def test_one_unhealthy_of_one_reported_rolls_back_at_zero_tolerance(record: RolloutRecord) -> None:
@@ -131,9 +152,10 @@ def test_operator_pause_holds_the_wave_and_resume_restarts_its_clock(
     assert decide(paused, all_healthy, Desired.PAUSED, much_later) == (Action.WAIT, None)
     assert _step(paused, all_healthy, Desired.PAUSED, much_later).phase is Phase.PAUSED
 
-    resumed = _step(paused, WaveCounts(), ACTIVE, much_later)
+    nobody_yet = WaveCounts(members=2)
+    resumed = _step(paused, nobody_yet, ACTIVE, much_later)
     assert (resumed.phase, resumed.wave, resumed.wave_started_at) == (Phase.WAVE, 0, much_later)
-    assert decide(resumed, WaveCounts(), ACTIVE, much_later + 1.0) == (Action.WAIT, None)
+    assert decide(resumed, nobody_yet, ACTIVE, much_later + 1.0) == (Action.WAIT, None)
 
 
 @pytest.mark.parametrize("phase", [Phase.WAVE, Phase.PAUSED])
