@@ -9,17 +9,19 @@ whole file against the manifest before it may be loaded.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from typing import Annotated, Final
 
 from pydantic import Field, model_validator
 
-from schemas.codec import WireModel
+from schemas.codec import WireModel, decode
 from schemas.errors import ArtifactError, Reason
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "MAX_CHUNK_BYTES",
     "ArtifactMeta",
+    "ChunkCollector",
     "check_chunk",
     "check_whole",
     "split_artifact",
@@ -100,3 +102,71 @@ def check_whole(meta: ArtifactMeta, data: bytes) -> None:
         raise ArtifactError(
             Reason.ARTIFACT_MISMATCH, f"assembled artifact {meta.sha256[:12]} fails its sha256"
         )
+
+
+class ChunkCollector:
+    """Turns the retained messages of one artifact, in any order, into checked chunks.
+
+    Pure and synchronous (hashing blocks: call it from a thread for big chunks). The
+    meta is checked against the reference the signed manifest or spec gives as soon as
+    it arrives; chunks that come before it are held, within a bound, and checked when it
+    does; every chunk handed back has been checked against the meta.
+    """
+
+    def __init__(self, ref_sha256: str, ref_size: int, *, have: Iterable[int] = ()) -> None:
+        self._sha256 = ref_sha256
+        self._size = ref_size
+        self._have = set(have)
+        self._early: dict[int, bytes] = {}
+        self._early_bytes = 0
+        self.meta: ArtifactMeta | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.meta is not None and len(self._have) == len(self.meta.chunks)
+
+    def add_meta(self, payload: bytes) -> list[tuple[int, bytes]]:
+        """Accept the meta; returns the held chunks, now checked.
+
+        Raises:
+            MalformedPayloadError: not an ArtifactMeta.
+            ArtifactError: ARTIFACT_MISMATCH when it describes another artifact, or
+                CHUNK_CORRUPT for a held chunk that fails its hash.
+        """
+        meta = decode(payload, ArtifactMeta)
+        if meta.sha256 != self._sha256 or meta.size != self._size:
+            raise ArtifactError(
+                Reason.ARTIFACT_MISMATCH,
+                f"meta describes {meta.sha256[:12]}/{meta.size} B, expected "
+                f"{self._sha256[:12]}/{self._size} B",
+            )
+        self.meta = meta
+        self._have = {i for i in self._have if i < len(meta.chunks)}
+        early, self._early = self._early, {}
+        self._early_bytes = 0
+        accepted = []
+        for index, data in sorted(early.items()):
+            accepted += self.add_chunk(index, data)
+        return accepted
+
+    def add_chunk(self, index: int, data: bytes) -> list[tuple[int, bytes]]:
+        """Offer one chunk; returns it when it is new and checked, else nothing.
+
+        Raises:
+            ArtifactError: CHUNK_CORRUPT (bad hash, length or index) or OVERSIZED (more
+                held before the meta than the artifact can be).
+        """
+        if index >= MAX_CHUNKS:
+            raise ArtifactError(Reason.CHUNK_CORRUPT, f"chunk index {index} out of range")
+        if index in self._have:
+            return []
+        if self.meta is None:
+            if index not in self._early:
+                self._early_bytes += len(data)
+                if self._early_bytes > self._size + MAX_CHUNK_BYTES:
+                    raise ArtifactError(Reason.OVERSIZED, "chunks exceed the artifact's size")
+                self._early[index] = data
+            return []
+        check_chunk(self.meta, index, data)
+        self._have.add(index)
+        return [(index, data)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Final
+from typing import Annotated, Final
 
 from pydantic import Field
 
@@ -69,7 +69,7 @@ class HealthReport(WireModel):
     manifest_seq: int
     release: str
     verdict: Verdict
-    reasons: tuple[str, ...] = ()
+    reasons: tuple[Annotated[str, Field(max_length=200)], ...] = Field(default=(), max_length=16)
     inferences: int
     errors: int
     p95_latency_ms: float | None

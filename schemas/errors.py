@@ -13,8 +13,10 @@ Transport failures live with the transport (``broker.session.TransportError``).
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Final
 
 __all__ = [
+    "MAX_DETAIL_CHARS",
     "ArtifactError",
     "EdgefleetError",
     "MalformedPayloadError",
@@ -24,6 +26,9 @@ __all__ = [
     "SignatureError",
     "UsageError",
 ]
+
+
+MAX_DETAIL_CHARS: Final = 500
 
 
 class Reason(StrEnum):
@@ -66,6 +71,9 @@ class RejectedError(EdgefleetError):
     """
 
     def __init__(self, reason: Reason, detail: str) -> None:
+        # Details quote untrusted input (topics, field names, key ids): bounded here so
+        # that reporting a rejection can never fail on its size.
+        detail = detail if len(detail) <= MAX_DETAIL_CHARS else detail[: MAX_DETAIL_CHARS - 1] + "…"
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail

@@ -10,12 +10,14 @@ is the promotion.
 from __future__ import annotations
 
 import hashlib
-from typing import Final, Literal
+from dataclasses import dataclass
+from typing import Annotated, Final, Literal
 
 from pydantic import Field
 
 from schemas.artifact import SHA256_PATTERN
 from schemas.codec import WireModel
+from schemas.topics import NAME_PATTERN
 
 __all__ = [
     "BUCKETS",
@@ -34,7 +36,6 @@ __all__ = [
 
 MANIFEST_KIND: Final = "manifest"
 BUCKETS: Final = 10_000
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class ArtifactRef(WireModel):
@@ -80,7 +81,7 @@ class HealthBudget(WireModel):
 
 
 class Release(WireModel):
-    name: str = Field(pattern=_NAME)
+    name: str = Field(pattern=NAME_PATTERN)
     artifact: ArtifactRef
     runtime: Runtime
     inputs: tuple[TensorSpec, ...] = Field(min_length=1)
@@ -94,15 +95,17 @@ class Release(WireModel):
 
 
 class RolloutCohort(WireModel):
-    id: str = Field(pattern=_NAME)
+    id: str = Field(pattern=NAME_PATTERN)
     candidate: Release
     salt: str = Field(min_length=1, max_length=64)
     cutoff_bp: int = Field(ge=0, le=BUCKETS)
-    canaries: tuple[str, ...] = Field(default=(), max_length=1000)
+    canaries: tuple[Annotated[str, Field(pattern=NAME_PATTERN)], ...] = Field(
+        default=(), max_length=1000
+    )
 
 
 class Manifest(WireModel):
-    hw_class: str = Field(pattern=_NAME)
+    hw_class: str = Field(pattern=NAME_PATTERN)
     seq: int = Field(ge=1)
     issued_at: float
     expires_at: float
@@ -119,7 +122,10 @@ class Manifest(WireModel):
         return Target(release=self.stable, rollout_id=None)
 
 
-class Target(WireModel):
+@dataclass(frozen=True)
+class Target:
+    """What one device should run under a manifest (not a wire message)."""
+
     release: Release | None
     rollout_id: str | None
 

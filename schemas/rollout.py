@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import itertools
 from enum import StrEnum
-from typing import Final
+from typing import Annotated, Final
 
 from pydantic import Field, field_validator
 
 from schemas.codec import WireModel
 from schemas.manifest import ArtifactRef, TensorSpec
+from schemas.topics import NAME_PATTERN
 
 __all__ = [
+    "MAX_REASON_CHARS",
     "ROLLOUT_SPEC_KIND",
     "Candidate",
     "Desired",
@@ -27,7 +29,7 @@ __all__ = [
 ]
 
 ROLLOUT_SPEC_KIND: Final = "rollout-spec"
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MAX_REASON_CHARS: Final = 2000
 
 
 class Desired(StrEnum):
@@ -39,20 +41,24 @@ class Desired(StrEnum):
 class Candidate(WireModel):
     """The model the operator wants rolled out, as published under ``artifacts/``."""
 
-    name: str = Field(pattern=_NAME)
+    name: str = Field(pattern=NAME_PATTERN)
     artifact: ArtifactRef
     inputs: tuple[TensorSpec, ...] = Field(min_length=1)
     outputs: tuple[TensorSpec, ...] = Field(min_length=1)
 
 
 class RolloutSpec(WireModel):
-    id: str = Field(pattern=_NAME)
+    id: str = Field(pattern=NAME_PATTERN)
     generation: int = Field(ge=1)
     desired: Desired = Desired.ACTIVE
-    classes: tuple[str, ...] = Field(min_length=1, max_length=64)
+    classes: tuple[Annotated[str, Field(pattern=NAME_PATTERN)], ...] = Field(
+        min_length=1, max_length=64
+    )
     candidate: Candidate
     waves_percent: tuple[float, ...] = Field(min_length=1, max_length=20)
-    canaries: tuple[str, ...] = Field(default=(), max_length=1000)
+    canaries: tuple[Annotated[str, Field(pattern=NAME_PATTERN)], ...] = Field(
+        default=(), max_length=1000
+    )
     success_ratio: float = Field(default=1.0, gt=0.0, le=1.0)
     """Promote a wave when healthy >= success_ratio x targeted."""
     max_failure_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
@@ -112,5 +118,5 @@ class RolloutStatus(WireModel):
     counts: WaveCounts
     classes: tuple[str, ...]
     release: str | None = None
-    reason: str | None = None
+    reason: str | None = Field(default=None, max_length=MAX_REASON_CHARS)
     updated_at: float

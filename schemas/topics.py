@@ -15,6 +15,7 @@ from typing import Final
 from schemas.errors import MalformedPayloadError, Reason
 
 __all__ = [
+    "NAME_PATTERN",
     "PREFIX",
     "DeviceChannel",
     "ParsedTopic",
@@ -40,7 +41,9 @@ __all__ = [
 ]
 
 PREFIX: Final = "fleet/v1"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""What a name that stands as one topic level (class, device id, rollout id) looks like."""
+_NAME = re.compile(NAME_PATTERN)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _INDEX = re.compile(r"0|[1-9][0-9]{0,8}")
 

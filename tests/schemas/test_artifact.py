@@ -8,7 +8,16 @@ import random
 import msgpack
 import pytest
 
-from schemas import ArtifactMeta, MalformedPayloadError, Reason, decode, encode, split_artifact
+from schemas import (
+    ArtifactError,
+    ArtifactMeta,
+    MalformedPayloadError,
+    Reason,
+    decode,
+    encode,
+    split_artifact,
+)
+from schemas.artifact import MAX_CHUNKS, ChunkCollector
 
 CHUNK = 1024
 
@@ -82,3 +91,61 @@ def test_meta_with_a_chunk_hash_that_is_not_a_sha256_is_refused() -> None:
     meta, _ = split_artifact(_model_bytes(CHUNK), name="m", chunk_size=CHUNK)
     with pytest.raises(ValueError, match="chunks"):
         ArtifactMeta.model_validate({**meta.model_dump(), "chunks": ("../../etc/passwd",)})
+
+
+def _artifact(size: int = 10_000) -> tuple[ArtifactMeta, list[bytes], bytes]:
+    data = bytes((i * 7) % 251 for i in range(size))
+    meta, chunks = split_artifact(data, name="m.onnx", chunk_size=1024)
+    return meta, chunks, data
+
+
+def test_collector_accepts_chunks_in_any_order_around_the_meta() -> None:
+    meta, chunks, data = _artifact()
+    collector = ChunkCollector(meta.sha256, meta.size)
+    kept: dict[int, bytes] = {}
+    for index in (9, 3, 0):
+        assert collector.add_chunk(index, chunks[index]) == []  # held until the meta
+    kept.update(collector.add_meta(encode(meta)))
+    for index in range(len(chunks)):
+        kept.update(collector.add_chunk(index, chunks[index]))
+    assert collector.complete
+    assert b"".join(kept[i] for i in range(len(chunks))) == data
+
+
+def test_collector_skips_chunks_it_already_has() -> None:
+    meta, chunks, _ = _artifact()
+    collector = ChunkCollector(meta.sha256, meta.size, have=range(len(chunks) - 1))
+    assert collector.add_meta(encode(meta)) == []
+    assert collector.add_chunk(0, chunks[0]) == []
+    assert collector.add_chunk(len(chunks) - 1, chunks[-1]) == [(len(chunks) - 1, chunks[-1])]
+    assert collector.complete
+
+
+def test_collector_refuses_a_meta_for_another_artifact() -> None:
+    meta, _, _ = _artifact()
+    other, _, _ = _artifact(9_000)
+    with pytest.raises(ArtifactError) as caught:
+        ChunkCollector(meta.sha256, meta.size).add_meta(encode(other))
+    assert caught.value.reason is Reason.ARTIFACT_MISMATCH
+
+
+def test_collector_refuses_a_corrupt_chunk_held_before_the_meta() -> None:
+    meta, chunks, _ = _artifact()
+    collector = ChunkCollector(meta.sha256, meta.size)
+    collector.add_chunk(2, b"\x00" + chunks[2][1:])
+    with pytest.raises(ArtifactError) as caught:
+        collector.add_meta(encode(meta))
+    assert caught.value.reason is Reason.CHUNK_CORRUPT
+
+
+def test_collector_bounds_what_it_holds_before_the_meta() -> None:
+    meta, _, _ = _artifact()
+    collector = ChunkCollector(meta.sha256, meta.size)
+    held = meta.size // 1024 + 1024  # what fits: the artifact's size and one chunk more
+    for index in range(held):
+        collector.add_chunk(index, b"\x00" * 1024)
+    with pytest.raises(ArtifactError) as caught:
+        collector.add_chunk(held, b"\x00" * 1024)
+    assert caught.value.reason is Reason.OVERSIZED
+    with pytest.raises(ArtifactError):
+        collector.add_chunk(MAX_CHUNKS, b"")

@@ -24,7 +24,6 @@ from schemas import (
     split_artifact,
 )
 from schemas.envelope import Envelope, Signature
-from schemas.manifest import Target
 
 MESSAGE_FIXTURES = [
     "trust_doc",
@@ -78,8 +77,6 @@ def test_envelope_artifact_meta_histogram_and_target_round_trip(
         meta,
         envelope,
         LogHistogram.of([0.5, 1.0, 2.0, 1000.0]),
-        manifest.target_for("dev-canary-1"),
-        Target(release=None, rollout_id=None),
     ]
     for message in messages:
         assert decode(encode(message), type(message)) == message
