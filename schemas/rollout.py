@@ -59,11 +59,12 @@ class RolloutSpec(WireModel):
     canaries: tuple[Annotated[str, Field(pattern=NAME_PATTERN)], ...] = Field(
         default=(), max_length=1000
     )
-    success_ratio: float = Field(default=1.0, gt=0.0, le=1.0)
-    """Promote a wave when healthy >= success_ratio x targeted."""
-    max_failure_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
-    """Abort when unhealthy / reported exceeds this."""
-    wave_timeout_s: float = Field(default=600.0, gt=0.0)
+    success_ratio: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Promote a wave when healthy >= success_ratio x targeted; None: the classes' default."""
+    max_failure_ratio: float | None = Field(default=None, ge=0.0, lt=1.0)
+    """Abort when unhealthy / reported exceeds this; None: the classes' default."""
+    wave_timeout_s: float | None = Field(default=None, gt=0.0)
+    """None: the classes' default."""
     issued_at: float
     operator: str = Field(max_length=64)
 
