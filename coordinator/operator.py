@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncGenerator
 
 from broker.session import Session
 from coordinator.validate import ModelFacts
@@ -33,6 +34,7 @@ __all__ = [
     "read_spec",
     "read_status",
     "submit_spec",
+    "watch_status",
 ]
 
 _PUBLISH_WINDOW = 32
@@ -81,26 +83,39 @@ async def submit_spec(session: Session, spec: RolloutSpec, key: KeyPair) -> None
     await session.publish(topics.rollout_spec(spec.id), signed, retain=True)
 
 
-async def _retained(session: Session, topic: str, timeout: float) -> bytes | None:
+async def watch_status(session: Session, rollout_id: str) -> AsyncGenerator[RolloutStatus, None]:
+    """Every status of a rollout as the coordinator publishes it, the retained one first.
+
+    Takes the session's one message stream: use a session of its own.
+    """
+    topic = topics.rollout_status(rollout_id)
+    await session.subscribe(topic)
+    async for message in session.messages():
+        if message.topic == topic and message.payload:
+            yield decode(message.payload, RolloutStatus)
+
+
+async def _first_retained(session: Session, topic: str, timeout: float) -> bytes | None:
     await session.subscribe(topic)
     try:
         async with asyncio.timeout(timeout):
             async for message in session.messages():
                 if message.topic == topic:
-                    return message.payload
+                    return message.payload or None
     except TimeoutError:
         return None
-    finally:
-        await session.unsubscribe(topic)
     return None
 
 
 async def read_status(
     session: Session, rollout_id: str, *, timeout: float = 3.0
 ) -> RolloutStatus | None:
-    """The retained status of a rollout, or None when the coordinator has none."""
-    payload = await _retained(session, topics.rollout_status(rollout_id), timeout)
-    return None if not payload else decode(payload, RolloutStatus)
+    """The retained status of a rollout, or None when the coordinator has none.
+
+    Takes the session's one message stream: use a session of its own.
+    """
+    payload = await _first_retained(session, topics.rollout_status(rollout_id), timeout)
+    return None if payload is None else decode(payload, RolloutStatus)
 
 
 async def read_spec(
@@ -109,10 +124,10 @@ async def read_spec(
     """The current retained spec (the operator's own, to make its next generation).
 
     The signature is not checked here: the coordinator checks it; this only reads
-    what the operator published last.
+    what the operator published last. Takes the session's one message stream.
     """
-    payload = await _retained(session, topics.rollout_spec(rollout_id), timeout)
-    if not payload:
+    payload = await _first_retained(session, topics.rollout_spec(rollout_id), timeout)
+    if payload is None:
         return None
     envelope = decode(payload, Envelope)
     return decode(envelope.body, RolloutSpec)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -16,13 +17,19 @@ from agent import AgentConfig
 from broker.launcher import BrokerError, MosquittoBroker
 from broker.session import Session, TransportError
 from coordinator import Coordinator
-from coordinator.operator import next_generation, read_spec, read_status, submit_spec
+from coordinator.operator import (
+    next_generation,
+    read_spec,
+    read_status,
+    submit_spec,
+    watch_status,
+)
 from coordinator.profiles import DEFAULT_PROFILES
 from edgefleet.demo import run_demo
 from edgefleet.home import OPERATOR, Home
 from edgefleet.runner import coordinator_config, make_agent, start_rollout
 from models import build_demo_models
-from schemas import Desired, EdgefleetError, Role
+from schemas import Desired, EdgefleetError, Role, RolloutStatus
 
 __all__ = ["main"]
 
@@ -101,6 +108,9 @@ def _rollout_start(args: argparse.Namespace) -> int:
                 classes=tuple(args.hw_class),
                 waves=tuple(float(w) for w in args.waves.split(",")),
                 canaries=tuple(args.canary),
+                success_ratio=args.success_ratio,
+                max_failure_ratio=args.max_failure_ratio,
+                wave_timeout_s=args.wave_timeout,
             )
 
     asyncio.run(go())
@@ -108,27 +118,41 @@ def _rollout_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status_line(status: RolloutStatus) -> str:
+    c = status.counts
+    wave = f"{min(status.wave + 1, len(status.waves_percent))}/{len(status.waves_percent)}"
+    line = (
+        f"{status.id} gen {status.generation} {status.phase.value} wave {wave} "
+        f"release {status.release} members {c.members} targeted {c.targeted} "
+        f"updated {c.updated} healthy {c.healthy} unhealthy {c.unhealthy}"
+    )
+    return line + (f" — {status.reason}" if status.reason else "")
+
+
 def _rollout_status(args: argparse.Namespace) -> int:
     home = _home(args)
 
     async def go() -> int:
         async with await _operator(home) as session:
-            while True:
+            if not args.watch:
                 status = await read_status(session, args.rollout_id)
                 if status is None:
                     print(f"no status for {args.rollout_id}", file=sys.stderr)
                     return 1
-                c = status.counts
-                print(
-                    f"{status.id} gen {status.generation} {status.phase.value} "
-                    f"wave {min(status.wave + 1, len(status.waves_percent))}/"
-                    f"{len(status.waves_percent)} release {status.release} "
-                    f"targeted {c.targeted} updated {c.updated} healthy {c.healthy} "
-                    f"unhealthy {c.unhealthy}" + (f" — {status.reason}" if status.reason else "")
-                )
-                if not args.watch or status.phase.final:
-                    return 0
-                await asyncio.sleep(1.0)
+                print(_status_line(status))
+                return 0
+            try:
+                async with (
+                    asyncio.timeout(args.timeout or None),
+                    contextlib.aclosing(watch_status(session, args.rollout_id)) as updates,
+                ):
+                    async for status in updates:
+                        print(_status_line(status), flush=True)
+                        if status.phase.final:
+                            return 0
+            except TimeoutError:
+                print(f"{args.rollout_id}: not final after {args.timeout:g} s", file=sys.stderr)
+        return 1
 
     return asyncio.run(go())
 
@@ -197,6 +221,12 @@ def _parser() -> argparse.ArgumentParser:
     p = agent.add_parser("run", help="run an agent on its enrollment bundle")
     p.add_argument("--bundle", required=True)
     p.add_argument("--data", help="data folder (default: BUNDLE/data)")
+    p.add_argument(
+        "--source",
+        choices=["digits"],
+        default="digits",
+        help="input source; digits: a simulated camera showing held-out real digit images",
+    )
     p.set_defaults(func=_agent_run)
 
     rollout = sub.add_parser("rollout", help="rollouts").add_subparsers(required=True)
@@ -204,13 +234,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="hw_class", action="append", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--name", help="release name (default: the model file's stem)")
-    p.add_argument("--waves", default="10,50,100")
-    p.add_argument("--canary", action="append", default=[])
+    p.add_argument("--waves", default="10,50,100", help="cumulative percentages per wave")
+    p.add_argument("--canary", action="append", default=[], help="device in every wave")
+    p.add_argument("--success-ratio", type=float, help="healthy share that promotes a wave")
+    p.add_argument("--max-failure-ratio", type=float, help="unhealthy share that rolls back")
+    p.add_argument("--wave-timeout", type=float, help="seconds before a stuck wave rolls back")
     p.add_argument("--id", help="rollout id (default: name-timestamp)")
     p.set_defaults(func=_rollout_start)
     p = rollout.add_parser("status", help="print a rollout's status")
     p.add_argument("rollout_id")
-    p.add_argument("--watch", action="store_true")
+    p.add_argument("--watch", action="store_true", help="follow until the rollout ends")
+    p.add_argument("--timeout", type=float, default=0.0, help="with --watch: give up after")
     p.set_defaults(func=_rollout_status)
     for verb, desired in (
         ("pause", Desired.PAUSED),

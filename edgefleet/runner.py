@@ -133,8 +133,12 @@ async def start_rollout(
     classes: tuple[str, ...],
     waves: tuple[float, ...],
     canaries: tuple[str, ...] = (),
+    success_ratio: float | None = None,
+    max_failure_ratio: float | None = None,
+    wave_timeout_s: float | None = None,
 ) -> RolloutSpec:
-    """Publish a model and an operator-signed spec for it."""
+    """Publish a model and an operator-signed spec for it; ratios and timeout left at
+    None take the class profiles' defaults."""
     data = await asyncio.to_thread(model.read_bytes)
     candidate = await asyncio.to_thread(describe_candidate, data, name=name)
     await publish_artifact(session, data, name=name)
@@ -145,6 +149,9 @@ async def start_rollout(
         candidate=candidate,
         waves_percent=waves,
         canaries=canaries,
+        success_ratio=success_ratio,
+        max_failure_ratio=max_failure_ratio,
+        wave_timeout_s=wave_timeout_s,
         issued_at=time.time(),
         operator=OPERATOR,
     )
