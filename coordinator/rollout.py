@@ -13,7 +13,10 @@ it directly.
 
 A wave advances when ``healthy >= success_ratio * targeted`` (and someone was
 targeted); it rolls back when ``unhealthy / reported > max_failure_ratio`` or when the
-wave outlives its timeout.
+wave outlives its timeout. None of these is decided on counts from an incomplete view of
+the fleet (right after a (re)start or reconnect): until then only the operator's pause,
+resume and abort act. A rollout admitted paused has not ``started``: no manifest carries
+it until it is resumed.
 """
 
 from __future__ import annotations
@@ -74,6 +77,9 @@ class RolloutRecord(BaseModel):
     counts: WaveCounts = WaveCounts()
     reason: str | None = None
     updated_at: float
+    started: bool = True
+    """False while a rollout admitted paused has not yet been resumed: no manifest
+    carries it before then."""
 
     @property
     def release_id(self) -> str:
@@ -99,8 +105,9 @@ def decide(
     """What to do next, and why (for the status and the audit log).
 
     ``fleet_known`` says the counts stand on a complete view of the fleet (the
-    coordinator has had time to read the retained device topics); only then may a
-    wave that reaches no device at all be passed over.
+    coordinator has had time to read the retained device topics). Until it does, the
+    counts may show a few reports out of many, so no promotion, failure rollback, pass
+    over an empty wave or timeout is decided on them: only the operator's wishes act.
     """
     if desired is Desired.ABORTED:
         return Action.ROLL_BACK, "aborted by operator"
@@ -108,6 +115,8 @@ def decide(
         return (Action.RESUME, None) if desired is Desired.ACTIVE else (Action.WAIT, None)
     if desired is Desired.PAUSED:
         return Action.PAUSE, "paused by operator"
+    if not fleet_known:
+        return Action.WAIT, None
     wave_no = record.wave + 1
     last = record.wave == len(record.waves_percent) - 1
     if counts.reported and counts.unhealthy / counts.reported > record.max_failure_ratio:
@@ -120,7 +129,7 @@ def decide(
         return (Action.COMPLETE if last else Action.ADVANCE), (
             f"wave {wave_no}: {counts.healthy} of {counts.targeted} devices healthy"
         )
-    if counts.members == 0 and counts.targeted == 0 and fleet_known and not last:
+    if counts.members == 0 and counts.targeted == 0 and not last:
         # A small fleet's early wave can hold no device: nothing to wait for. The last
         # wave never passes empty, so a candidate is never promoted on no evidence.
         return Action.ADVANCE, f"wave {wave_no}: reaches no device"
@@ -153,5 +162,5 @@ def apply(
     elif action is Action.COMPLETE:
         changes["wave"] = len(record.waves_percent)
     elif action is Action.RESUME:
-        changes["wave_started_at"] = now
+        changes.update(wave_started_at=now, started=True)
     return record.model_copy(update=changes)

@@ -100,6 +100,37 @@ def test_empty_wave_is_not_passed_over_before_the_fleet_is_known(record: Rollout
     assert decision == (Action.WAIT, None)
 
 
+@pytest.mark.parametrize(
+    "counts",
+    [
+        WaveCounts(targeted=5, updated=1, unhealthy=1),  # one failure of the few seen
+        WaveCounts(targeted=2, updated=2, healthy=2),  # a few healthy of many unseen
+        WaveCounts(targeted=3, updated=1, healthy=1),  # past the timeout
+    ],
+)
+def test_no_rollback_promotion_or_timeout_before_the_fleet_is_known(
+    record: RolloutRecord, counts: WaveCounts
+) -> None:
+    """After an outage the first counts stand on whatever retained topics arrived first,
+    and the clock may still include the downtime: the wave waits until the view is whole."""
+    late = record.wave_started_at + 10 * record.wave_timeout_s
+    assert decide(record, counts, ACTIVE, late, fleet_known=False) == (Action.WAIT, None)
+    assert decide(record, counts, ACTIVE, late, fleet_known=True)[0] is not Action.WAIT
+    # The operator is heard at once.
+    assert decide(record, counts, Desired.ABORTED, late, fleet_known=False)[0] is (Action.ROLL_BACK)
+    assert decide(record, counts, Desired.PAUSED, late, fleet_known=False)[0] is Action.PAUSE
+
+
+def test_rollout_admitted_paused_starts_on_resume(record: RolloutRecord) -> None:
+    held = _with(record, phase=Phase.PAUSED, started=False)
+    resumed = _step(held, WaveCounts(), ACTIVE, T0 + 50.0)
+    assert (resumed.phase, resumed.started, resumed.wave_started_at) == (
+        Phase.WAVE,
+        True,
+        T0 + 50.0,
+    )
+
+
 def test_last_wave_reaching_no_device_never_completes(record: RolloutRecord) -> None:
     """No candidate becomes stable on no evidence: the empty last wave times out."""
     last = _with(record, wave=2)
