@@ -12,7 +12,7 @@ from tinydb import Query
 
 from coordinator.rollout import RolloutRecord
 from schemas import Release
-from storage import open_docstore
+from storage import atomic_write, open_docstore
 
 __all__ = ["ClassRecord", "CoordinatorStore"]
 
@@ -33,6 +33,7 @@ class ClassRecord(BaseModel):
 class CoordinatorStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._heartbeat = path.with_name(path.name + ".heartbeat")
         self._db = open_docstore(path)
         self._classes = self._db.table("classes")
         self._rollouts = self._db.table("rollouts")
@@ -64,6 +65,17 @@ class CoordinatorStore:
 
     def audit(self, entry: dict[str, Any]) -> None:
         self._audit.insert(entry)
+
+    def heartbeat(self) -> float | None:
+        """When the coordinator last had a live view of the fleet (None: never)."""
+        try:
+            return float(self._heartbeat.read_text(encoding="ascii"))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def put_heartbeat(self, at: float) -> None:
+        """A file of its own: a beat every few seconds must not rewrite the whole store."""
+        atomic_write(self._heartbeat, repr(at).encode("ascii"), mode=0o600)
 
     def audit_log(self) -> list[dict[str, Any]]:
         return [dict(row) for row in self._audit.all()]
