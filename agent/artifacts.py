@@ -82,11 +82,23 @@ class ArtifactStore:
             ArtifactError: CHUNK_CORRUPT when its length or sha256 is not the meta's.
         """
         check_chunk(meta, index, data)
-        atomic_write(self._partial / meta.sha256 / str(index), data)
+        self.keep_chunks(meta.sha256, [(index, data)])
+
+    def keep_chunks(self, sha256: str, chunks: list[tuple[int, bytes]]) -> None:
+        """Keep chunks already checked against the meta (by a ``ChunkCollector``)."""
+        for index, data in chunks:
+            atomic_write(self._partial / sha256 / str(index), data)
+
+    def stored_chunks(self, sha256: str) -> set[int]:
+        """Indexes of the chunks of ``sha256`` kept so far (one folder listing)."""
+        folder = self._partial / sha256
+        if not folder.is_dir():
+            return set()
+        return {int(p.name) for p in folder.iterdir() if p.name.isdigit()}
 
     def missing(self, meta: ArtifactMeta) -> list[int]:
-        folder = self._partial / meta.sha256
-        return [i for i in range(len(meta.chunks)) if not (folder / str(i)).exists()]
+        stored = self.stored_chunks(meta.sha256)
+        return [i for i in range(len(meta.chunks)) if i not in stored]
 
     def assemble(self, meta: ArtifactMeta) -> Path:
         """Join the chunks, check the whole file, and publish it into ``models/``.

@@ -9,6 +9,8 @@ waiting for the coordinator. A newer target may supersede any stage in flight.
     IDLE/SERVING/DEGRADED --target--> FETCHING --fetched--> LOADING --loaded--> SOAKING
     SOAKING --healthy--> SERVING        SOAKING --unhealthy--> DEGRADED (rolled back)
     FETCHING/LOADING --failed--> DEGRADED (or IDLE when there was no model)
+    SOAKING --failed--> DEGRADED: the agent itself failed mid-soak; the previous model
+        is back in service
     FETCHING/LOADING/SOAKING --superseded--> SERVING (IDLE without a model): the
         failure or update that was in flight no longer matters; the new target starts over
 """
@@ -20,7 +22,7 @@ from typing import Final
 
 from schemas import Mode, UsageError
 
-__all__ = ["TRANSITIONS", "Stage", "Step", "advance"]
+__all__ = ["IN_FLIGHT", "TRANSITIONS", "Stage", "Step", "advance"]
 
 
 class Stage(StrEnum):
@@ -59,7 +61,8 @@ _MODES: Final = {
 }
 
 _RESTING = (Stage.IDLE, Stage.SERVING, Stage.DEGRADED)
-_IN_FLIGHT = (Stage.FETCHING, Stage.LOADING, Stage.SOAKING)
+IN_FLIGHT: Final = (Stage.FETCHING, Stage.LOADING, Stage.SOAKING)
+"""Stages of an update that a newer target may cut short."""
 
 TRANSITIONS: Final[dict[tuple[Stage, Step], Stage]] = {
     **{(s, Step.TARGET): Stage.FETCHING for s in _RESTING},
@@ -70,7 +73,8 @@ TRANSITIONS: Final[dict[tuple[Stage, Step], Stage]] = {
     (Stage.SOAKING, Step.UNHEALTHY): Stage.DEGRADED,
     (Stage.FETCHING, Step.FAILED): Stage.DEGRADED,
     (Stage.LOADING, Step.FAILED): Stage.DEGRADED,
-    **{(s, Step.SUPERSEDED): Stage.SERVING for s in _IN_FLIGHT},
+    (Stage.SOAKING, Step.FAILED): Stage.DEGRADED,
+    **{(s, Step.SUPERSEDED): Stage.SERVING for s in IN_FLIGHT},
 }
 
 

@@ -29,7 +29,8 @@ class PersistedState(BaseModel):
     known_good: tuple[str, ...] = ()
     """sha256 of releases that passed a soak here."""
     failed: tuple[str, ...] = ()
-    """``rollout:sha256`` pairs that failed here and are not retried in that rollout."""
+    """``<rollout>:<sha256>`` of releases that failed here and are not retried in that
+    rollout; ``seq<N>:<sha256>`` for a stable target, retried under a later manifest."""
     last_health: HealthReport | None = None
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import sqlite3
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-from agent.outbox import Outbox, OutboxItem
+from agent.outbox import EVENT, Outbox, OutboxItem
 from agent.runtime import InferenceResult
 from agent.telemetry import TelemetryWindow
 from schemas import LogHistogram, TelemetrySummary, decode, merge_summaries
@@ -175,4 +176,63 @@ def test_summary_merged_into_a_row_in_flight_is_not_lost_when_that_row_is_acked(
 
     still_queued = _summaries(_all(outbox))
     assert sum(s.count for s in delivered + still_queued) == sum(s.count for s in appended)
+    outbox.close()
+
+
+def test_events_beyond_their_cap_drop_the_oldest_and_the_next_event_counts_them(
+    tmp_path: Path,
+) -> None:
+    outbox = Outbox(tmp_path / "outbox.sqlite", max_items=100, max_events=4)
+    told: list[int] = []
+
+    def build(n: int) -> Callable[[int], bytes]:
+        def payload(dropped: int) -> bytes:
+            told.append(dropped)
+            return f"event {n} ({dropped} dropped)".encode()
+
+        return payload
+
+    outbox.append_summary(TOPIC, _summary(0))
+    for n in range(10):
+        outbox.append_event(EVENTS, build(n))
+    items = _all(outbox)
+    events = [i for i in items if i.kind == EVENT]
+    assert [i.payload.split(b" (")[0] for i in events] == [
+        b"event 6",
+        b"event 7",
+        b"event 8",
+        b"event 9",
+    ]
+    assert len(_summaries(items)) == 1, "telemetry is not an event"
+    # Every event appended is either queued or counted by one that is.
+    assert len(events) + sum(told[6:]) == 10
+    assert told[:4] == [0, 0, 0, 0]
+    outbox.close()
+
+
+def test_events_on_the_wire_are_never_dropped_for_the_cap(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.sqlite", max_items=100, max_events=2)
+    outbox.append("event", EVENTS, b"a")
+    outbox.append("event", EVENTS, b"b")
+    leased = outbox.peek(10)
+    assert outbox.append_event(EVENTS, lambda _n: b"c") == 0
+    assert [i.payload for i in _all(outbox)][:2] == [b"a", b"b"]
+    outbox.delete([i.id for i in leased])
+    assert [i.payload for i in _all(outbox)] == [b"c"]
+    outbox.close()
+
+
+def test_an_outbox_from_before_the_event_cap_opens_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, "
+        "topic TEXT NOT NULL, payload BLOB NOT NULL)"
+    )
+    db.execute("INSERT INTO outbox (kind, topic, payload) VALUES ('event', ?, ?)", (EVENTS, b"x"))
+    db.commit()
+    db.close()
+    outbox = Outbox(path, max_events=1)
+    assert outbox.append_event(EVENTS, lambda n: f"{n} dropped".encode()) == 1
+    assert [i.payload for i in _all(outbox)] == [b"1 dropped"]
     outbox.close()
