@@ -8,21 +8,31 @@ device sees it.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas import HealthBudget, Runtime
+from schemas import HealthBudget, RolloutSpec, Runtime
 
-__all__ = ["DEFAULT_PROFILES", "ClassProfile", "RolloutDefaults", "load_profiles"]
+__all__ = [
+    "DEFAULT_PROFILES",
+    "ClassProfile",
+    "RolloutDefaults",
+    "load_profiles",
+    "rollout_policy",
+]
 
 DEFAULT_PROFILES = Path(__file__).with_name("classes.toml")
 
 
 class RolloutDefaults(BaseModel):
+    """What a rollout spec leaves unset (None) is taken from its classes' profiles.
+
+    The waves are not among them: a spec always names its own."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    waves: tuple[float, ...] = (10.0, 50.0, 100.0)
     success_ratio: float = Field(default=1.0, gt=0.0, le=1.0)
     max_failure_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     wave_timeout_s: float = Field(default=900.0, gt=0.0)
@@ -44,6 +54,31 @@ class ClassProfile(BaseModel):
     @property
     def runtime(self) -> Runtime:
         return Runtime(providers=self.providers, intra_op_threads=self.intra_op_threads)
+
+
+def rollout_policy(spec: RolloutSpec, profiles: Mapping[str, ClassProfile]) -> RolloutDefaults:
+    """The ratios and timeout a rollout runs with: the spec's own where it sets them,
+    else the strictest default of its (known) classes — the highest success ratio, the
+    lowest failure ratio — and the longest wave timeout, so the class with the longest
+    soak is not cut short (waiting only delays; it never promotes without evidence)."""
+    defaults = [profiles[c].rollout for c in spec.classes if c in profiles] or [RolloutDefaults()]
+    return RolloutDefaults(
+        success_ratio=(
+            spec.success_ratio
+            if spec.success_ratio is not None
+            else max(d.success_ratio for d in defaults)
+        ),
+        max_failure_ratio=(
+            spec.max_failure_ratio
+            if spec.max_failure_ratio is not None
+            else min(d.max_failure_ratio for d in defaults)
+        ),
+        wave_timeout_s=(
+            spec.wave_timeout_s
+            if spec.wave_timeout_s is not None
+            else max(d.wave_timeout_s for d in defaults)
+        ),
+    )
 
 
 def load_profiles(path: Path = DEFAULT_PROFILES) -> dict[str, ClassProfile]:

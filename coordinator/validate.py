@@ -10,7 +10,7 @@ from coordinator.profiles import ClassProfile
 from schemas import Candidate, TensorSpec
 from schemas.manifest import dtype_name
 
-__all__ = ["ModelFacts", "inspect_model", "problems_for_class"]
+__all__ = ["ModelFacts", "problems_for_class"]
 
 _INT8_OPS = frozenset(
     {
@@ -47,10 +47,6 @@ class ModelFacts:
 def _spec(arg: ort.NodeArg) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) else (d or None) for d in arg.shape)
     return TensorSpec(name=arg.name, dtype=dtype_name(arg.type), shape=shape)
-
-
-def inspect_model(data: bytes) -> ModelFacts:
-    return ModelFacts(data)
 
 
 def _io(specs: tuple[TensorSpec, ...]) -> dict[str, str]:

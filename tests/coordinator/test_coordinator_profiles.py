@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from coordinator.profiles import DEFAULT_PROFILES, load_profiles
+from coordinator.profiles import DEFAULT_PROFILES, load_profiles, rollout_policy
+from schemas import ArtifactRef, Candidate, RolloutSpec, TensorSpec
 
 GOOD = """
 [classes.edge-cpu]
@@ -29,9 +30,9 @@ def test_shipped_classes_toml_defines_the_four_hardware_classes() -> None:
     for name, profile in profiles.items():
         assert profile.name == name
         assert profile.runtime.providers == profile.providers
-        assert profile.rollout.waves[-1] == 100.0
+        assert 0.0 < profile.rollout.success_ratio <= 1.0
     medical = profiles["medical-cart-cpu"]
-    assert medical.rollout.waves == (1.0, 10.0, 50.0, 100.0)
+    assert medical.rollout.wave_timeout_s == 7200.0
     assert medical.health.soak_seconds == 300.0
     assert profiles["factory-gateway-gpu"].runtime.intra_op_threads == 2
     assert load_profiles(DEFAULT_PROFILES) == profiles
@@ -42,7 +43,7 @@ def test_minimal_class_gets_bounded_defaults(tmp_path: Path) -> None:
     path.write_text(GOOD)
     profile = load_profiles(path)["edge-cpu"]
     assert profile.precisions == ("fp32",)
-    assert profile.rollout.waves == (10.0, 50.0, 100.0)
+    assert profile.rollout.success_ratio == 1.0
     assert profile.rollout.max_failure_ratio == 0.0
 
 
@@ -70,3 +71,43 @@ def test_file_that_is_not_toml_is_refused(tmp_path: Path) -> None:
     path.write_text(GOOD.replace("]\n", "\n", 1))
     with pytest.raises(tomllib.TOMLDecodeError):
         load_profiles(path)
+
+
+def _spec(classes: tuple[str, ...], **fields: float) -> RolloutSpec:
+    candidate = Candidate(
+        name="m",
+        artifact=ArtifactRef(sha256="0" * 64, size=1),
+        inputs=(TensorSpec(name="x", dtype="float32", shape=(1,)),),
+        outputs=(TensorSpec(name="y", dtype="float32", shape=(1,)),),
+    )
+    return RolloutSpec(
+        id="r",
+        generation=1,
+        classes=classes,
+        candidate=candidate,
+        waves_percent=(100.0,),
+        issued_at=0.0,
+        operator="op",
+        **fields,
+    )
+
+
+def test_a_spec_that_leaves_ratios_and_timeout_unset_takes_its_classes_defaults() -> None:
+    profiles = load_profiles()
+    gpu = rollout_policy(_spec(("factory-gateway-gpu",)), profiles)
+    assert (gpu.success_ratio, gpu.max_failure_ratio, gpu.wave_timeout_s) == (0.95, 0.05, 1800.0)
+    # Several classes: the strictest ratios, the longest timeout (the slowest soak).
+    mixed = rollout_policy(_spec(("factory-gateway-gpu", "medical-cart-cpu")), profiles)
+    assert (mixed.success_ratio, mixed.max_failure_ratio, mixed.wave_timeout_s) == (
+        1.0,
+        0.0,
+        7200.0,
+    )
+    # What the spec sets wins.
+    own = rollout_policy(
+        _spec(
+            ("medical-cart-cpu",), success_ratio=0.5, max_failure_ratio=0.25, wave_timeout_s=30.0
+        ),
+        profiles,
+    )
+    assert (own.success_ratio, own.max_failure_ratio, own.wave_timeout_s) == (0.5, 0.25, 30.0)
