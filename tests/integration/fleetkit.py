@@ -22,14 +22,17 @@ from typing import Any, Final, TypeVar
 from agent import Agent, AgentConfig
 from agent.lifecycle import Stage
 from broker.session import Message, Session
+from coordinator import Coordinator
 from coordinator.operator import describe_candidate
 from coordinator.profiles import ClassProfile, load_profiles
 from coordinator.store import CoordinatorStore
 from edgefleet.home import COORDINATOR, OPERATOR, Home
-from edgefleet.runner import Fleet, make_agent, start_rollout
+from edgefleet.runner import Fleet, coordinator_config, make_agent, start_rollout
 from models import DemoModel
 from schemas import (
     MANIFEST_KIND,
+    ROLLOUT_SPEC_KIND,
+    Desired,
     DeviceState,
     Event,
     HealthReport,
@@ -39,6 +42,7 @@ from schemas import (
     RejectedError,
     Release,
     Role,
+    RolloutSpec,
     RolloutStatus,
     TelemetrySummary,
     TrustedState,
@@ -562,3 +566,67 @@ def check_wave_manifests(wire: Wire, hw_class: str, rollout_id: str, release: st
     assert promoted.stable is not None
     assert promoted.stable.release_id == release
     return seqs
+
+
+# -- coordinator tests: a coordinator with changed settings, specs built by hand -----------
+
+
+def start_coordinator_with(fleet: Fleet, tg: asyncio.TaskGroup, **changes: Any) -> Coordinator:
+    """Like ``Fleet.start_coordinator``, with some coordinator settings changed."""
+    config = replace(
+        coordinator_config(fleet.home, fleet.workdir / "coordinator", fleet.profiles), **changes
+    )
+    fleet.coordinator = Coordinator(config)
+    fleet.coordinator_task = tg.create_task(fleet.coordinator.run())
+    return fleet.coordinator
+
+
+async def stop_coordinator(fleet: Fleet) -> None:
+    task = fleet.coordinator_task
+    assert task is not None
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def spec_for(
+    model: DemoModel,
+    *,
+    rollout_id: str,
+    classes: tuple[str, ...],
+    generation: int = 1,
+    desired: Desired = Desired.ACTIVE,
+    waves: tuple[float, ...] = (100.0,),
+    **fields: Any,
+) -> RolloutSpec:
+    return RolloutSpec(
+        id=rollout_id,
+        generation=generation,
+        desired=desired,
+        classes=classes,
+        candidate=describe_candidate(model.path.read_bytes(), name=model.name),
+        waves_percent=waves,
+        issued_at=time.time(),
+        operator=OPERATOR,
+        **fields,
+    )
+
+
+def signed_spec(home: Home, spec: RolloutSpec) -> bytes:
+    return seal(ROLLOUT_SPEC_KIND, encode(spec), [home.key(Role.OPERATOR)])
+
+
+async def publish_spec(operator: Session, home: Home, spec: RolloutSpec) -> bytes:
+    """Sign and publish (retained); returns the exact bytes published."""
+    payload = signed_spec(home, spec)
+    await operator.publish(topics.rollout_spec(spec.id), payload, retain=True)
+    return payload
+
+
+def wipe_broker(fleet: Fleet) -> None:
+    """Kill the broker and start it with no persistence: every retained message and
+    every session is gone, as after a crash before its autosave."""
+    fleet.broker.kill()
+    for path in fleet.broker.folder.rglob("*.db"):
+        path.unlink()
+    fleet.broker.start()
