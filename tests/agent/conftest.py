@@ -28,7 +28,7 @@ def digits_split() -> DigitsSplit:
     return load_digits_split()
 
 
-def _release_of(model: DemoModel) -> Release:
+def release_of(model: DemoModel) -> Release:
     """The release a manifest would carry for ``model``, declaring the models' I/O contract."""
     return Release(
         name=model.name,
@@ -45,17 +45,17 @@ def _release_of(model: DemoModel) -> Release:
 
 @pytest.fixture(scope="session")
 def v1_release(demo_models: dict[str, DemoModel]) -> Release:
-    return _release_of(demo_models["digits-v1"])
+    return release_of(demo_models["digits-v1"])
 
 
 @pytest.fixture(scope="session")
 def v2_slot(demo_models: dict[str, DemoModel]) -> ModelSlot:
     model = demo_models["digits-v2"]
-    return ModelSlot(_release_of(model), model.path)
+    return ModelSlot(release_of(model), model.path)
 
 
 @pytest.fixture(scope="session")
 def slow_slot(demo_models: dict[str, DemoModel]) -> ModelSlot:
     """digits-v2-slow loaded once: onnxruntime takes over a second to optimise it."""
     model = demo_models["digits-v2-slow"]
-    return ModelSlot(_release_of(model), model.path)
+    return ModelSlot(release_of(model), model.path)

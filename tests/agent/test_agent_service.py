@@ -1,0 +1,589 @@
+"""The agent service itself, with real parts and no broker: an enrolled device (real
+keys, bundle, TLS files) whose broker is not there, real models in its artifact store,
+manifests and trust signed with the home's keys and handed to the agent's message
+handler, real SQLite and TinyDB stores. Checks what the agent does and stores."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent import Agent, AgentConfig, Bundle, Feed
+from agent.lifecycle import Stage
+from agent.outbox import EVENT
+from agent.store import AgentStore
+from broker.config import BrokerPorts
+from broker.launcher import free_ports
+from broker.session import Message
+from edgefleet.home import Home
+from models import INPUT_NAME, DemoModel, DigitsStream
+from schemas import (
+    MANIFEST_KIND,
+    TRUST_KIND,
+    Event,
+    EventKind,
+    KeyPair,
+    Manifest,
+    Reason,
+    Release,
+    Role,
+    TelemetrySummary,
+    Verdict,
+    decode,
+    encode,
+    seal,
+    topics,
+)
+from schemas.artifact import split_artifact
+from schemas.envelope import public_raw
+from schemas.manifest import RolloutCohort
+from schemas.trust import RoleKeys, TrustDoc
+from tests.agent.conftest import release_of
+
+HW_CLASS = "jetson-vision-standard"
+DEVICE = "jetson-000"
+GUARD_S = 30.0
+"""A hang guard only; nothing here measures speed."""
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Home:
+    """A fleet home with one enrolled device, pointing at ports where no broker runs."""
+    devices, services, websockets = free_ports(3)
+    ports = BrokerPorts(devices=devices, services=services, websockets=websockets)
+    home = Home.init(tmp_path_factory.mktemp("home") / "home", ports=ports)
+    home.enroll(DEVICE, HW_CLASS)
+    return home
+
+
+class Camera:
+    """A device's input source: real digits, and like many camera drivers usable from
+    one thread only. ``fail_every`` makes every n-th frame fail."""
+
+    def __init__(self, *, fail_every: int = 0) -> None:
+        self._frames: Iterator[np.ndarray] = iter(DigitsStream(seed=7))
+        self._thread: int | None = None
+        self._fail_every = fail_every
+        self.calls = 0
+        self.wrong_thread = 0
+
+    def __call__(self) -> Feed:
+        self.calls += 1
+        me = threading.get_ident()
+        if self._thread is None:
+            self._thread = me
+        if me != self._thread:
+            self.wrong_thread += 1
+            msg = "camera used from a second thread"
+            raise RuntimeError(msg)
+        if self._fail_every and self.calls % self._fail_every == 0:
+            msg = "frame grab failed"
+            raise OSError(msg)
+        return {INPUT_NAME: np.asarray(next(self._frames), dtype=np.float32)}
+
+
+def config(data_dir: Path, **changes: object) -> AgentConfig:
+    base = AgentConfig(
+        data_dir=data_dir,
+        inference_hz=100.0,
+        telemetry_window_s=0.2,
+        state_interval_s=1.0,
+        reconnect_s=0.2,
+        fetch_timeout_s=5.0,
+        retry_s=0.2,
+        retry_max_s=1.0,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def make(home: Home, data_dir: Path, source: Camera | None = None, **changes: object) -> Agent:
+    bundle_dir = home.root / "devices" / DEVICE
+    return Agent(
+        Bundle.load(bundle_dir), bundle_dir, config(data_dir, **changes), source or Camera()
+    )
+
+
+def stock(data_dir: Path, *models: DemoModel) -> None:
+    """Put model files in the agent's artifact store, as an earlier fetch would have."""
+    folder = data_dir / "artifacts" / "models"
+    folder.mkdir(parents=True, exist_ok=True)
+    for model in models:
+        shutil.copyfile(model.path, folder / f"{model.sha256}.onnx")
+
+
+def signed(
+    home: Home,
+    seq: int,
+    stable: Release | None,
+    candidate: Release | None = None,
+    *,
+    rollout_id: str = "r1",
+    key: KeyPair | None = None,
+) -> bytes:
+    now = time.time()
+    rollout = (
+        None
+        if candidate is None
+        else RolloutCohort(
+            id=rollout_id, candidate=candidate, salt=rollout_id, cutoff_bp=0, canaries=(DEVICE,)
+        )
+    )
+    doc = Manifest(
+        hw_class=HW_CLASS,
+        seq=seq,
+        issued_at=now,
+        expires_at=now + 3600,
+        stable=stable,
+        rollout=rollout,
+    )
+    return seal(MANIFEST_KIND, encode(doc), [key or home.key(Role.MANIFEST)])
+
+
+def retained(topic: str, payload: bytes) -> Message:
+    return Message(topic=topic, payload=payload, retain=True, qos=1)
+
+
+async def deliver(agent: Agent, topic: str, payload: bytes) -> None:
+    """Hand a retained message to the agent as its dispatcher does."""
+    await agent._handle(retained(topic, payload))
+
+
+async def deliver_manifest(agent: Agent, payload: bytes) -> None:
+    await deliver(agent, topics.class_manifest(HW_CLASS), payload)
+
+
+async def until(probe: Callable[[], object], what: str, task: asyncio.Task[None]) -> None:
+    deadline = time.monotonic() + GUARD_S
+    while not probe():
+        if task.done():
+            await task  # the agent died: raise why
+            pytest.fail(f"the agent stopped while waiting for {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def running(agent: Agent) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(agent.run())
+    try:
+        await until(lambda: agent._store is not None, "the stores to open", task)
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+    if not task.cancelled() and task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]
+
+
+def events(data_dir: Path) -> list[Event]:
+    db = sqlite3.connect(f"file:{data_dir / 'outbox.sqlite'}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT payload FROM outbox WHERE kind = ? ORDER BY id", (EVENT,))
+        return [decode(bytes(r[0]), Event) for r in rows.fetchall()]
+    finally:
+        db.close()
+
+
+async def serving(agent: Agent, task: asyncio.Task[None], release: Release) -> None:
+    await until(
+        lambda: agent.stage is Stage.SERVING and agent.active_release == release,
+        f"{release.release_id} served",
+        task,
+    )
+
+
+def verdict_on(agent: Agent, rollout_id: str) -> bool:
+    report = agent._persisted.last_health
+    return report is not None and report.rollout_id == rollout_id
+
+
+def with_budget(release: Release, **changes: float) -> Release:
+    return release.model_copy(update={"health": release.health.model_copy(update=changes)})
+
+
+@pytest.fixture
+def v1(demo_models: dict[str, DemoModel]) -> Release:
+    return release_of(demo_models["digits-v1"])
+
+
+@pytest.fixture
+def v2(demo_models: dict[str, DemoModel]) -> Release:
+    # A soak long enough to publish a manifest in the middle of it.
+    return with_budget(release_of(demo_models["digits-v2"]), soak_seconds=1.0)
+
+
+# -- 1: a re-signed manifest never supersedes work ----------------------------------------
+
+
+def test_resigned_manifest_does_not_cancel_a_soak_in_flight(
+    home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release, v2: Release
+) -> None:
+    stock(tmp_path, demo_models["digits-v1"], demo_models["digits-v2"])
+    agent = make(home, tmp_path)
+
+    async def scenario() -> None:
+        async with running(agent) as task:
+            await deliver(agent, topics.trust(), home.trust())
+            await deliver_manifest(agent, signed(home, 1, v1))
+            await serving(agent, task, v1)
+            await deliver_manifest(agent, signed(home, 2, v1, v2))
+            await until(lambda: agent.stage is Stage.SOAKING, "the candidate's soak", task)
+            # The coordinator re-signs: same content, next seq.
+            await deliver_manifest(agent, signed(home, 3, v1, v2))
+            assert agent.applied_seq == 3
+            assert agent.stage is Stage.SOAKING
+            await until(lambda: verdict_on(agent, "r1"), "a verdict on the candidate", task)
+            await serving(agent, task, v2)
+            report = agent._persisted.last_health
+            assert report is not None
+            assert report.verdict is Verdict.HEALTHY
+            assert report.release == v2.release_id
+            assert report.rollout_id == "r1"
+
+    asyncio.run(scenario())
+
+
+def test_a_real_change_during_a_soak_puts_the_previous_model_back(
+    home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release, v2: Release
+) -> None:
+    """A new rollout supersedes the soak of v2: v1 is served again at once, so the new
+    candidate (too slow, rolled back) falls back to v1, never to the unjudged v2."""
+    stock(tmp_path, *demo_models.values())
+    slow = release_of(demo_models["digits-v2-slow"])
+    agent = make(home, tmp_path)
+
+    async def scenario() -> None:
+        async with running(agent) as task:
+            await deliver(agent, topics.trust(), home.trust())
+            await deliver_manifest(agent, signed(home, 1, v1))
+            await serving(agent, task, v1)
+            await deliver_manifest(agent, signed(home, 2, v1, v2))
+            await until(lambda: agent.stage is Stage.SOAKING, "the v2 soak", task)
+            await deliver_manifest(agent, signed(home, 3, v1, slow, rollout_id="r2"))
+            await until(
+                lambda: agent.stage is not Stage.SOAKING or agent.active_release != v2,
+                "the v2 soak to be cut short",
+                task,
+            )
+            assert agent.active_release == v1
+            await until(lambda: verdict_on(agent, "r2"), "the slow candidate's verdict", task)
+            report = agent._persisted.last_health
+            assert report is not None
+            assert report.verdict is Verdict.UNHEALTHY
+            assert agent.active_release == v1
+            assert agent.stage is Stage.DEGRADED
+
+    asyncio.run(scenario())
+    rollback = [e for e in events(tmp_path) if e.kind is EventKind.ROLLBACK]
+    assert len(rollback) == 1
+    assert rollback[0].detail.endswith(f"back to {v1.release_id}")
+
+
+# -- 3: a fetch that timed out is retried; stable failures are per seq --------------------
+
+
+def test_fetch_timeout_is_retried_not_remembered(
+    home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release
+) -> None:
+    agent = make(home, tmp_path, fetch_timeout_s=0.3)
+
+    async def scenario() -> None:
+        async with running(agent) as task:
+            await deliver(agent, topics.trust(), home.trust())
+            await deliver_manifest(agent, signed(home, 1, v1))
+            # No broker: the fetch times out.
+            await until(
+                lambda: any(e.reason == Reason.FETCH_TIMEOUT.value for e in events(tmp_path)),
+                "the fetch to time out",
+                task,
+            )
+            assert agent.stage is Stage.IDLE
+            assert agent._persisted.failed == ()
+            assert agent._persisted.last_health is None, "a transient failure is no verdict"
+            # The artifact shows up (here: on disk); the retry picks it up by itself.
+            stock(tmp_path, demo_models["digits-v1"])
+            await serving(agent, task, v1)
+
+    asyncio.run(scenario())
+
+
+def test_stable_target_that_failed_is_tried_again_under_a_later_seq(
+    home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release
+) -> None:
+    stock(tmp_path, demo_models["digits-v1"])
+    broken = v1.model_copy(update={"inputs": (v1.inputs[0].model_copy(update={"name": "x"}),)})
+    agent = make(home, tmp_path)
+
+    def load_failures() -> int:
+        return sum(e.reason == Reason.MODEL_LOAD_FAILED.value for e in events(tmp_path))
+
+    async def scenario() -> None:
+        async with running(agent) as task:
+            await deliver(agent, topics.trust(), home.trust())
+            await deliver_manifest(agent, signed(home, 1, broken))
+            await until(lambda: load_failures() == 1, "the load to fail", task)
+            await asyncio.sleep(0.5)  # not retried under the same seq
+            assert load_failures() == 1
+            await deliver_manifest(agent, signed(home, 2, broken))
+            await until(lambda: load_failures() == 2, "another try under seq 2", task)
+            assert agent.stage is Stage.IDLE
+
+    asyncio.run(scenario())
+    sha = broken.artifact.sha256
+    assert agent._persisted.failed == (f"seq1:{sha}", f"seq2:{sha}")
+
+
+# -- 4, 5: failing support parts never stop inference; the newest state is on disk -------
+
+
+def test_state_file_unwritable_does_not_stop_updates_or_inference(
+    home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release, v2: Release
+) -> None:
+    stock(tmp_path, demo_models["digits-v1"], demo_models["digits-v2"])
+    agent = make(home, tmp_path)
+    state_file = tmp_path / "state.json"
+
+    async def scenario() -> None:
+        async with running(agent) as task:
+            await deliver(agent, topics.trust(), home.trust())
+            await deliver_manifest(agent, signed(home, 1, v1))
+            await serving(agent, task, v1)
+            # The disk fails: the state file cannot be replaced any more.
+            state_file.unlink()
+            state_file.mkdir()
+            (state_file / "blocker").write_bytes(b"")
+            await deliver_manifest(agent, signed(home, 2, v1, v2))
+            assert agent.applied_seq == 2
+            await until(lambda: verdict_on(agent, "r1"), "a verdict on the candidate", task)
+            await serving(agent, task, v2)
+            served = agent.inferences_total
+            await until(lambda: agent.inferences_total > served + 10, "inference", task)
+            # The disk is back: the next write stores the newest state.
+            shutil.rmtree(state_file)
+            await agent._save()
+            await agent._save(known_good=agent._persisted.known_good)
+
+    asyncio.run(scenario())
+    stored = AgentStore(state_file).load()
+    assert stored.applied_seq == 2
+    assert stored.active == v2
+    assert stored == agent._persisted
+
+
+def test_outbox_locked_by_another_writer_does_not_stop_inference(
+    home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release
+) -> None:
+    """SQLite gives up after 5 s of 'database is locked': the telemetry task fails, is
+    restarted, and the window it held is delivered merged into a later one."""
+    stock(tmp_path, demo_models["digits-v1"])
+    agent = make(home, tmp_path)
+
+    async def scenario() -> None:
+        async with running(agent) as task:
+            await deliver(agent, topics.trust(), home.trust())
+            await deliver_manifest(agent, signed(home, 1, v1))
+            await serving(agent, task, v1)
+            other = sqlite3.connect(tmp_path / "outbox.sqlite", isolation_level=None)
+            try:
+                other.execute("BEGIN EXCLUSIVE")
+                served = agent.inferences_total
+                await asyncio.sleep(6.5)
+                assert not task.done()
+                assert agent.inferences_total > served + 100
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            counted = agent.inferences_total
+
+            def summarised() -> int:
+                db = sqlite3.connect(f"file:{tmp_path / 'outbox.sqlite'}?mode=ro", uri=True)
+                try:
+                    rows = db.execute("SELECT payload FROM outbox WHERE kind = 'telemetry'")
+                    return sum(decode(bytes(r[0]), TelemetrySummary).count for r in rows)
+                finally:
+                    db.close()
+
+            await until(lambda: summarised() >= counted, "every inference summarised", task)
+
+    asyncio.run(scenario())
+
+
+def test_concurrent_saves_leave_the_newest_state_on_disk(home: Home, tmp_path: Path) -> None:
+    agent = make(home, tmp_path)
+
+    async def scenario() -> None:
+        await asyncio.to_thread(agent._open_stores)
+        try:
+            for round_ in range(10):
+                await asyncio.gather(
+                    *(agent._save(applied_seq=round_ * 100 + i) for i in range(20))
+                )
+                stored = await asyncio.to_thread(AgentStore(tmp_path / "state.json").load)
+                assert stored == agent._persisted
+                assert stored.applied_seq == round_ * 100 + 19
+        finally:
+            await asyncio.to_thread(agent._close_stores)
+
+    asyncio.run(scenario())
+
+
+# -- 6: the input source ------------------------------------------------------------------
+
+
+def test_source_is_only_called_from_the_event_loop(
+    home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release
+) -> None:
+    stock(tmp_path, demo_models["digits-v1"])
+    camera = Camera()
+    agent = make(home, tmp_path, camera)
+
+    async def scenario() -> None:
+        async with running(agent) as task:
+            await deliver(agent, topics.trust(), home.trust())
+            await deliver_manifest(agent, signed(home, 1, v1))
+            await serving(agent, task, v1)
+            await until(lambda: agent.inferences_total > 20, "inference", task)
+
+    asyncio.run(scenario())
+    assert camera.wrong_thread == 0
+    assert agent.inference_errors == 0
+
+
+def test_a_failing_source_counts_as_inference_errors(
+    home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release
+) -> None:
+    stock(tmp_path, demo_models["digits-v1"])
+    lenient = with_budget(v1, max_error_rate=0.5)
+    agent = make(home, tmp_path, Camera(fail_every=4))
+
+    async def scenario() -> None:
+        async with running(agent) as task:
+            await deliver(agent, topics.trust(), home.trust())
+            await deliver_manifest(agent, signed(home, 1, lenient))
+            await serving(agent, task, lenient)
+            await until(lambda: agent.inference_errors >= 10, "failed frames counted", task)
+            assert agent.inferences_total >= 3 * agent.inference_errors
+
+    asyncio.run(scenario())
+
+
+# -- 7: rejected payloads, redelivered ----------------------------------------------------
+
+
+def _trust_v2(home: Home, manifest_key: KeyPair) -> bytes:
+    """TrustDoc v2, root-signed, moving the manifest role to ``manifest_key``."""
+    root = home.key(Role.ROOT)
+    current = {role: home.key(role) for role in Role}
+    current[Role.MANIFEST] = manifest_key
+    now = time.time()
+    doc = TrustDoc(
+        version=2,
+        issued_at=now,
+        expires_at=now + 86400,
+        keys={pair.id: public_raw(pair.public) for pair in current.values()},
+        roles={role: RoleKeys(keys=(pair.id,)) for role, pair in current.items()},
+    )
+    return seal(TRUST_KIND, encode(doc), [root])
+
+
+def test_rejected_manifest_redelivered_stays_quiet_and_is_reverified_on_new_trust(
+    home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release
+) -> None:
+    stock(tmp_path, demo_models["digits-v1"])
+    agent = make(home, tmp_path)
+    new_key = KeyPair.generate()
+    by_new_key = signed(home, 1, v1, key=new_key)
+    bad_trust = b"\xc1 not a trust document"
+
+    def rejections(kind: EventKind) -> list[Event]:
+        return [e for e in events(tmp_path) if e.kind is kind]
+
+    async def scenario() -> None:
+        async with running(agent) as task:
+            await deliver(agent, topics.trust(), home.trust())
+            for _ in range(3):  # a flapping link: the retained messages again and again
+                await deliver_manifest(agent, by_new_key)
+                await deliver(agent, topics.trust(), bad_trust)
+            assert [e.reason for e in rejections(EventKind.MANIFEST_REJECTED)] == [
+                Reason.UNKNOWN_KEY.value
+            ]
+            assert len(rejections(EventKind.TRUST_REJECTED)) == 1
+            # The keys rotate: the manifest rejected earlier verifies now.
+            await deliver(agent, topics.trust(), _trust_v2(home, new_key))
+            assert agent.applied_seq == 1
+            await serving(agent, task, v1)
+
+    asyncio.run(scenario())
+
+
+# -- 8: fetching with the chunk collector -------------------------------------------------
+
+
+def test_fetch_takes_chunks_in_any_order_and_resumes_from_disk(
+    home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release
+) -> None:
+    data = demo_models["digits-v1"].path.read_bytes()
+    meta, chunks = split_artifact(data, name="digits-v1", chunk_size=1024)
+    assert len(chunks) >= 4
+    agent = make(home, tmp_path)
+
+    async def scenario() -> Path:
+        await asyncio.to_thread(agent._open_stores)
+        try:
+            for index in range(0, len(chunks), 2):  # a fetch interrupted earlier
+                agent._artifacts.put_chunk(meta, index, chunks[index])
+            queue: asyncio.Queue[Message] = asyncio.Queue()
+            sha = meta.sha256
+            order = [i for i in reversed(range(len(chunks))) if i % 2][:2]
+            for index in order:  # chunks before the meta, one twice
+                queue.put_nowait(retained(topics.artifact_chunk(sha, index), chunks[index]))
+            queue.put_nowait(retained(topics.artifact_meta(sha), encode(meta)))
+            for index in range(len(chunks)):
+                queue.put_nowait(retained(topics.artifact_chunk(sha, index), chunks[index]))
+            return await asyncio.wait_for(agent._collect(v1.artifact, queue), GUARD_S)
+        finally:
+            await asyncio.to_thread(agent._close_stores)
+
+    path = asyncio.run(scenario())
+    assert path.read_bytes() == data
+
+
+# -- 9, 10: outbox bounds, and no disk work on construction -------------------------------
+
+
+def test_coarsening_is_announced_by_an_event(
+    home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release
+) -> None:
+    stock(tmp_path, demo_models["digits-v1"])
+    agent = make(home, tmp_path, outbox_max_items=4, telemetry_window_s=0.05)
+
+    async def scenario() -> None:
+        async with running(agent) as task:
+            await deliver(agent, topics.trust(), home.trust())
+            await deliver_manifest(agent, signed(home, 1, v1))
+            await serving(agent, task, v1)
+            await until(
+                lambda: any(e.kind is EventKind.TELEMETRY_COARSENED for e in events(tmp_path)),
+                "a telemetry_coarsened event",
+                task,
+            )
+
+    asyncio.run(scenario())
+    (event, *_) = [e for e in events(tmp_path) if e.kind is EventKind.TELEMETRY_COARSENED]
+    assert "merges of queued telemetry windows" in event.detail
+
+
+def test_constructing_an_agent_touches_no_disk(home: Home, tmp_path: Path) -> None:
+    make(home, tmp_path / "data")
+    assert not (tmp_path / "data").exists()
