@@ -1,0 +1,118 @@
+"""The ``edgefleet`` command line as an operator uses it: keys, enrollment, and rollout
+start / status / pause / abort against a live coordinator and agents on a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from agent import Bundle
+from edgefleet.cli import main
+from edgefleet.home import Home
+from edgefleet.runner import Fleet
+from models import DemoModel
+from schemas import Role, TrustedState
+from tests.integration.fleetkit import INTEL, JETSON, MakeFleet, live
+
+
+def test_keys_init_writes_private_keys_0600_and_a_root_signed_trust(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home_dir = tmp_path / "home"
+    assert main(["--home", str(home_dir), "keys", "init"]) == 0
+    for private in (
+        "keys/root.key",
+        "keys/manifest.key",
+        "keys/operator.key",
+        "ca/ca.key",
+        "ca/server.key",
+        "accounts.json",
+    ):
+        assert stat.S_IMODE((home_dir / private).stat().st_mode) == 0o600, private
+    home = Home(home_dir)
+    trusted = TrustedState(home.root_public_keys())
+    issued = (home_dir / "keys" / "trust.signed").stat().st_mtime
+    doc = trusted.update_trust(home.trust(), now=issued)
+    assert doc.keys_for(Role.MANIFEST).keys() == {home.key(Role.MANIFEST).id}
+
+    assert main(["--home", str(home_dir), "keys", "init"]) == 2
+    assert "already holds an edgefleet home" in capsys.readouterr().err
+
+
+def test_enroll_issues_a_certificate_whose_cn_is_the_device_id(tmp_path: Path) -> None:
+    home_dir = str(tmp_path / "home")
+    assert main(["--home", home_dir, "keys", "init"]) == 0
+    assert main(["--home", home_dir, "device", "enroll", "cam-7", "--class", JETSON]) == 0
+    folder = tmp_path / "home" / "devices" / "cam-7"
+    bundle = Bundle.load(folder)
+    assert (bundle.device_id, bundle.hw_class) == ("cam-7", JETSON)
+    cert = x509.load_pem_x509_certificate((folder / "device.crt").read_bytes())
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "cam-7"
+    assert stat.S_IMODE((folder / "device.key").stat().st_mode) == 0o600
+    assert set(bundle.root_public_keys()) == {Home(tmp_path / "home").key(Role.ROOT).id}
+
+    assert main(["--home", home_dir, "device", "enroll", "cam-7", "--class", JETSON]) == 2
+    assert main(["--home", home_dir, "device", "enroll", "a/b", "--class", JETSON]) == 2
+
+
+@contextlib.contextmanager
+def _running(fleet: Fleet) -> Iterator[None]:
+    """The coordinator and agents on an event loop of their own, so the CLI can run
+    ``asyncio.run`` in the test's thread as it does from a shell."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        async with live(fleet):
+            started.set()
+            await stop.wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),))
+    thread.start()
+    try:
+        assert started.wait(30)
+        yield
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
+        loop.close()
+
+
+def _cli(fleet: Fleet, *args: str) -> int:
+    return main(["--home", str(fleet.home.root), *args])
+
+
+def test_rollout_commands_drive_a_live_fleet(
+    make_fleet: MakeFleet,
+    demo_models: dict[str, DemoModel],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fleet = make_fleet({JETSON: 2, INTEL: 1})
+    v1, v2 = demo_models["digits-v1"].path, demo_models["digits-v2"].path
+    with _running(fleet):
+        start = ["rollout", "start", "--class", JETSON, "--class", INTEL]
+        assert _cli(fleet, *start, "--model", str(v1), "--waves", "100", "--id", "first") == 0
+        assert _cli(fleet, "rollout", "status", "first", "--watch", "--timeout", "60") == 0
+        out = capsys.readouterr().out
+        assert "first gen 1 completed wave 1/1 release digits-v1@" in out
+        assert "targeted 3 updated 3 healthy 3 unhealthy 0" in out
+
+        assert _cli(fleet, *start, "--model", str(v2), "--waves", "50,100", "--id", "second") == 0
+        assert _cli(fleet, "rollout", "pause", "second") == 0
+        assert _cli(fleet, "rollout", "abort", "second") == 0
+        assert _cli(fleet, "rollout", "status", "second", "--watch", "--timeout", "60") == 0
+        out = capsys.readouterr().out
+        assert "second gen 3 rolled_back" in out
+        assert "aborted by operator" in out
+
+        assert _cli(fleet, "rollout", "status", "nothing-here") == 1
+        assert "no status for nothing-here" in capsys.readouterr().err
