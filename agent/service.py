@@ -403,6 +403,16 @@ class Agent:
         picked = manifest.target_for(self.device_id)
         old, new = self._desired, _Target(picked.release, picked.rollout_id, manifest.seq)
         self._desired = new
+        promoted = (
+            self._stage in IN_FLIGHT
+            and old.rollout_id is not None
+            and new.rollout_id is None
+            and new.work[0] == old.work[0]
+        )
+        if promoted:
+            # The rollout completed while this device still works on its candidate, now
+            # the stable release: finish that work rather than start it over.
+            return
         if new.work != old.work or (self._stage not in IN_FLIGHT and not self._serves(new)):
             self._target_changed.set()
 

@@ -254,6 +254,30 @@ def test_resigned_manifest_does_not_cancel_a_soak_in_flight(
     asyncio.run(scenario())
 
 
+def test_candidate_promoted_to_stable_during_its_soak_finishes_that_soak(
+    home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release, v2: Release
+) -> None:
+    """The rollout completes while this device still soaks v2: v2 is now the stable
+    release, so the soak goes on and v2 stays, instead of a swap back and a second soak."""
+    stock(tmp_path, demo_models["digits-v1"], demo_models["digits-v2"])
+    agent = make(home, tmp_path)
+
+    async def scenario() -> None:
+        async with running(agent) as task:
+            await deliver(agent, topics.trust(), home.trust())
+            await deliver_manifest(agent, signed(home, 1, v1))
+            await serving(agent, task, v1)
+            await deliver_manifest(agent, signed(home, 2, v1, v2))
+            await until(lambda: agent.stage is Stage.SOAKING, "the candidate's soak", task)
+            await deliver_manifest(agent, signed(home, 3, v2))
+            assert agent.stage is Stage.SOAKING
+            assert agent.active_release == v2
+            await until(lambda: verdict_on(agent, "r1"), "a verdict on the candidate", task)
+            await serving(agent, task, v2)
+
+    asyncio.run(scenario())
+
+
 def test_a_real_change_during_a_soak_puts_the_previous_model_back(
     home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release, v2: Release
 ) -> None:
