@@ -797,16 +797,14 @@ class Agent:
         at = self._clock()
 
         def build(dropped: int) -> bytes:
-            note = ""
-            if dropped or lost:
-                note = f" [{dropped + lost} earlier events lost: outbox full or failing]"
             return encode(
                 Event(
                     event_id=uuid.uuid4().hex,
                     device_id=self.device_id,
                     kind=kind,
                     reason=reason,
-                    detail=detail[: 2000 - len(note)] + note,
+                    detail=detail[:2000],
+                    dropped_before=dropped + lost,
                     manifest_seq=None if target is None else target.seq,
                     release=(
                         None

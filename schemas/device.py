@@ -94,4 +94,6 @@ class Event(WireModel):
     detail: str = Field(default="", max_length=2000)
     manifest_seq: int | None = None
     release: str | None = None
+    dropped_before: int = Field(default=0, ge=0)
+    """Events lost just before this one (the device's outbox was full or failing)."""
     at: float

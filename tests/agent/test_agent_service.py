@@ -611,3 +611,28 @@ def test_coarsening_is_announced_by_an_event(
 def test_constructing_an_agent_touches_no_disk(home: Home, tmp_path: Path) -> None:
     make(home, tmp_path / "data")
     assert not (tmp_path / "data").exists()
+
+
+def test_events_dropped_for_the_cap_are_counted_in_the_events_kept(
+    home: Home, tmp_path: Path, v1: Release
+) -> None:
+    """Offline for long, rejections pile up beyond the event cap: the oldest go, and the
+    events kept say how many went before them, so none is lost without a count."""
+    agent = make(home, tmp_path, outbox_max_events=4)
+
+    async def scenario() -> None:
+        async with running(agent):
+            await deliver(agent, topics.trust(), home.trust())
+            for seq in range(1, 11):  # ten distinct manifests signed by the wrong key
+                await deliver_manifest(agent, signed(home, seq, v1, key=home.key(Role.OPERATOR)))
+
+    asyncio.run(scenario())
+    db = sqlite3.connect(f"file:{tmp_path / 'outbox.sqlite'}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT payload FROM outbox WHERE kind = 'event'").fetchall()
+    finally:
+        db.close()
+    events = [decode(bytes(r[0]), Event) for r in rows]
+    rejected = [e for e in events if e.kind is EventKind.MANIFEST_REJECTED]
+    assert len(events) == 4
+    assert len(rejected) + sum(e.dropped_before for e in events) == 10
