@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Final
 
-from schemas import ArtifactError, ArtifactMeta, ArtifactRef, Reason, decode
-from schemas.artifact import check_chunk, check_whole
+from schemas import ArtifactError, ArtifactMeta, ArtifactRef
+from schemas.artifact import check_whole
 from storage import atomic_write
 
 __all__ = ["ArtifactStore"]
@@ -59,31 +59,6 @@ class ArtifactStore:
         path.unlink()
         return None
 
-    def accept_meta(self, ref: ArtifactRef, payload: bytes) -> ArtifactMeta:
-        """Parse an artifact meta and check it describes the artifact ``ref`` names.
-
-        Raises:
-            MalformedPayloadError: not an ArtifactMeta.
-            ArtifactError: ARTIFACT_MISMATCH when digest or size differ from ``ref``.
-        """
-        meta = decode(payload, ArtifactMeta)
-        if meta.sha256 != ref.sha256 or meta.size != ref.size:
-            raise ArtifactError(
-                Reason.ARTIFACT_MISMATCH,
-                f"meta describes {meta.sha256[:12]}/{meta.size} B, manifest names "
-                f"{ref.sha256[:12]}/{ref.size} B",
-            )
-        return meta
-
-    def put_chunk(self, meta: ArtifactMeta, index: int, data: bytes) -> None:
-        """Keep one chunk after checking it.
-
-        Raises:
-            ArtifactError: CHUNK_CORRUPT when its length or sha256 is not the meta's.
-        """
-        check_chunk(meta, index, data)
-        self.keep_chunks(meta.sha256, [(index, data)])
-
     def keep_chunks(self, sha256: str, chunks: list[tuple[int, bytes]]) -> None:
         """Keep chunks already checked against the meta (by a ``ChunkCollector``)."""
         for index, data in chunks:
@@ -95,10 +70,6 @@ class ArtifactStore:
         if not folder.is_dir():
             return set()
         return {int(p.name) for p in folder.iterdir() if p.name.isdigit()}
-
-    def missing(self, meta: ArtifactMeta) -> list[int]:
-        stored = self.stored_chunks(meta.sha256)
-        return [i for i in range(len(meta.chunks)) if i not in stored]
 
     def assemble(self, meta: ArtifactMeta) -> Path:
         """Join the chunks, check the whole file, and publish it into ``models/``.

@@ -10,6 +10,7 @@ import pytest
 from agent.artifacts import ArtifactStore
 from models import DemoModel
 from schemas import ArtifactError, ArtifactMeta, ArtifactRef, Reason, encode, split_artifact
+from schemas.artifact import ChunkCollector
 
 CHUNK = 4096
 
@@ -30,6 +31,19 @@ def _ref(meta: ArtifactMeta) -> ArtifactRef:
     return ArtifactRef(sha256=meta.sha256, size=meta.size)
 
 
+def _keep(store: ArtifactStore, meta: ArtifactMeta, chunks: dict[int, bytes]) -> None:
+    """What the agent does with arriving chunks: check them, then keep them."""
+    collector = ChunkCollector(meta.sha256, meta.size, have=store.stored_chunks(meta.sha256))
+    store.keep_chunks(meta.sha256, collector.add_meta(encode(meta)))
+    for index, data in chunks.items():
+        store.keep_chunks(meta.sha256, collector.add_chunk(index, data))
+
+
+def _missing(store: ArtifactStore, meta: ArtifactMeta) -> list[int]:
+    stored = store.stored_chunks(meta.sha256)
+    return [i for i in range(len(meta.chunks)) if i not in stored]
+
+
 def _flip(data: bytes, at: int) -> bytes:
     return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
 
@@ -39,13 +53,13 @@ def test_chunked_artifact_assembles_to_the_exact_bytes_and_only_then_appears(
 ) -> None:
     meta, chunks = split
     store = ArtifactStore(tmp_path)
-    assert store.missing(meta) == list(range(len(chunks)))
+    assert _missing(store, meta) == list(range(len(chunks)))
 
     for index in reversed(range(len(chunks))):  # arrival order does not matter
-        store.put_chunk(meta, index, chunks[index])
+        _keep(store, meta, {index: chunks[index]})
         assert store.verified(_ref(meta)) is None
         assert list((tmp_path / "models").iterdir()) == []
-    assert store.missing(meta) == []
+    assert _missing(store, meta) == []
 
     path = store.assemble(meta)
     assert path == store.model_path(meta.sha256)
@@ -68,9 +82,9 @@ def test_corrupt_chunk_is_refused_and_not_kept(
     }
     for label, (index, data) in forgeries.items():
         with pytest.raises(ArtifactError) as caught:
-            store.put_chunk(meta, index, data)
+            _keep(store, meta, {index: data})
         assert caught.value.reason is Reason.CHUNK_CORRUPT, label
-    assert store.missing(meta) == list(range(len(chunks)))
+    assert _missing(store, meta) == list(range(len(chunks)))
 
 
 def test_fetch_resumes_after_restart_with_the_chunks_already_stored(
@@ -79,33 +93,13 @@ def test_fetch_resumes_after_restart_with_the_chunks_already_stored(
     meta, chunks = split
     before = ArtifactStore(tmp_path)
     stored = list(range(0, len(chunks), 2))
-    for index in stored:
-        before.put_chunk(meta, index, chunks[index])
+    _keep(before, meta, {index: chunks[index] for index in stored})
 
     after = ArtifactStore(tmp_path)  # the agent restarted
-    missing = after.missing(meta)
+    missing = _missing(after, meta)
     assert missing == [i for i in range(len(chunks)) if i not in stored]
-    for index in missing:
-        after.put_chunk(meta, index, chunks[index])
+    _keep(after, meta, {index: chunks[index] for index in missing})
     assert after.assemble(meta).read_bytes() == model_bytes
-
-
-def test_meta_naming_another_artifact_is_refused(
-    tmp_path: Path,
-    split: tuple[ArtifactMeta, list[bytes]],
-    demo_models: dict[str, DemoModel],
-) -> None:
-    meta, _ = split
-    store = ArtifactStore(tmp_path)
-    assert store.accept_meta(_ref(meta), encode(meta)) == meta
-
-    v1 = demo_models["digits-v1"]
-    other_sha = ArtifactRef(sha256=v1.sha256, size=meta.size)
-    other_size = ArtifactRef(sha256=meta.sha256, size=meta.size + 1)
-    for ref in (other_sha, other_size):
-        with pytest.raises(ArtifactError) as caught:
-            store.accept_meta(ref, encode(meta))
-        assert caught.value.reason is Reason.ARTIFACT_MISMATCH
 
 
 def test_chunk_rotting_on_disk_before_assembly_is_caught_and_the_fetch_restarts(
@@ -113,8 +107,7 @@ def test_chunk_rotting_on_disk_before_assembly_is_caught_and_the_fetch_restarts(
 ) -> None:
     meta, chunks = split
     store = ArtifactStore(tmp_path)
-    for index, data in enumerate(chunks):
-        store.put_chunk(meta, index, data)
+    _keep(store, meta, dict(enumerate(chunks)))
     rotten = tmp_path / "partial" / meta.sha256 / "2"
     rotten.write_bytes(_flip(rotten.read_bytes(), 7))
 
@@ -122,7 +115,7 @@ def test_chunk_rotting_on_disk_before_assembly_is_caught_and_the_fetch_restarts(
         store.assemble(meta)
     assert caught.value.reason is Reason.ARTIFACT_MISMATCH
     assert store.verified(_ref(meta)) is None
-    assert store.missing(meta) == list(range(len(chunks)))
+    assert _missing(store, meta) == list(range(len(chunks)))
 
 
 @pytest.mark.parametrize("damage", ["bit flip", "truncation"])
@@ -131,8 +124,7 @@ def test_model_file_corrupted_on_disk_is_detected_and_removed(
 ) -> None:
     meta, chunks = split
     store = ArtifactStore(tmp_path)
-    for index, data in enumerate(chunks):
-        store.put_chunk(meta, index, data)
+    _keep(store, meta, dict(enumerate(chunks)))
     path = store.assemble(meta)
     data = path.read_bytes()
     path.write_bytes(_flip(data, len(data) // 2) if damage == "bit flip" else data[:-10])

@@ -565,8 +565,8 @@ def test_fetch_takes_chunks_in_any_order_and_resumes_from_disk(
     async def scenario() -> Path:
         await asyncio.to_thread(agent._open_stores)
         try:
-            for index in range(0, len(chunks), 2):  # a fetch interrupted earlier
-                agent._artifacts.put_chunk(meta, index, chunks[index])
+            earlier = [(i, chunks[i]) for i in range(0, len(chunks), 2)]
+            agent._artifacts.keep_chunks(meta.sha256, earlier)  # a fetch interrupted earlier
             queue: asyncio.Queue[Message] = asyncio.Queue()
             sha = meta.sha256
             order = [i for i in reversed(range(len(chunks))) if i % 2][:2]
