@@ -97,6 +97,8 @@ class CoordinatorConfig:
     """First wait before retrying a broker unreachable at start; doubles up to 10 s."""
     heartbeat_s: float = 2.0
     """How often, at most, the store learns that the coordinator still watches."""
+    probe_s: float = 2.0
+    """On connect, how long to wait for the broker's retained artifact metas."""
 
 
 _RECONNECT_MAX_S = 10.0
@@ -168,6 +170,8 @@ class Coordinator:
         self._store_lock = asyncio.Lock()
         """The store rewrites its whole file on every write: one writing thread at a time."""
         self._artifact_lock = asyncio.Lock()
+        self._meta_probe: dict[str, bytes] | None = None
+        self._probe_changed = asyncio.Event()
         """Keeping a fetched artifact and pruning unreferenced ones never interleave."""
 
     @property
@@ -315,14 +319,44 @@ class Coordinator:
         shas |= {claim.sha256 for claim in self._claims.values()}
         return shas | set(self._fetches)
 
+    async def _retained_metas(self, wanted: set[str]) -> dict[str, bytes]:
+        """The artifact metas the broker retains, of those ``wanted`` (waits up to
+        ``probe_s`` for the ones that do not come)."""
+        session = self._session
+        if session is None or not wanted:
+            return {}
+        probe: dict[str, bytes] = {}
+        self._meta_probe = probe
+        try:
+            await session.subscribe(topics.all_artifact_metas())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._config.probe_s):
+                    while not wanted <= probe.keys():
+                        self._probe_changed.clear()
+                        await self._probe_changed.wait()
+            await session.unsubscribe(topics.all_artifact_metas())
+        except TransportError as exc:
+            log.info("coordinator: artifact probe failed, re-asserting all: %s", exc)
+        finally:
+            self._meta_probe = None
+        return probe
+
     async def _republish_artifacts(self) -> None:
-        """Chunks, then the operator's own meta bytes (a meta implies its chunks)."""
-        for sha256 in sorted(self._referenced()):
+        """Chunks, then the operator's own meta bytes (a meta implies its chunks), for
+        every artifact a manifest names that the broker lost: its retained meta is how
+        that is told, since a meta is published after its chunks and saved with them.
+        Artifacts still there are not sent again (they can be hundreds of megabytes)."""
+        referenced = self._referenced()
+        retained = await self._retained_metas(referenced)
+        for sha256 in sorted(referenced):
             stored = await asyncio.to_thread(self._artifacts.get, sha256)
             if stored is None:
                 if sha256 not in self._fetches:
                     log.warning("coordinator: no copy of artifact %s to re-assert", sha256[:12])
                 continue
+            if retained.get(sha256) == stored.meta_payload:
+                continue
+            log.info("coordinator: re-asserting artifact %s", sha256[:12])
             chunks = stored.chunks()
             for start in range(0, len(chunks), _PUBLISH_WINDOW):
                 batch = range(start, min(start + _PUBLISH_WINDOW, len(chunks)))
@@ -417,6 +451,13 @@ class Coordinator:
             if message.payload:
                 tg.create_task(self._on_spec(parsed.name, message.payload))
         elif parsed.kind in (TopicKind.ARTIFACT_META, TopicKind.ARTIFACT_CHUNK):
+            if (
+                self._meta_probe is not None
+                and parsed.kind is TopicKind.ARTIFACT_META
+                and parsed.name is not None
+            ):
+                self._meta_probe[parsed.name] = message.payload
+                self._probe_changed.set()
             feed = self._feeds.get(parsed.name or "")
             if feed is not None:
                 feed.offer(message)

@@ -20,6 +20,7 @@ __all__ = [
     "DeviceChannel",
     "ParsedTopic",
     "TopicKind",
+    "all_artifact_metas",
     "all_artifacts",
     "all_class_manifests",
     "all_devices",
@@ -153,6 +154,10 @@ def all_rollout_statuses() -> str:
 
 def all_artifacts() -> str:
     return f"{PREFIX}/artifacts/#"
+
+
+def all_artifact_metas() -> str:
+    return f"{PREFIX}/artifacts/+/meta"
 
 
 def device_all(device_id: str) -> str:

@@ -84,6 +84,51 @@ async def _wiped(fleet: Fleet, v2: DemoModel) -> None:
         await eventually(_gone(stored), what="the aborted candidate's copy deleted")
 
 
+def test_broker_restart_that_kept_its_retained_artifacts_is_not_sent_them_again(
+    demo_models: dict[str, DemoModel], make_fleet: MakeFleet
+) -> None:
+    fleet = make_fleet({JETSON: 1})
+    run(_restarted(fleet, demo_models["digits-v2"]))
+
+
+async def _restarted(fleet: Fleet, v2: DemoModel) -> None:
+    async with live(fleet, agents=()):
+        async with fleet.operator() as operator:
+            meta = await publish_artifact(
+                operator, v2.path.read_bytes(), name=v2.name, chunk_size=4096
+            )
+            spec = spec_for(v2, rollout_id="r", classes=(JETSON,))
+            await publish_spec(operator, fleet.home, spec)
+        async with Wire.open(fleet.home) as wire:
+            await wire.until(
+                lambda: (s := wire.statuses.get("r")) and s[-1].phase is Phase.WAVE,
+                what="r admitted",
+            )
+        filters = (topics.artifact_chunks(v2.sha256), topics.coordinator_presence())
+        # Persistent: what the coordinator sends while the watcher reconnects waits for it.
+        async with Wire.open(fleet.home, filters=filters, persistent=True) as wire:
+            retained = len(meta.chunks) + 2  # chunks, meta, presence
+            await wire.until(lambda: len(wire.raw) >= retained, what="the retained artifact")
+            wire.raw.clear()
+            # A clean stop saves the broker's state: retained artifacts survive it.
+            await asyncio.to_thread(fleet.broker.restart)
+
+            def presence_reasserted() -> bool:
+                return any(
+                    m.topic == topics.coordinator_presence()
+                    and not m.retain
+                    and m.payload == ONLINE
+                    for m in wire.raw
+                )
+
+            await wire.until(presence_reasserted, what="the coordinator's re-assert")
+            await asyncio.sleep(3.0)  # longer than the coordinator's retained-meta probe
+        resent = [
+            m.topic for m in wire.raw if m.topic.startswith("fleet/v1/artifacts/") and not m.retain
+        ]
+        assert resent == []
+
+
 def _gone(path: Path) -> Callable[[], Awaitable[bool]]:
     async def probe() -> bool:
         return not await asyncio.to_thread(path.exists)
