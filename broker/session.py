@@ -217,6 +217,12 @@ class Session:
         return self._connected
 
     @property
+    def generation(self) -> int:
+        """Which connection is up: the counter ``connections()`` yields, as last seen by
+        the event loop."""
+        return self._generation
+
+    @property
     def client_id(self) -> str:
         """The MQTT client id."""
         return self._client_id

@@ -35,7 +35,7 @@ class RolloutDefaults(BaseModel):
 
     success_ratio: float = Field(default=1.0, gt=0.0, le=1.0)
     max_failure_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
-    wave_timeout_s: float = Field(default=900.0, gt=0.0)
+    wave_timeout_s: float = Field(default=900.0, gt=0.0, allow_inf_nan=False)
 
 
 class ClassProfile(BaseModel):

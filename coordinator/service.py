@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -171,6 +171,8 @@ class Coordinator:
         """The store rewrites its whole file on every write: one writing thread at a time."""
         self._artifact_lock = asyncio.Lock()
         self._meta_probe: dict[str, bytes] | None = None
+        self._linked_gen = 0
+        self._republishing: asyncio.Task[None] | None = None
         self._probe_changed = asyncio.Event()
         """Keeping a fetched artifact and pruning unreferenced ones never interleave."""
 
@@ -230,7 +232,7 @@ class Coordinator:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._reassert_on_connect(session, tg))
             tg.create_task(self._dispatch(session, tg))
-            tg.create_task(self._tick_loop())
+            tg.create_task(self._tick_loop(tg))
 
     # -- publishing ----------------------------------------------------------------
 
@@ -244,23 +246,25 @@ class Coordinator:
             log.warning("coordinator: %s not published (re-asserted on reconnect): %s", topic, exc)
 
     async def _reassert_on_connect(self, session: Session, tg: asyncio.TaskGroup) -> None:
-        async for _ in session.connections():
+        async for generation in session.connections():
+            self._linked_gen = generation
             self._linked_at = time.monotonic()
             await self._resume_clock()
             await self._publish(topics.coordinator_presence(), ONLINE)
             await self._publish(topics.trust(), self._config.trust)
             # Snapshots: specs and ticks change these dicts while we await publishes.
-            for record in list(self._classes.values()):
-                if record.manifest is not None:
-                    await self._publish(topics.class_manifest(record.name), record.manifest)
+            for name in list(self._classes):
+                await self._publish_manifest(name)
             for rollout in list(self._rollouts.values()):
                 await self._publish(topics.rollout_spec(rollout.id), rollout.spec)
                 await self._publish_status(rollout.id)
             await self._sync_manifests()
-            await self._republish_artifacts()
-            deferred, self._deferred = self._deferred, {}
-            for rollout_id, payload in deferred.items():
-                tg.create_task(self._on_spec(rollout_id, payload))
+            # Artifacts can be large: sent beside this loop, which must be back at
+            # connections() for the next reconnect; a newer re-assert replaces an older.
+            if self._republishing is not None:
+                self._republishing.cancel()
+            self._republishing = tg.create_task(self._republish_artifacts())
+            self._retry_deferred(tg)
 
     async def _resume_clock(self) -> None:
         """Shift live waves by the time nobody watched the fleet (coordinator down or
@@ -399,9 +403,22 @@ class Coordinator:
         two of them would both take ``seq + 1`` and publish different manifests under it.
         """
         async with self._sync_lock:
-            await self._sync_manifests_locked()
+            changed = await self._sync_manifests_locked()
+        # Published outside the lock: a PUBACK can take its full timeout while the link
+        # is down, and an operator's abort must not wait on that.
+        for name in changed:
+            await self._publish_manifest(name)
 
-    async def _sync_manifests_locked(self) -> None:
+    async def _publish_manifest(self, name: str) -> None:
+        """Publish the newest manifest of ``name``: read and handed to paho in one step
+        (nothing awaits in between), so no caller can queue an older seq after a newer."""
+        record = self._classes.get(name)
+        if record is not None and record.manifest is not None:
+            await self._publish(topics.class_manifest(name), record.manifest)
+
+    async def _sync_manifests_locked(self) -> list[str]:
+        """Store a new manifest for every class that needs one; their names."""
+        changed: list[str] = []
         now = self._clock()
         for name, profile in self._config.profiles.items():
             stable, cohort = self._desired_content(name)
@@ -434,7 +451,8 @@ class Coordinator:
             await self._write(self._store.put_class, record)
             self._classes[name] = record
             log.info("coordinator: %s manifest seq %d", name, manifest.seq)
-            await self._publish(topics.class_manifest(name), signed)
+            changed.append(name)
+        return changed
 
     # -- incoming ------------------------------------------------------------------
 
@@ -716,8 +734,9 @@ class Coordinator:
         self._feeds[ref.sha256] = feed
         chunk_filter = topics.artifact_chunks(ref.sha256)
         timeout = self._config.artifact_timeout_s
+        generation = session.generation
         try:
-            async with asyncio.timeout(timeout):
+            async with self._link_timeout(session, generation, timeout):
                 await session.subscribe(chunk_filter, timeout=timeout)
                 collector = ChunkCollector(ref.sha256, ref.size)
                 chunks: dict[int, bytes] = {}
@@ -753,15 +772,43 @@ class Coordinator:
             with contextlib.suppress(TransportError, RuntimeError):  # RuntimeError: closed
                 await session.unsubscribe(chunk_filter, timeout=5.0)
 
+    @contextlib.asynccontextmanager
+    async def _link_timeout(
+        self, session: Session, generation: int, timeout: float
+    ) -> AsyncIterator[None]:
+        """``asyncio.timeout`` that blames the link when it dropped meanwhile: a fetch
+        cut short by a disconnect says nothing about the artifact.
+
+        Raises:
+            TransportError: timed out after the connection was lost or replaced.
+            TimeoutError: timed out on a link that stayed up.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                yield
+        except TimeoutError:
+            if not session.connected or session.generation != generation:
+                msg = "the link to the broker dropped while fetching the artifact"
+                raise TransportError(msg) from None
+            raise
+
     # -- the rollout loop ----------------------------------------------------------
 
-    async def _tick_loop(self) -> None:
+    async def _tick_loop(self, tg: asyncio.TaskGroup) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._config.tick_s):
                     await self._changed.wait()
             self._changed.clear()
+            if self._deferred and self._fleet_known():
+                self._retry_deferred(tg)
             await self._tick()
+
+    def _retry_deferred(self, tg: asyncio.TaskGroup) -> None:
+        """Specs whose validation the link cut short: tried again once it is back."""
+        deferred, self._deferred = self._deferred, {}
+        for rollout_id, payload in deferred.items():
+            tg.create_task(self._on_spec(rollout_id, payload))
 
     def _fleet_known(self) -> bool:
         """Retained device topics arrive right after subscribing; until they had time
@@ -771,6 +818,8 @@ class Coordinator:
             linked is not None
             and session is not None
             and session.connected
+            # A reconnect the re-assert loop has not caught up with yet: not settled.
+            and session.generation == self._linked_gen
             and time.monotonic() - linked >= self._config.settle_s
         )
 

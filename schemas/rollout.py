@@ -63,7 +63,7 @@ class RolloutSpec(WireModel):
     """Promote a wave when healthy >= success_ratio x targeted; None: the classes' default."""
     max_failure_ratio: float | None = Field(default=None, ge=0.0, lt=1.0)
     """Abort when unhealthy / reported exceeds this; None: the classes' default."""
-    wave_timeout_s: float | None = Field(default=None, gt=0.0)
+    wave_timeout_s: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     """None: the classes' default."""
     issued_at: float
     operator: str = Field(max_length=64)

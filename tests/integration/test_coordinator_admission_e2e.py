@@ -16,11 +16,13 @@ from tests.integration.fleetkit import (
     JETSON,
     MakeFleet,
     Wire,
+    audit_log,
     live,
     publish_spec,
     run,
     spec_for,
     start_coordinator_with,
+    stop_coordinator,
 )
 
 FETCH_TIMEOUT_S = 3.0
@@ -147,3 +149,34 @@ async def _first_seen_paused_or_aborted(fleet: Fleet, v2: DemoModel) -> None:
             what="p in its wave",
         )
         assert status.generation == 2
+
+
+def test_spec_whose_validation_the_link_cut_short_is_deferred_not_rejected(
+    demo_models: dict[str, DemoModel], make_fleet: MakeFleet
+) -> None:
+    fleet = make_fleet({JETSON: 1})
+    run(_link_cut_during_validation(fleet, demo_models["digits-v2"]))
+
+
+async def _link_cut_during_validation(fleet: Fleet, v2: DemoModel) -> None:
+    async with asyncio.TaskGroup() as tg:
+        start_coordinator_with(fleet, tg, artifact_timeout_s=FETCH_TIMEOUT_S)
+        try:
+            async with fleet.operator() as operator:
+                await asyncio.sleep(0.5)
+                spec = spec_for(v2, rollout_id="r", classes=(JETSON,))
+                await publish_spec(operator, fleet.home, spec)
+            await asyncio.sleep(0.5)  # the coordinator now waits for the artifact
+            await asyncio.to_thread(fleet.broker.stop)
+            await asyncio.sleep(FETCH_TIMEOUT_S + 1.0)  # its fetch times out, link down
+            await asyncio.to_thread(fleet.broker.start)
+            async with fleet.operator() as operator, Wire.open(fleet.home) as wire:
+                await publish_artifact(operator, v2.path.read_bytes(), name=v2.name)
+                await wire.until(lambda: _latest(wire, "r"), what="r decided", timeout=30.0)
+                admitted = _latest(wire, "r")
+                assert admitted is not None
+                assert admitted.phase is Phase.WAVE, admitted
+            events = [e["event"] for e in audit_log(fleet) if e["rollout"] == "r"]
+            assert events[:2] == ["spec_deferred", "admitted"], events
+        finally:
+            await stop_coordinator(fleet)

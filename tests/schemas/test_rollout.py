@@ -75,6 +75,7 @@ def test_spec_with_bad_waves_on_the_wire_is_rejected_schema(rollout_spec: Rollou
         ("max_failure_ratio", -0.1),
         ("generation", 0),
         ("wave_timeout_s", 0.0),
+        ("wave_timeout_s", float("inf")),  # would be stored as null and not load back
         ("classes", ()),
         ("id", "../evil"),
     ],
