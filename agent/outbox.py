@@ -9,6 +9,11 @@ into coarser ones (see :func:`schemas.telemetry.merge_summaries`): time resoluti
 drops, counts are conserved. Events have a cap of their own: beyond it the oldest
 events are dropped, and the next event appended is told how many (each row carries
 the count of the drops it reports, so a dropped reporter's count is passed on too).
+
+A row handed to the MQTT client and not acknowledged (a PUBACK that timed out) is marked
+``sent``: the client may still deliver its original bytes after a reconnect, so it is
+never merged nor dropped, only sent again as it is. Merging a queued window into it
+would get the merged row dropped as a duplicate (it keeps the first row's summary_id).
 Methods block; the agent calls them from a thread.
 """
 
@@ -33,7 +38,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     kind TEXT NOT NULL,
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
-    dropped INTEGER NOT NULL DEFAULT 0
+    dropped INTEGER NOT NULL DEFAULT 0,
+    sent INTEGER NOT NULL DEFAULT 0
 )
 """
 
@@ -68,12 +74,15 @@ class Outbox:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
         if "dropped" not in columns:  # an outbox written before events had a cap
             self._db.execute("ALTER TABLE outbox ADD COLUMN dropped INTEGER NOT NULL DEFAULT 0")
+        if "sent" not in columns:  # an outbox written before unacked rows were marked
+            self._db.execute("ALTER TABLE outbox ADD COLUMN sent INTEGER NOT NULL DEFAULT 0")
         self.coarsened = 0
         """How many merges the cap has forced since this outbox was opened."""
         self._leased_upto = 0
         # Rows up to this id were handed out by peek() and may be on the wire. Until
-        # delete() settles that batch, coarsening leaves them alone: merging a queued
-        # window into one of them would have its PUBACK delete the window unsent.
+        # settle() marks what of that batch was not acked, coarsening leaves them alone:
+        # merging a queued window into one of them would have its PUBACK delete the
+        # window unsent.
 
     def close(self) -> None:
         with self._lock:
@@ -120,8 +129,8 @@ class Outbox:
             return dropped
 
     def _make_room_for_event(self) -> int:
-        """Drop the oldest events beyond the cap (never rows in flight); how many went,
-        counting those that the dropped ones reported."""
+        """Drop the oldest events beyond the cap (never rows in flight or sent); how many
+        went, counting those that the dropped ones reported."""
         (count,) = self._db.execute(
             "SELECT COUNT(*) FROM outbox WHERE kind = ?", (EVENT,)
         ).fetchone()
@@ -129,7 +138,8 @@ class Outbox:
         if excess <= 0:
             return 0
         rows = self._db.execute(
-            "SELECT id, dropped FROM outbox WHERE kind = ? AND id > ? ORDER BY id LIMIT ?",
+            "SELECT id, dropped FROM outbox WHERE kind = ? AND sent = 0 AND id > ? "
+            "ORDER BY id LIMIT ?",
             (EVENT, self._leased_upto, excess),
         ).fetchall()
         self._db.executemany("DELETE FROM outbox WHERE id = ?", [(r[0],) for r in rows])
@@ -144,23 +154,35 @@ class Outbox:
             self._leased_upto = rows[-1][0] if rows else 0
         return [OutboxItem(id=r[0], kind=r[1], topic=r[2], payload=bytes(r[3])) for r in rows]
 
-    def delete(self, ids: list[int]) -> None:
-        """Forget messages the broker acknowledged."""
+    def settle(self, acked: list[int], unacked: list[int]) -> None:
+        """Settle the batch peek() handed out: forget the messages the broker
+        acknowledged, and mark those handed to the client but not acknowledged as sent
+        (the client may still deliver them as they are: they are never merged nor
+        dropped from now on, only sent again)."""
         with self._lock:
-            self._leased_upto = 0  # the batch is settled: what was not acked is re-peeked
-            if ids:
-                self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "UPDATE outbox SET sent = 1 WHERE id = ?", [(i,) for i in unacked]
+                )
+                self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in acked])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._leased_upto = 0  # settled: what was not acked is re-peeked
 
     def _coarsen(self) -> int:
         """Merge the oldest half of the telemetry rows pairwise (inside the caller's
         transaction); returns how many merges."""
         rows = self._db.execute(
-            "SELECT id, topic, payload FROM outbox WHERE kind = ? AND id > ? ORDER BY id LIMIT ?",
+            "SELECT id, topic, payload FROM outbox WHERE kind = ? AND sent = 0 AND id > ? "
+            "ORDER BY id LIMIT ?",
             (TELEMETRY, self._leased_upto, max(2, self._max_items // 2)),
         ).fetchall()
         if len(rows) < 2:
-            # Only events (or rows in flight) are queued: they may exceed the cap
-            # rather than be dropped (events have their own cap).
+            # Only events (or rows in flight or sent) are queued: they may exceed the
+            # cap rather than be dropped (events have their own cap).
             return 0
         merges = 0
         for (id_a, topic, pay_a), (id_b, _, pay_b) in zip(rows[0::2], rows[1::2], strict=False):

@@ -530,9 +530,11 @@ class Agent:
         self._active = slot
         self._step(Step.LOADED)
         verdict, reasons = await self._soak_slot(soak)
+        # The report first: it is what the coordinator waits for, the event only tells.
         if verdict is Verdict.HEALTHY:
             self._step(Step.HEALTHY)
             await self._save(active=release, known_good=(*self._persisted.known_good[-7:], sha))
+            await self._report(target, verdict, reasons, soak.stats)
             await self._emit(
                 EventKind.UPDATE_APPLIED, None, f"serving {release.release_id}", target
             )
@@ -540,6 +542,7 @@ class Agent:
             self._active = previous
             self._step(Step.UNHEALTHY)
             await self._save(failed=(*self._persisted.failed[-31:], target.failed_key))
+            await self._report(target, verdict, reasons, soak.stats)
             await self._emit(
                 EventKind.ROLLBACK,
                 reasons[0].split(":")[0],
@@ -547,7 +550,6 @@ class Agent:
                 f"{previous.release.release_id if previous else 'nothing'}",
                 target,
             )
-        await self._report(target, verdict, reasons, soak.stats)
         return False
 
     @staticmethod
@@ -570,8 +572,8 @@ class Agent:
     async def _fail(self, target: _Target, reason: Reason, detail: str, kind: EventKind) -> None:
         await self._save(failed=(*self._persisted.failed[-31:], target.failed_key))
         self._last_rejection = Rejection(reason=reason.value, detail=detail, at=self._clock())
-        await self._emit(kind, reason.value, detail, target)
         await self._report(target, Verdict.UNHEALTHY, (reason.value,), None)
+        await self._emit(kind, reason.value, detail, target)
 
     async def _report(
         self,
@@ -663,10 +665,13 @@ class Agent:
         )
         backoff = self._config.reconnect_s
         while True:
+            started = time.monotonic()
             try:
                 async with Session(self._endpoint, client_id=self.device_id, will=will) as session:
                     await self._linked(session)
             except Exception as exc:  # whatever ends a session, the next one starts
+                if time.monotonic() - started > self._config.retry_max_s:
+                    backoff = self._config.reconnect_s  # it had been linked fine for a while
                 if _only_transport(exc):
                     log.info("%s: broker unreachable (%s); serving on", self.device_id, exc)
                     backoff = self._config.reconnect_s
@@ -793,8 +798,8 @@ class Agent:
     ) -> None:
         """Queue an event. Events the outbox had to drop (its event cap) or could not
         store (a disk or database error, logged) are counted in the next one stored."""
-        lost = self._events_lost
         at = self._clock()
+        lost, self._events_lost = self._events_lost, 0  # taken: a concurrent _emit sees 0
 
         def build(dropped: int) -> bytes:
             return encode(
@@ -819,14 +824,17 @@ class Agent:
         try:
             await asyncio.to_thread(self._outbox.append_event, topic, build)
         except (sqlite3.Error, OSError) as exc:
-            self._events_lost += 1
+            self._events_lost += lost + 1
             log.error("%s: %s event not stored (%s): %s", self.device_id, kind.value, exc, detail)
             return
-        self._events_lost -= lost
+        except BaseException:
+            self._events_lost += lost  # not told: the next event tells them
+            raise
         self._outbox_ready.set()
 
     async def _flush_loop(self, session: Session) -> None:
-        """Send the outbox in order; delete only what the broker acknowledged."""
+        """Send the outbox in order; delete only what the broker acknowledged, and mark
+        the rest sent (the client may still deliver it: it must not be merged)."""
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
@@ -839,7 +847,8 @@ class Agent:
                     return_exceptions=True,
                 )
                 acked = [i.id for i, r in zip(items, results, strict=True) if r is None]
-                await asyncio.to_thread(self._outbox.delete, acked)
+                unacked = [i.id for i, r in zip(items, results, strict=True) if r is not None]
+                await asyncio.to_thread(self._outbox.settle, acked, unacked)
                 failures = [r for r in results if isinstance(r, BaseException)]
                 if failures:
                     log.info(

@@ -1,5 +1,6 @@
 """The store-and-forward queue: FIFO, durable, deletes only what was acked, and when full
-merges old telemetry into coarser windows without losing a single count."""
+merges old telemetry into coarser windows without losing a single count (never a row the
+MQTT client may still deliver)."""
 
 from __future__ import annotations
 
@@ -83,15 +84,15 @@ def test_queued_messages_survive_close_and_reopen(tmp_path: Path) -> None:
     reopened.close()
 
 
-def test_delete_forgets_only_the_acked_ids(tmp_path: Path) -> None:
+def test_settle_forgets_only_the_acked_ids(tmp_path: Path) -> None:
     outbox = Outbox(tmp_path / "outbox.sqlite")
     for i in range(5):
         outbox.append("event", EVENTS, f"e{i}".encode())
     items = _all(outbox)
 
-    outbox.delete([items[1].id, items[3].id, 10_000])
+    outbox.settle([items[1].id, items[3].id, 10_000], [items[0].id])
     assert [i.payload for i in _all(outbox)] == [b"e0", b"e2", b"e4"]
-    outbox.delete([])
+    outbox.settle([], [])
     assert len(outbox) == 3
     outbox.close()
 
@@ -172,7 +173,7 @@ def test_summary_merged_into_a_row_in_flight_is_not_lost_when_that_row_is_acked(
     in_flight = outbox.peek(1)
     delivered = _summaries(in_flight)
     outbox.append_summary(TOPIC, appended[4])  # at the cap: coarsens while row 1 is in flight
-    outbox.delete([i.id for i in in_flight])  # its PUBACK arrives
+    outbox.settle([i.id for i in in_flight], [])  # its PUBACK arrives
 
     still_queued = _summaries(_all(outbox))
     assert sum(s.count for s in delivered + still_queued) == sum(s.count for s in appended)
@@ -217,7 +218,7 @@ def test_events_on_the_wire_are_never_dropped_for_the_cap(tmp_path: Path) -> Non
     leased = outbox.peek(10)
     assert outbox.append_event(EVENTS, lambda _n: b"c") == 0
     assert [i.payload for i in _all(outbox)][:2] == [b"a", b"b"]
-    outbox.delete([i.id for i in leased])
+    outbox.settle([i.id for i in leased], [])
     assert [i.payload for i in _all(outbox)] == [b"c"]
     outbox.close()
 
@@ -235,4 +236,58 @@ def test_an_outbox_from_before_the_event_cap_opens_and_keeps_its_rows(tmp_path: 
     outbox = Outbox(path, max_events=1)
     assert outbox.append_event(EVENTS, lambda n: f"{n} dropped".encode()) == 1
     assert [i.payload for i in _all(outbox)] == [b"1 dropped"]
+    outbox.settle([], [i.id for i in _all(outbox)])  # the migration added ``sent`` too
+    assert outbox.append_event(EVENTS, lambda n: f"{n} dropped".encode()) == 0
+    assert [i.payload for i in _all(outbox)] == [b"1 dropped", b"0 dropped"]
+    outbox.close()
+
+
+def test_an_unacked_row_is_never_merged_so_its_late_delivery_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    """A flush publish that times out stays queued in the MQTT client, which delivers
+    the row's original bytes after a reconnect. A long outage then fills the outbox: had
+    that row been merged with later windows (keeping its summary_id), the coordinator
+    would drop the merged row as a duplicate of the late delivery, and every window
+    folded into it would be lost."""
+    path = tmp_path / "outbox.sqlite"
+    outbox = Outbox(path, max_items=4)
+    appended = [_summary(i) for i in range(41)]
+    for summary in appended[:3]:
+        outbox.append_summary(TOPIC, summary)
+    batch = outbox.peek(2)
+    outbox.settle([], [i.id for i in batch])  # both PUBACKs timed out
+    on_the_wire = {i.id: i.payload for i in batch}
+    outbox.close()
+
+    outbox = Outbox(path, max_items=4)  # marked durably: a restart does not forget it
+    for summary in appended[3:]:  # the outage goes on and the outbox fills
+        outbox.append_summary(TOPIC, summary)
+    assert outbox.coarsened > 0
+
+    queued = _all(outbox)
+    assert {i.id: i.payload for i in queued if i.id in on_the_wire} == on_the_wire
+    # The client delivers the originals, then the flush sends the queue; the coordinator
+    # keeps the first of each summary_id. Every window arrives exactly once.
+    delivered: dict[str, TelemetrySummary] = {}
+    for payload in [*on_the_wire.values(), *(i.payload for i in queued)]:
+        summary = decode(payload, TelemetrySummary)
+        delivered.setdefault(summary.summary_id, summary)
+    assert sum(s.windows for s in delivered.values()) == len(appended)
+    assert sum(s.count for s in delivered.values()) == sum(s.count for s in appended)
+    outbox.close()
+
+
+def test_unacked_events_are_never_dropped_for_the_cap(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.sqlite", max_items=100, max_events=2)
+    outbox.append("event", EVENTS, b"a")
+    outbox.append("event", EVENTS, b"b")
+    outbox.settle([], [i.id for i in outbox.peek(10)])  # not acked: maybe delivered later
+
+    def build(n: int) -> Callable[[int], bytes]:
+        return lambda _dropped: f"c{n}".encode()
+
+    told = [outbox.append_event(EVENTS, build(n)) for n in range(3)]
+    assert [i.payload for i in _all(outbox)] == [b"a", b"b", b"c2"]
+    assert told == [0, 1, 2], "only the unsent events went, and each is counted"
     outbox.close()
