@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent import Agent, AgentConfig, Bundle, Feed, service
+from agent import Agent, AgentConfig, Bundle, Feed
 from agent.lifecycle import Stage
-from agent.outbox import EVENT, TELEMETRY
+from agent.outbox import EVENT
 from agent.store import AgentStore
 from broker.config import BrokerPorts
 from broker.launcher import free_ports
-from broker.session import Message, Session, TransportError
+from broker.session import Message
 from edgefleet.home import Home
 from models import INPUT_NAME, DemoModel, DigitsStream
 from schemas import (
@@ -703,111 +703,3 @@ def test_concurrent_events_on_a_failing_outbox_never_count_below_zero(
     stored = events(tmp_path)
     assert all(e.dropped_before >= 0 for e in stored)
     assert len(stored) + sum(e.dropped_before for e in stored) == emitted
-
-
-def test_an_event_that_fails_otherwise_gives_the_lost_count_back(
-    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    agent = make(home, tmp_path)
-
-    async def scenario() -> None:
-        await asyncio.to_thread(agent._open_stores)
-        try:
-            agent._events_lost = 2
-            append = agent._outbox.append_event
-
-            def broken(topic: str, build: Callable[[int], bytes]) -> int:
-                msg = "not a store error"
-                raise RuntimeError(msg)
-
-            monkeypatch.setattr(agent._outbox, "append_event", broken)
-            with pytest.raises(RuntimeError):
-                await agent._emit(EventKind.MANIFEST_REJECTED, None, "x", None)
-            assert agent._events_lost == 2
-            monkeypatch.setattr(agent._outbox, "append_event", append)
-            await agent._emit(EventKind.MANIFEST_REJECTED, None, "y", None)
-            assert agent._events_lost == 0
-        finally:
-            await asyncio.to_thread(agent._close_stores)
-
-    asyncio.run(scenario())
-    assert [e.dropped_before for e in events(tmp_path)] == [2]
-
-
-class _UnackedSession:
-    """Acknowledges every publish but the ones whose payload is ``late``."""
-
-    connected = True
-
-    async def publish(self, _topic: str, payload: bytes, **_: object) -> None:
-        if payload == b"late":
-            msg = "not acknowledged within 30 s"
-            raise TransportError(msg)
-
-
-def test_flush_marks_what_was_not_acknowledged_as_sent(home: Home, tmp_path: Path) -> None:
-    agent = make(home, tmp_path)
-
-    def rows() -> list[tuple[bytes, int]]:
-        db = sqlite3.connect(f"file:{tmp_path / 'outbox.sqlite'}?mode=ro", uri=True)
-        try:
-            found = db.execute("SELECT payload, sent FROM outbox ORDER BY id").fetchall()
-            return [(bytes(r[0]), int(r[1])) for r in found]
-        finally:
-            db.close()
-
-    async def scenario() -> None:
-        await asyncio.to_thread(agent._open_stores)
-        try:
-            for payload in (b"on time", b"late", b"also on time"):
-                agent._outbox.append(TELEMETRY, "t", payload)
-            agent._outbox_ready.set()
-            session: Session = _UnackedSession()  # type: ignore[assignment]
-            task = asyncio.create_task(agent._flush_loop(session))
-            await until(lambda: rows() == [(b"late", 1)], "the unacked row marked sent", task)
-            task.cancel()
-            await asyncio.wait({task})
-        finally:
-            await asyncio.to_thread(agent._close_stores)
-
-    asyncio.run(scenario())
-
-
-def test_link_backoff_starts_over_after_a_session_that_lasted(
-    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    agent = make(home, tmp_path, reconnect_s=0.05, retry_max_s=0.4)
-    starts: list[float] = []
-    ends: list[float] = []
-
-    class Linked:
-        def __init__(self, *_: object, **__: object) -> None:
-            pass
-
-        async def __aenter__(self) -> Linked:
-            return self
-
-        async def __aexit__(self, *_: object) -> None:
-            return None
-
-    async def linked(_session: object) -> None:
-        starts.append(time.monotonic())
-        if len(starts) == 5:
-            await asyncio.sleep(0.6)  # a healthy session, longer than retry_max_s
-        ends.append(time.monotonic())
-        msg = "a bug, not the network"
-        raise RuntimeError(msg)
-
-    monkeypatch.setattr(service, "Session", Linked)
-    monkeypatch.setattr(agent, "_linked", linked)
-
-    async def scenario() -> None:
-        task = asyncio.create_task(agent._link_loop())
-        await until(lambda: len(starts) >= 6, "six sessions", task)
-        task.cancel()
-        await asyncio.wait({task})
-
-    asyncio.run(scenario())
-    waits = [start - end for end, start in zip(ends, starts[1:], strict=False)]
-    assert waits[3] >= 0.35, waits  # doubled up to retry_max_s while failing at once
-    assert waits[4] < 0.3, waits  # then a session that lasted: the backoff starts over
