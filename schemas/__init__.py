@@ -27,6 +27,7 @@ from schemas.errors import (
     SignatureError,
     UsageError,
 )
+from schemas.golden import GoldenCase, GoldenSet, Tensor, Tolerance, golden_mismatches
 from schemas.manifest import (
     MANIFEST_KIND,
     ArtifactRef,
@@ -46,6 +47,7 @@ from schemas.rollout import (
     Phase,
     RolloutSpec,
     RolloutStatus,
+    Variant,
     WaveCounts,
 )
 from schemas.telemetry import LogHistogram, TelemetrySummary, merge_summaries
@@ -69,6 +71,8 @@ __all__ = [
     "EdgefleetError",
     "Event",
     "EventKind",
+    "GoldenCase",
+    "GoldenSet",
     "HealthBudget",
     "HealthReport",
     "KeyPair",
@@ -91,16 +95,20 @@ __all__ = [
     "SignatureError",
     "Target",
     "TelemetrySummary",
+    "Tensor",
     "TensorSpec",
+    "Tolerance",
     "TrustDoc",
     "TrustedState",
     "UsageError",
+    "Variant",
     "Verdict",
     "WaveCounts",
     "WireModel",
     "bucket",
     "decode",
     "encode",
+    "golden_mismatches",
     "key_id",
     "merge_summaries",
     "open_envelope",

@@ -82,7 +82,11 @@ class HealthBudget(WireModel):
 
 class Release(WireModel):
     name: str = Field(pattern=NAME_PATTERN)
+    variant: str | None = Field(default=None, pattern=NAME_PATTERN)
+    """Which build of the model this class runs (``fp32``, ``int8-static``, ...)."""
     artifact: ArtifactRef
+    golden: ArtifactRef | None = None
+    """Self-test vectors for this very artifact (a ``GoldenSet``), fetched beside it."""
     runtime: Runtime
     inputs: tuple[TensorSpec, ...] = Field(min_length=1)
     outputs: tuple[TensorSpec, ...] = Field(min_length=1)
@@ -90,8 +94,9 @@ class Release(WireModel):
 
     @property
     def release_id(self) -> str:
-        """Short, unique name of a release: its name and the start of its digest."""
-        return f"{self.name}@{self.artifact.sha256[:12]}"
+        """Short, unique name of a release: its name, variant and the start of its digest."""
+        variant = f":{self.variant}" if self.variant else ""
+        return f"{self.name}{variant}@{self.artifact.sha256[:12]}"
 
 
 class RolloutCohort(WireModel):

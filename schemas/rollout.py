@@ -25,6 +25,7 @@ __all__ = [
     "Phase",
     "RolloutSpec",
     "RolloutStatus",
+    "Variant",
     "WaveCounts",
 ]
 
@@ -38,13 +39,42 @@ class Desired(StrEnum):
     ABORTED = "aborted"
 
 
-class Candidate(WireModel):
-    """The model the operator wants rolled out, as published under ``artifacts/``."""
+class Variant(WireModel):
+    """One build of the candidate model (a precision, a graph optimisation), as
+    published under ``artifacts/``, with the golden vectors made for it."""
 
-    name: str = Field(pattern=NAME_PATTERN)
+    label: str = Field(pattern=NAME_PATTERN)
     artifact: ArtifactRef
+    golden: ArtifactRef | None = None
     inputs: tuple[TensorSpec, ...] = Field(min_length=1)
     outputs: tuple[TensorSpec, ...] = Field(min_length=1)
+
+
+class Candidate(WireModel):
+    """The model the operator wants rolled out, in one or more variants: each class
+    gets the one its profile calls for (``coordinator.variants``)."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    variants: tuple[Variant, ...] = Field(min_length=1, max_length=8)
+
+    @field_validator("variants")
+    @classmethod
+    def _distinct(cls, variants: tuple[Variant, ...]) -> tuple[Variant, ...]:
+        labels = [v.label for v in variants]
+        if len(set(labels)) != len(labels):
+            msg = f"variant labels repeat: {labels}"
+            raise ValueError(msg)
+        shas = [v.artifact.sha256 for v in variants]
+        if len(set(shas)) != len(shas):
+            msg = "two variants name the same artifact"
+            raise ValueError(msg)
+        return variants
+
+    def artifacts(self) -> frozenset[str]:
+        """The sha256 of every artifact the candidate names: models and golden sets."""
+        return frozenset(v.artifact.sha256 for v in self.variants) | frozenset(
+            v.golden.sha256 for v in self.variants if v.golden is not None
+        )
 
 
 class RolloutSpec(WireModel):
@@ -119,5 +149,7 @@ class RolloutStatus(WireModel):
     counts: WaveCounts
     classes: tuple[str, ...]
     release: str | None = None
+    releases: dict[str, str] = Field(default_factory=dict)
+    """Class -> the release id (name, variant, digest) its manifest names."""
     reason: str | None = Field(default=None, max_length=MAX_REASON_CHARS)
     updated_at: float

@@ -35,6 +35,7 @@ from schemas import (
     TensorSpec,
     TrustDoc,
     TrustedState,
+    Variant,
     Verdict,
     WaveCounts,
     encode,
@@ -149,9 +150,14 @@ def rollout_spec(candidate_release: Release) -> RolloutSpec:
         classes=(HW_CLASS,),
         candidate=Candidate(
             name=candidate_release.name,
-            artifact=candidate_release.artifact,
-            inputs=candidate_release.inputs,
-            outputs=candidate_release.outputs,
+            variants=(
+                Variant(
+                    label="int8",
+                    artifact=candidate_release.artifact,
+                    inputs=candidate_release.inputs,
+                    outputs=candidate_release.outputs,
+                ),
+            ),
         ),
         waves_percent=(1.0, 10.0, 50.0, 100.0),
         canaries=("dev-canary-1",),
