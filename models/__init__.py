@@ -1,22 +1,84 @@
-"""Demo models for edgefleet: real digits classifiers exported to ONNX for devices."""
+"""Models for edgefleet: real classifiers trained on bundled data, exported to ONNX, built
+per precision for hardware classes, and judged on real held-out data before devices run them.
 
-from models.datasets import DigitsSplit, DigitsStream, load_digits_split
-from models.evaluate import measure_accuracy, measure_latency, open_session
-from models.export import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES, PRODUCER_NAME
-from models.zoo import DEMO_MODEL_NAMES, DemoModel, build_demo_models
+* :mod:`models.zoo`: the demo models and their data set files;
+* :mod:`models.datafile`: data set files (calibration and held-out splits);
+* :mod:`models.optimize`: fp16/int8 builds of a model, measured and written as a bundle;
+* :mod:`models.precision`: which precision a model build computes in;
+* :mod:`models.golden`: golden self-test vectors for one build;
+* :mod:`models.gate`: the accuracy gate a candidate build must pass.
+
+``models.optimize.optimize`` is not re-exported here: the name would hide its module.
+"""
+
+from models.datafile import DataSet, load_dataset, save_dataset
+from models.datasets import (
+    DigitsSplit,
+    DigitsStream,
+    Split,
+    VitalsSplit,
+    load_digits_split,
+    load_vitals_split,
+)
+from models.evaluate import Classifier, measure_accuracy, measure_latency, open_session
+from models.export import (
+    INPUT_NAME,
+    INPUT_SHAPE,
+    OUTPUT_NAMES,
+    PRODUCER_NAME,
+    VITALS_INPUT_NAME,
+    VITALS_INPUT_SHAPE,
+)
+from models.gate import GateReport, ModelScore, check_candidate, format_report
+from models.golden import make_golden
+from models.optimize import (
+    BundleVariant,
+    ReleaseBundle,
+    VariantBuild,
+    build_variants,
+    format_bundle,
+    read_bundle,
+)
+from models.precision import PRECISIONS, Precision, detect_precision
+from models.zoo import DEMO_MODEL_NAMES, TASKS, DemoModel, Task, build_demo_models
 
 __all__ = [
     "DEMO_MODEL_NAMES",
     "INPUT_NAME",
     "INPUT_SHAPE",
     "OUTPUT_NAMES",
+    "PRECISIONS",
     "PRODUCER_NAME",
+    "TASKS",
+    "VITALS_INPUT_NAME",
+    "VITALS_INPUT_SHAPE",
+    "BundleVariant",
+    "Classifier",
+    "DataSet",
     "DemoModel",
     "DigitsSplit",
     "DigitsStream",
+    "GateReport",
+    "ModelScore",
+    "Precision",
+    "ReleaseBundle",
+    "Split",
+    "Task",
+    "VariantBuild",
+    "VitalsSplit",
     "build_demo_models",
+    "build_variants",
+    "check_candidate",
+    "detect_precision",
+    "format_bundle",
+    "format_report",
+    "load_dataset",
     "load_digits_split",
+    "load_vitals_split",
+    "make_golden",
     "measure_accuracy",
     "measure_latency",
     "open_session",
+    "read_bundle",
+    "save_dataset",
 ]

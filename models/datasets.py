@@ -1,8 +1,13 @@
-"""Real data for the demo models: scikit-learn's bundled 8x8 handwritten digits.
+"""Real data for the demo models, bundled in the scikit-learn wheel (nothing is downloaded).
 
-``sklearn.datasets.load_digits`` ships inside the scikit-learn wheel (1797 samples, 10 classes),
-so nothing is downloaded at run time. Pixels are integers 0..16; we scale them to ``[0, 1]``
-float32, which is also the input contract of every exported model (``pixels / 16``).
+* digits (camera inspection): ``sklearn.datasets.load_digits``, 1797 8x8 images, 10 classes.
+  Pixels are integers 0..16; we scale them to ``[0, 1]`` float32, which is also the input
+  contract of every digits model (``pixels / 16``).
+* vitals (bedside monitoring on medical carts): ``sklearn.datasets.load_breast_cancer``, 569
+  rows of 30 raw float features (radius, texture, area, ... in their own units), 2 classes
+  (0 = malignant, 1 = benign). Features stay raw: the vitals models standardise in the graph.
+
+Both are split 70/30, stratified by label, with a fixed seed.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.datasets import load_digits
+from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.model_selection import train_test_split
 
 __all__ = [
@@ -21,28 +26,43 @@ __all__ = [
     "N_CLASSES",
     "N_FEATURES",
     "PIXEL_MAX",
+    "VITALS_CLASSES",
+    "VITALS_FEATURES",
     "DigitsSplit",
     "DigitsStream",
+    "Split",
+    "VitalsSplit",
     "load_digits_split",
+    "load_vitals_split",
 ]
 
 N_FEATURES = 64
 N_CLASSES = 10
 PIXEL_MAX = 16.0
+VITALS_FEATURES = 30
+VITALS_CLASSES = 2
 HOLDOUT_FRACTION = 0.3
 
 _T = TypeVar("_T", bound=np.generic)
 
 
 @dataclass(frozen=True, eq=False)
-class DigitsSplit:
-    """A deterministic stratified train/held-out split of the digits data (read-only arrays)."""
+class Split:
+    """A deterministic stratified train/held-out split (read-only arrays, labels 0..k-1)."""
 
     x_train: npt.NDArray[np.float32]
     y_train: npt.NDArray[np.int64]
     x_holdout: npt.NDArray[np.float32]
     y_holdout: npt.NDArray[np.int64]
     seed: int
+
+
+class DigitsSplit(Split):
+    """The digits split: ``(N, 64)`` pixels in ``[0, 1]``, labels 0..9."""
+
+
+class VitalsSplit(Split):
+    """The vitals split: ``(N, 30)`` raw features, labels 0 (malignant) and 1 (benign)."""
 
 
 def load_digits_split(seed: int = 0) -> DigitsSplit:
@@ -52,16 +72,36 @@ def load_digits_split(seed: int = 0) -> DigitsSplit:
     """
     bunch = load_digits()
     x = (np.asarray(bunch.data, dtype=np.float64) / PIXEL_MAX).astype(np.float32)
-    y = np.asarray(bunch.target, dtype=np.int64)
+    x_train, y_train, x_holdout, y_holdout = _split(x, bunch.target, seed)
+    return DigitsSplit(x_train, y_train, x_holdout, y_holdout, seed)
+
+
+def load_vitals_split(seed: int = 0) -> VitalsSplit:
+    """Load the bundled breast cancer data as raw float32 features, split 70/30 stratified.
+
+    The same ``seed`` always yields the same split (398 train / 171 held-out samples).
+    """
+    bunch = load_breast_cancer()
+    x = np.asarray(bunch.data, dtype=np.float32)
+    x_train, y_train, x_holdout, y_holdout = _split(x, bunch.target, seed)
+    return VitalsSplit(x_train, y_train, x_holdout, y_holdout, seed)
+
+
+def _split(
+    x: npt.NDArray[np.float32], target: object, seed: int
+) -> tuple[
+    npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int64]
+]:
+    """``(x_train, y_train, x_holdout, y_holdout)``, read-only."""
+    y = np.asarray(target, dtype=np.int64)
     x_train, x_holdout, y_train, y_holdout = train_test_split(
         x, y, test_size=HOLDOUT_FRACTION, stratify=y, random_state=seed
     )
-    return DigitsSplit(
-        x_train=_read_only(np.asarray(x_train, dtype=np.float32)),
-        y_train=_read_only(np.asarray(y_train, dtype=np.int64)),
-        x_holdout=_read_only(np.asarray(x_holdout, dtype=np.float32)),
-        y_holdout=_read_only(np.asarray(y_holdout, dtype=np.int64)),
-        seed=seed,
+    return (
+        _read_only(np.asarray(x_train, dtype=np.float32)),
+        _read_only(np.asarray(y_train, dtype=np.int64)),
+        _read_only(np.asarray(x_holdout, dtype=np.float32)),
+        _read_only(np.asarray(y_holdout, dtype=np.int64)),
     )
 
 

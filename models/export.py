@@ -1,10 +1,15 @@
 """Hand-built ONNX graphs (``onnx.helper``) from trained dense-layer weights.
 
-Every exported model has the same signature, which is the contract with devices:
+Every exported classifier has one float32 input ``[N, features]`` and two outputs, which
+is the contract with devices:
 
-* input ``pixels``: float32 ``[N, 64]``, 8x8 digit pixels scaled to ``[0, 1]`` (raw / 16);
-* output ``probabilities``: float32 ``[N, 10]``, softmax over the ten digits;
-* output ``label``: int64 ``[N]``, the argmax digit.
+* output ``probabilities``: float32 ``[N, classes]``, softmax over the classes;
+* output ``label``: int64 ``[N]``, the argmax class.
+
+The digits models read input ``pixels`` (8x8 digit pixels scaled to ``[0, 1]``, raw / 16,
+``[N, 64]``, 10 classes); the vitals models read ``features`` (30 raw measurements,
+``[N, 30]``, 2 classes) and standardise them in the graph (``Sub`` then ``Div``), so a
+device feeds what its sensors give.
 
 Models use the default ONNX domain at opset :data:`OPSET` only, so any onnxruntime from 1.14
 on runs them with the plain ``CPUExecutionProvider``.
@@ -20,8 +25,8 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from models.datasets import N_CLASSES, N_FEATURES
-from models.train import DenseLayer
+from models.datasets import N_CLASSES, N_FEATURES, VITALS_FEATURES
+from models.train import DenseLayer, Standardizer
 
 __all__ = [
     "EXPORTER_VERSION",
@@ -33,6 +38,8 @@ __all__ = [
     "OUTPUT_NAMES",
     "PROBABILITIES_OUTPUT",
     "PRODUCER_NAME",
+    "VITALS_INPUT_NAME",
+    "VITALS_INPUT_SHAPE",
     "SlowRefinement",
     "export_classifier",
     "export_slow_classifier",
@@ -47,6 +54,8 @@ OPSET = 17
 IR_VERSION = 8
 INPUT_NAME = "pixels"
 INPUT_SHAPE: tuple[int | str, ...] = ("N", N_FEATURES)
+VITALS_INPUT_NAME = "features"
+VITALS_INPUT_SHAPE: tuple[int | str, ...] = ("N", VITALS_FEATURES)
 PROBABILITIES_OUTPUT = "probabilities"
 LABEL_OUTPUT = "label"
 OUTPUT_NAMES: tuple[str, ...] = (PROBABILITIES_OUTPUT, LABEL_OUTPUT)
@@ -99,7 +108,8 @@ class SlowRefinement:
 
 
 class _GraphBuilder:
-    def __init__(self) -> None:
+    def __init__(self, input_name: str) -> None:
+        self.input_name = input_name
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
 
@@ -121,18 +131,28 @@ class _GraphBuilder:
             y = self.op("Relu", [y], f"{prefix}.relu")
         return y
 
-    def finish(self, logits: str, graph_name: str, doc_string: str) -> onnx.ModelProto:
+    def standardize(self, x: str, standardizer: Standardizer) -> str:
+        mean = self.const("standardize.mean", standardizer.mean)
+        scale = self.const("standardize.scale", standardizer.scale)
+        return self.op(
+            "Div", [self.op("Sub", [x, mean], "standardize.sub"), scale], "standardize.out"
+        )
+
+    def finish(
+        self, logits: str, graph_name: str, doc_string: str, *, features: int, classes: int
+    ) -> onnx.ModelProto:
+        batch = INPUT_SHAPE[0]
         self.op("Softmax", [logits], PROBABILITIES_OUTPUT, axis=-1)
         self.op("ArgMax", [logits], LABEL_OUTPUT, axis=1, keepdims=0)
         graph = helper.make_graph(
             self.nodes,
             graph_name,
-            [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, list(INPUT_SHAPE))],
+            [helper.make_tensor_value_info(self.input_name, TensorProto.FLOAT, [batch, features])],
             [
                 helper.make_tensor_value_info(
-                    PROBABILITIES_OUTPUT, TensorProto.FLOAT, [INPUT_SHAPE[0], N_CLASSES]
+                    PROBABILITIES_OUTPUT, TensorProto.FLOAT, [batch, classes]
                 ),
-                helper.make_tensor_value_info(LABEL_OUTPUT, TensorProto.INT64, [INPUT_SHAPE[0]]),
+                helper.make_tensor_value_info(LABEL_OUTPUT, TensorProto.INT64, [batch]),
             ],
             self.initializers,
         )
@@ -149,14 +169,28 @@ class _GraphBuilder:
 
 
 def export_classifier(
-    layers: Sequence[DenseLayer], *, graph_name: str, doc_string: str = ""
+    layers: Sequence[DenseLayer],
+    *,
+    graph_name: str,
+    doc_string: str = "",
+    input_name: str = INPUT_NAME,
+    standardizer: Standardizer | None = None,
 ) -> onnx.ModelProto:
-    """Dense layers -> ``MatMul+Add(+Relu)`` chain, then ``Softmax`` and ``ArgMax``."""
-    g = _GraphBuilder()
-    x = INPUT_NAME
+    """[``Sub+Div``] then dense layers as a ``MatMul+Add(+Relu)`` chain, then ``Softmax``
+    and ``ArgMax``; the input width is the first layer's, the class count the last one's."""
+    if not layers:
+        raise ValueError("a classifier needs at least one layer")
+    g = _GraphBuilder(input_name)
+    x = input_name if standardizer is None else g.standardize(input_name, standardizer)
     for i, layer in enumerate(layers):
         x = g.dense(x, layer, f"dense{i}")
-    return g.finish(x, graph_name, doc_string)
+    return g.finish(
+        x,
+        graph_name,
+        doc_string,
+        features=layers[0].weight.shape[0],
+        classes=layers[-1].weight.shape[1],
+    )
 
 
 def export_slow_classifier(
@@ -175,7 +209,7 @@ def export_slow_classifier(
     """
     if len(layers) < 2:
         raise ValueError("the refinement block needs a hidden layer to read from")
-    g = _GraphBuilder()
+    g = _GraphBuilder(INPUT_NAME)
     x = INPUT_NAME
     for i, layer in enumerate(layers[:-1]):
         x = g.dense(x, layer, f"dense{i}")
@@ -197,7 +231,7 @@ def export_slow_classifier(
     delta = g.op("Sub", [z, z0], "refine.delta")
     nudge = g.op("MatMul", [delta, "refine.readout"], "refine.nudge")
     logits = g.op("Add", [logits, nudge], "refine.logits")
-    return g.finish(logits, graph_name, doc_string)
+    return g.finish(logits, graph_name, doc_string, features=N_FEATURES, classes=N_CLASSES)
 
 
 def set_metadata(model: onnx.ModelProto, props: Mapping[str, str]) -> None:
