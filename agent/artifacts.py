@@ -1,20 +1,22 @@
-"""The device's artifact store: verified chunks in, verified model files out.
+"""The device's artifact store: verified chunks in, verified whole files out.
 
 Layout under the store's root::
 
     partial/<sha256>/<index>   chunks already checked against the artifact meta
-    models/<sha256>.onnx       whole files checked against the signed manifest
+    models/<sha256>.onnx       model files checked against the signed manifest
+    golden/<sha256>.msgpack    golden sets (self-test vectors), checked the same way
 
-A model file appears under ``models/`` only by an atomic rename after its sha256
-and size matched the manifest, so a crash never leaves a partially written model
-where the agent would load it. Chunks are kept across restarts, so a fetch resumes.
-Every method blocks (hashing, fsync): the agent calls them from a thread.
+A whole file appears under ``models/`` or ``golden/`` only by an atomic rename after
+its sha256 and size matched the manifest, so a crash never leaves a partially written
+file where the agent would read it. Chunks are kept across restarts, so a fetch
+resumes. Every method blocks (hashing, fsync): the agent calls them from a thread.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
+from enum import StrEnum
 from pathlib import Path
 from typing import Final
 
@@ -22,9 +24,22 @@ from schemas import ArtifactError, ArtifactMeta, ArtifactRef
 from schemas.artifact import check_whole
 from storage import atomic_write
 
-__all__ = ["ArtifactStore"]
+__all__ = ["ArtifactKind", "ArtifactStore"]
 
 _HASH_BLOCK: Final = 1 << 20
+
+
+class ArtifactKind(StrEnum):
+    """What an artifact holds, which says where its verified file lives."""
+
+    MODEL = "model"
+    GOLDEN = "golden"
+
+
+_LAYOUT: Final = {
+    ArtifactKind.MODEL: ("models", ".onnx"),
+    ArtifactKind.GOLDEN: ("golden", ".msgpack"),
+}
 
 
 def _sha256_file(path: Path) -> str:
@@ -37,21 +52,24 @@ def _sha256_file(path: Path) -> str:
 
 class ArtifactStore:
     def __init__(self, root: Path) -> None:
-        self._models = root / "models"
+        self._root = root
         self._partial = root / "partial"
-        self._models.mkdir(parents=True, exist_ok=True)
+        for folder, _ in _LAYOUT.values():
+            (root / folder).mkdir(parents=True, exist_ok=True)
         self._partial.mkdir(parents=True, exist_ok=True)
 
-    def model_path(self, sha256: str) -> Path:
-        return self._models / f"{sha256}.onnx"
+    def path(self, sha256: str, kind: ArtifactKind) -> Path:
+        """Where the verified file of artifact ``sha256`` lives (or will)."""
+        folder, suffix = _LAYOUT[kind]
+        return self._root / folder / f"{sha256}{suffix}"
 
-    def verified(self, ref: ArtifactRef) -> Path | None:
-        """The model file for ``ref`` if present and intact, else None.
+    def verified(self, ref: ArtifactRef, kind: ArtifactKind) -> Path | None:
+        """The whole file for ``ref`` if present and intact, else None.
 
         A file that is present but does not hash right (disk corruption, tampering)
         is removed so it is fetched again.
         """
-        path = self.model_path(ref.sha256)
+        path = self.path(ref.sha256, kind)
         if not path.exists():
             return None
         if path.stat().st_size == ref.size and _sha256_file(path) == ref.sha256:
@@ -71,8 +89,8 @@ class ArtifactStore:
             return set()
         return {int(p.name) for p in folder.iterdir() if p.name.isdigit()}
 
-    def assemble(self, meta: ArtifactMeta) -> Path:
-        """Join the chunks, check the whole file, and publish it into ``models/``.
+    def assemble(self, meta: ArtifactMeta, kind: ArtifactKind) -> Path:
+        """Join the chunks, check the whole file, and publish it where ``kind`` goes.
 
         Raises:
             ArtifactError: ARTIFACT_MISMATCH when the whole does not hash right (the
@@ -85,7 +103,7 @@ class ArtifactStore:
         except ArtifactError:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        path = self.model_path(meta.sha256)
+        path = self.path(meta.sha256, kind)
         atomic_write(path, data, mode=0o600)
         shutil.rmtree(folder, ignore_errors=True)
         return path

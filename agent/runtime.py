@@ -2,12 +2,13 @@
 
 Loading, self-testing and running all block (they are onnxruntime calls), so the
 agent calls them from threads. A slot is only built from a file whose sha256 was
-verified against a signed manifest.
+verified against a signed manifest, and a golden set is only read from such a file.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,12 +16,33 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from schemas import ArtifactError, Reason, Release
+from schemas import (
+    ArtifactError,
+    GoldenSet,
+    MalformedPayloadError,
+    Reason,
+    Release,
+    decode,
+    golden_mismatches,
+)
+from schemas.golden import MAX_GOLDEN_BYTES
 from schemas.manifest import dtype_name
 
-__all__ = ["Feed", "InferenceResult", "ModelSlot"]
+__all__ = ["Feed", "InferenceResult", "ModelSlot", "read_golden"]
 
 Feed = dict[str, npt.NDArray[np.generic]]
+
+
+def read_golden(path: Path) -> GoldenSet:
+    """The golden set in a verified artifact file.
+
+    Raises:
+        ArtifactError: MALFORMED when the file is not a golden set.
+    """
+    try:
+        return decode(path.read_bytes(), GoldenSet, max_bytes=MAX_GOLDEN_BYTES)
+    except MalformedPayloadError as exc:
+        raise ArtifactError(Reason.MALFORMED, f"golden set does not decode: {exc}") from exc
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,7 +80,7 @@ class ModelSlot:
             raise ArtifactError(Reason.MODEL_LOAD_FAILED, f"onnxruntime: {exc}") from exc
         self._check_io()
         self.providers = tuple(self._session.get_providers())
-        self._outputs = [o.name for o in release.outputs]
+        self._output_names = [o.name for o in release.outputs]
 
     def _check_io(self) -> None:
         declared = {t.name: t.dtype for t in self.release.inputs}
@@ -75,6 +97,27 @@ class ModelSlot:
                     f"model output {spec.name}: {outputs.get(spec.name)} is not {spec.dtype}",
                 )
 
+    def _session_run(self, feed: Mapping[str, npt.NDArray[np.generic]]) -> list[object]:
+        try:
+            outputs: list[object] = self._session.run(self._output_names, dict(feed))
+        except Exception as exc:  # any onnxruntime failure is an inference error
+            msg = f"inference failed: {exc}"
+            raise ValueError(msg) from exc
+        return outputs
+
+    def outputs(
+        self, feed: Mapping[str, npt.NDArray[np.generic]]
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        """Every output the release declares, by name, for one feed.
+
+        Raises:
+            ValueError: the model failed on this input.
+        """
+        values = self._session_run(feed)
+        return {
+            name: np.asarray(value) for name, value in zip(self._output_names, values, strict=True)
+        }
+
     def run(self, feed: Feed) -> InferenceResult:
         """Run one inference.
 
@@ -83,11 +126,7 @@ class ModelSlot:
                 the caller counts it as an inference error.
         """
         start = time.perf_counter()
-        try:
-            outputs = self._session.run(self._outputs, feed)
-        except Exception as exc:  # any onnxruntime failure is an inference error
-            msg = f"inference failed: {exc}"
-            raise ValueError(msg) from exc
+        outputs = self._session_run(feed)
         latency_ms = (time.perf_counter() - start) * 1000.0
         confidence: float | None = None
         label: int | None = None
@@ -103,13 +142,42 @@ class ModelSlot:
                 label = int(array.reshape(-1)[0])
         return InferenceResult(latency_ms=latency_ms, confidence=confidence, label=label)
 
-    def self_test(self, feed: Feed) -> None:
-        """Run once on a real input before taking traffic.
+    def self_test(self, check: GoldenSet | Feed) -> None:
+        """Prove the model before it takes traffic.
+
+        With a golden set, which must have been made for this very model, every case
+        must give its expected outputs (``schemas.golden_mismatches``); without one, a
+        run on a real input must succeed.
 
         Raises:
-            ArtifactError: SELF_TEST_FAILED.
+            ArtifactError: SELF_TEST_FAILED, saying which case and output failed.
         """
-        try:
-            self.run(feed)
-        except ValueError as exc:
-            raise ArtifactError(Reason.SELF_TEST_FAILED, str(exc)) from exc
+        if not isinstance(check, GoldenSet):
+            try:
+                self.run(check)
+            except ValueError as exc:
+                raise ArtifactError(Reason.SELF_TEST_FAILED, str(exc)) from exc
+            return
+        own = self.release.artifact.sha256
+        if check.model_sha256 != own:
+            raise ArtifactError(
+                Reason.SELF_TEST_FAILED,
+                f"golden set made for model {check.model_sha256[:12]}, not {own[:12]}",
+            )
+        cases = iter(range(len(check.cases)))
+
+        def run_case(
+            feed: Mapping[str, npt.NDArray[np.generic]],
+        ) -> dict[str, npt.NDArray[np.generic]]:
+            index = next(cases)  # golden_mismatches runs the cases in order
+            try:
+                return self.outputs(feed)
+            except ValueError as exc:
+                raise ArtifactError(Reason.SELF_TEST_FAILED, f"golden case {index}: {exc}") from exc
+
+        problems = golden_mismatches(check, run_case)
+        if problems:
+            raise ArtifactError(
+                Reason.SELF_TEST_FAILED,
+                f"golden set ({len(check.cases)} cases) not matched: {'; '.join(problems)}",
+            )

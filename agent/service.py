@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from agent.artifacts import ArtifactStore
+from agent.artifacts import ArtifactKind, ArtifactStore
 from agent.bundle import Bundle
 from agent.health import SoakStats, judge
 from agent.lifecycle import IN_FLIGHT, Stage, Step, advance
 from agent.outbox import Outbox
-from agent.runtime import Feed, InferenceResult, ModelSlot
+from agent.runtime import Feed, InferenceResult, ModelSlot, read_golden
 from agent.store import AgentStore, PersistedState
 from agent.telemetry import TelemetryWindow
 from broker.session import Endpoint, Message, Session, TransportError, Will
@@ -276,7 +276,9 @@ class Agent:
             except RejectedError as exc:
                 log.warning("%s: stored trust no longer valid: %s", self.device_id, exc)
         if state.active is not None:
-            path = await asyncio.to_thread(self._artifacts.verified, state.active.artifact)
+            path = await asyncio.to_thread(
+                self._artifacts.verified, state.active.artifact, ArtifactKind.MODEL
+            )
             if path is not None:
                 try:
                     slot = await asyncio.to_thread(ModelSlot, state.active, path)
@@ -502,14 +504,21 @@ class Agent:
             return False
         self._step(Step.TARGET)
         try:
-            path = await self._fetch(release.artifact)
+            path = await self._fetch(release.artifact, ArtifactKind.MODEL)
+            golden = (
+                None
+                if release.golden is None
+                else await self._fetch(release.golden, ArtifactKind.GOLDEN)
+            )
             self._step(Step.FETCHED)
-            feed = self._source()  # on the loop, like every other call of the source
-            slot = await asyncio.to_thread(self._load, release, path, feed)
-        except TimeoutError:
+            # The self-test runs the release's golden set, or else one real input (the
+            # source is called on the loop, like everywhere else).
+            check = golden if golden is not None else self._source()
+            slot = await asyncio.to_thread(self._load, release, path, check)
+        except TimeoutError as exc:
             # Transient (the broker or the artifact is not there yet): not a verdict.
             self._step(Step.FAILED)
-            detail = "artifact fetch timed out; retrying"
+            detail = f"{exc}; retrying"
             self._last_rejection = Rejection(
                 reason=Reason.FETCH_TIMEOUT.value, detail=detail, at=self._clock()
             )
@@ -553,9 +562,11 @@ class Agent:
         return False
 
     @staticmethod
-    def _load(release: Release, path: Path, feed: Feed) -> ModelSlot:
+    def _load(release: Release, path: Path, check: Path | Feed) -> ModelSlot:
+        """Load the model beside the one serving and self-test it with ``check``: the
+        file of the release's golden set, or else one real input."""
         slot = ModelSlot(release, path)
-        slot.self_test(feed)
+        slot.self_test(read_golden(check) if isinstance(check, Path) else check)
         return slot
 
     async def _soak_slot(self, soak: _Soak) -> tuple[Verdict, tuple[str, ...]]:
@@ -600,14 +611,14 @@ class Agent:
         await self._save(last_health=report)
         await self._publish_retained(DeviceChannel.HEALTH, encode(report))
 
-    async def _fetch(self, ref: ArtifactRef) -> Path:
-        """The verified model file for ``ref``, fetched over MQTT when missing.
+    async def _fetch(self, ref: ArtifactRef, kind: ArtifactKind) -> Path:
+        """The verified file for ``ref``, fetched over MQTT when missing.
 
         Raises:
             ArtifactError, MalformedPayloadError: a bad meta, chunk or whole file.
             TimeoutError: the artifact did not arrive within the fetch timeout.
         """
-        path = await asyncio.to_thread(self._artifacts.verified, ref)
+        path = await asyncio.to_thread(self._artifacts.verified, ref, kind)
         if path is not None:
             return path
         queue: asyncio.Queue[Message] = asyncio.Queue()
@@ -625,14 +636,22 @@ class Agent:
                         except TransportError as exc:
                             log.info("%s: subscribe failed, retrying: %s", self.device_id, exc)
                     await asyncio.sleep(self._config.reconnect_s)
-                return await self._collect(ref, queue)
+                return await self._collect(ref, kind, queue)
+        except TimeoutError as exc:
+            msg = (
+                f"{kind} artifact {ref.sha256[:12]} not fetched within "
+                f"{self._config.fetch_timeout_s:g} s"
+            )
+            raise TimeoutError(msg) from exc
         finally:
             del self._fetches[ref.sha256]
             if subscribed is not None and subscribed is self._session:
                 with contextlib.suppress(TransportError):
                     await subscribed.unsubscribe(topics.artifact_chunks(ref.sha256))
 
-    async def _collect(self, ref: ArtifactRef, queue: asyncio.Queue[Message]) -> Path:
+    async def _collect(
+        self, ref: ArtifactRef, kind: ArtifactKind, queue: asyncio.Queue[Message]
+    ) -> Path:
         """Checked chunks to disk as they come, resuming from those kept before; the
         whole file once none is missing. Hashing runs in a thread."""
         have = await asyncio.to_thread(self._artifacts.stored_chunks, ref.sha256)
@@ -651,7 +670,7 @@ class Agent:
             if accepted:
                 await asyncio.to_thread(self._artifacts.keep_chunks, ref.sha256, accepted)
             if collector.complete and collector.meta is not None:
-                return await asyncio.to_thread(self._artifacts.assemble, collector.meta)
+                return await asyncio.to_thread(self._artifacts.assemble, collector.meta, kind)
 
     # -- MQTT link ---------------------------------------------------------------------
 

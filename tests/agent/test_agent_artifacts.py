@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.artifacts import ArtifactStore
-from models import DemoModel
+from agent.artifacts import ArtifactKind, ArtifactStore
+from models import DemoModel, DigitsSplit
 from schemas import ArtifactError, ArtifactMeta, ArtifactRef, Reason, encode, split_artifact
 from schemas.artifact import ChunkCollector
+from tests.agent.goldens import golden_for
 
 CHUNK = 4096
+MODEL = ArtifactKind.MODEL
 
 
 @pytest.fixture
@@ -57,14 +59,14 @@ def test_chunked_artifact_assembles_to_the_exact_bytes_and_only_then_appears(
 
     for index in reversed(range(len(chunks))):  # arrival order does not matter
         _keep(store, meta, {index: chunks[index]})
-        assert store.verified(_ref(meta)) is None
+        assert store.verified(_ref(meta), MODEL) is None
         assert list((tmp_path / "models").iterdir()) == []
     assert _missing(store, meta) == []
 
-    path = store.assemble(meta)
-    assert path == store.model_path(meta.sha256)
+    path = store.assemble(meta, MODEL)
+    assert path == store.path(meta.sha256, MODEL)
     assert path.read_bytes() == model_bytes
-    assert store.verified(_ref(meta)) == path
+    assert store.verified(_ref(meta), MODEL) == path
     assert list((tmp_path / "models").iterdir()) == [path]
 
 
@@ -99,7 +101,7 @@ def test_fetch_resumes_after_restart_with_the_chunks_already_stored(
     missing = _missing(after, meta)
     assert missing == [i for i in range(len(chunks)) if i not in stored]
     _keep(after, meta, {index: chunks[index] for index in missing})
-    assert after.assemble(meta).read_bytes() == model_bytes
+    assert after.assemble(meta, MODEL).read_bytes() == model_bytes
 
 
 def test_chunk_rotting_on_disk_before_assembly_is_caught_and_the_fetch_restarts(
@@ -112,9 +114,9 @@ def test_chunk_rotting_on_disk_before_assembly_is_caught_and_the_fetch_restarts(
     rotten.write_bytes(_flip(rotten.read_bytes(), 7))
 
     with pytest.raises(ArtifactError) as caught:
-        store.assemble(meta)
+        store.assemble(meta, MODEL)
     assert caught.value.reason is Reason.ARTIFACT_MISMATCH
-    assert store.verified(_ref(meta)) is None
+    assert store.verified(_ref(meta), MODEL) is None
     assert _missing(store, meta) == list(range(len(chunks)))
 
 
@@ -125,9 +127,36 @@ def test_model_file_corrupted_on_disk_is_detected_and_removed(
     meta, chunks = split
     store = ArtifactStore(tmp_path)
     _keep(store, meta, dict(enumerate(chunks)))
-    path = store.assemble(meta)
+    path = store.assemble(meta, MODEL)
     data = path.read_bytes()
     path.write_bytes(_flip(data, len(data) // 2) if damage == "bit flip" else data[:-10])
 
-    assert store.verified(_ref(meta)) is None
+    assert store.verified(_ref(meta), MODEL) is None
     assert not path.exists()
+
+
+def test_golden_set_lands_in_its_own_folder_and_models_keep_their_layout(
+    tmp_path: Path,
+    demo_models: dict[str, DemoModel],
+    digits_split: DigitsSplit,
+    split: tuple[ArtifactMeta, list[bytes]],
+) -> None:
+    payload = encode(golden_for(demo_models["digits-v2"], digits_split))
+    golden_meta, golden_chunks = split_artifact(payload, name="digits-v2-golden", chunk_size=CHUNK)
+    model_meta, model_chunks = split
+    store = ArtifactStore(tmp_path)
+    _keep(store, golden_meta, dict(enumerate(golden_chunks)))
+    _keep(store, model_meta, dict(enumerate(model_chunks)))
+
+    golden = store.assemble(golden_meta, ArtifactKind.GOLDEN)
+    model = store.assemble(model_meta, MODEL)
+    assert golden == tmp_path / "golden" / f"{golden_meta.sha256}.msgpack"
+    assert golden.read_bytes() == payload
+    # Where agents before golden sets kept their models: a restart still finds them.
+    assert model == tmp_path / "models" / f"{model_meta.sha256}.onnx"
+    assert list((tmp_path / "models").iterdir()) == [model]
+    assert store.verified(_ref(golden_meta), ArtifactKind.GOLDEN) == golden
+    assert store.verified(_ref(model_meta), MODEL) == model
+    # The kind is part of the name: a golden set is never taken for a model.
+    assert store.verified(_ref(golden_meta), MODEL) is None
+    assert golden.exists()

@@ -9,10 +9,22 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from agent.runtime import Feed, ModelSlot
+from agent.runtime import Feed, ModelSlot, read_golden
 from agent.telemetry import TelemetryWindow
 from models import INPUT_NAME, DemoModel, DigitsSplit, DigitsStream
-from schemas import ArtifactError, Reason, Release, Runtime, TensorSpec
+from models.export import LABEL_OUTPUT, PROBABILITIES_OUTPUT
+from schemas import (
+    ArtifactError,
+    ArtifactRef,
+    GoldenSet,
+    Reason,
+    Release,
+    Runtime,
+    Tensor,
+    TensorSpec,
+    encode,
+)
+from tests.agent.goldens import TOLERANCE, golden_for, with_output
 
 
 @pytest.fixture
@@ -125,3 +137,116 @@ def test_self_test_on_a_bad_input_fails_with_self_test_failed(
     with pytest.raises(ArtifactError) as caught:
         slot.self_test({INPUT_NAME: np.zeros((1, 10), dtype=np.float32)})
     assert caught.value.reason is Reason.SELF_TEST_FAILED
+
+
+# -- golden self-tests: the model must reproduce the outputs it was published with ------
+
+
+@pytest.fixture(scope="module")
+def v1_golden(demo_models: dict[str, DemoModel], digits_split: DigitsSplit) -> GoldenSet:
+    return golden_for(demo_models["digits-v1"], digits_split)
+
+
+@pytest.fixture
+def v1_slot(v1_release: Release, v1_path: Path) -> ModelSlot:
+    return ModelSlot(v1_release, v1_path)
+
+
+def _self_test_failure(slot: ModelSlot, golden: GoldenSet) -> str:
+    with pytest.raises(ArtifactError) as caught:
+        slot.self_test(golden)
+    assert caught.value.reason is Reason.SELF_TEST_FAILED
+    return caught.value.detail
+
+
+def _probabilities(golden: GoldenSet, case: int) -> np.ndarray:
+    return np.array(golden.cases[case].outputs[PROBABILITIES_OUTPUT].array())
+
+
+def test_golden_sets_made_with_each_model_pass_its_self_test(
+    v1_slot: ModelSlot,
+    v2_slot: ModelSlot,
+    v1_golden: GoldenSet,
+    demo_models: dict[str, DemoModel],
+    digits_split: DigitsSplit,
+) -> None:
+    assert len(v1_golden.cases) == 9  # eight single digits and a batch of them
+    v1_slot.self_test(v1_golden)
+    v2_slot.self_test(golden_for(demo_models["digits-v2"], digits_split))
+
+
+def test_probability_off_by_more_than_its_tolerance_fails_naming_case_and_output(
+    v1_slot: ModelSlot, v1_golden: GoldenSet
+) -> None:
+    label = int(v1_golden.cases[3].outputs[LABEL_OUTPUT].array()[0])
+    within = _probabilities(v1_golden, 3)
+    within[0, label] += TOLERANCE.atol / 2
+    v1_slot.self_test(with_output(v1_golden, 3, PROBABILITIES_OUTPUT, Tensor.of(within)))
+
+    beyond = _probabilities(v1_golden, 3)
+    beyond[0, label] -= 0.01
+    detail = _self_test_failure(
+        v1_slot, with_output(v1_golden, 3, PROBABILITIES_OUTPUT, Tensor.of(beyond))
+    )
+    assert "case 3: probabilities differs by up to 0.01" in detail
+    assert "case 2" not in detail
+    assert "case 4" not in detail
+
+
+def test_changed_label_fails_exactly(v1_slot: ModelSlot, v1_golden: GoldenSet) -> None:
+    labels = np.array(v1_golden.cases[5].outputs[LABEL_OUTPUT].array())
+    labels[0] = (labels[0] + 1) % 10
+    detail = _self_test_failure(v1_slot, with_output(v1_golden, 5, LABEL_OUTPUT, Tensor.of(labels)))
+    assert "case 5: label is" in detail
+    assert "case 4" not in detail
+    assert "case 6" not in detail
+
+
+def test_golden_set_naming_another_model_fails_before_running(
+    v1_slot: ModelSlot, v1_golden: GoldenSet, demo_models: dict[str, DemoModel]
+) -> None:
+    other = demo_models["digits-v2"].sha256
+    detail = _self_test_failure(v1_slot, v1_golden.model_copy(update={"model_sha256": other}))
+    assert detail == (
+        f"golden set made for model {other[:12]}, not {v1_slot.release.artifact.sha256[:12]}"
+    )
+
+
+def test_digits_v1_golden_set_fails_against_digits_v2(
+    v2_slot: ModelSlot, v1_golden: GoldenSet
+) -> None:
+    assert "golden set made for model" in _self_test_failure(v2_slot, v1_golden)
+    # Even relabelled for v2, v1's outputs are not v2's: the comparison catches it.
+    relabelled = v1_golden.model_copy(update={"model_sha256": v2_slot.release.artifact.sha256})
+    detail = _self_test_failure(v2_slot, relabelled)
+    assert "case 0: probabilities differs by up to" in detail
+
+
+def test_model_failing_on_a_golden_input_fails_the_self_test(
+    v1_slot: ModelSlot, v1_golden: GoldenSet
+) -> None:
+    case = v1_golden.cases[2]
+    narrow = np.zeros((1, 63), dtype=np.float32)
+    broken = case.model_copy(update={"inputs": {INPUT_NAME: Tensor.of(narrow)}})
+    cases = (*v1_golden.cases[:2], broken, *v1_golden.cases[3:])
+    detail = _self_test_failure(v1_slot, v1_golden.model_copy(update={"cases": cases}))
+    assert detail.startswith("golden case 2: inference failed")
+
+
+def test_golden_file_reads_back_and_anything_else_is_malformed(
+    v1_golden: GoldenSet, tmp_path: Path
+) -> None:
+    path = tmp_path / "golden.msgpack"
+    path.write_bytes(encode(v1_golden))
+    assert read_golden(path) == v1_golden
+    others = {
+        "garbage": b"\xc1 not msgpack",
+        "another message": encode(ArtifactRef(sha256="0" * 64, size=1)),
+        "truncated": encode(v1_golden)[:-100],
+    }
+    for label, data in others.items():
+        path.write_bytes(data)
+        with pytest.raises(ArtifactError) as caught:
+            read_golden(path)
+        assert caught.value.reason is Reason.MALFORMED, label
+        assert caught.value.detail.startswith("golden set does not decode: "), label

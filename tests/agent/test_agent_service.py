@@ -6,6 +6,7 @@ handler, real SQLite and TinyDB stores. Checks what the agent does and stores.""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 import sqlite3
 import threading
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from agent import Agent, AgentConfig, Bundle, Feed
+from agent.artifacts import ArtifactKind, ArtifactStore
 from agent.lifecycle import Stage
 from agent.outbox import EVENT
 from agent.store import AgentStore
@@ -26,10 +28,11 @@ from broker.config import BrokerPorts
 from broker.launcher import free_ports
 from broker.session import Message
 from edgefleet.home import Home
-from models import INPUT_NAME, DemoModel, DigitsStream
+from models import INPUT_NAME, DemoModel, DigitsSplit, DigitsStream
 from schemas import (
     MANIFEST_KIND,
     TRUST_KIND,
+    ArtifactRef,
     Event,
     EventKind,
     KeyPair,
@@ -49,6 +52,7 @@ from schemas.envelope import public_raw
 from schemas.manifest import RolloutCohort
 from schemas.trust import RoleKeys, TrustDoc
 from tests.agent.conftest import release_of
+from tests.agent.goldens import golden_for
 
 HW_CLASS = "jetson-vision-standard"
 DEVICE = "jetson-000"
@@ -373,6 +377,106 @@ def test_stable_target_that_failed_is_tried_again_under_a_later_seq(
     assert agent._persisted.failed == (f"seq1:{sha}", f"seq2:{sha}")
 
 
+# -- golden self-tests: fetched beside the model, judged before the swap ------------------
+
+
+def golden_ref(payload: bytes) -> ArtifactRef:
+    return ArtifactRef(sha256=hashlib.sha256(payload).hexdigest(), size=len(payload))
+
+
+def stock_golden(data_dir: Path, payload: bytes) -> ArtifactRef:
+    """Put a golden set's bytes in the agent's store, as an earlier fetch would have."""
+    ref = golden_ref(payload)
+    path = ArtifactStore(data_dir / "artifacts").path(ref.sha256, ArtifactKind.GOLDEN)
+    path.write_bytes(payload)
+    return ref
+
+
+@pytest.fixture
+def v2_golden(
+    demo_models: dict[str, DemoModel], digits_split: DigitsSplit, v2: Release
+) -> tuple[Release, bytes]:
+    """v2 naming its golden set, and the golden set's bytes."""
+    payload = encode(golden_for(demo_models["digits-v2"], digits_split))
+    return v2.model_copy(update={"golden": golden_ref(payload)}), payload
+
+
+def test_golden_fetch_timeout_is_retried_and_the_golden_set_then_passes(
+    home: Home,
+    tmp_path: Path,
+    demo_models: dict[str, DemoModel],
+    v1: Release,
+    v2_golden: tuple[Release, bytes],
+) -> None:
+    stock(tmp_path, demo_models["digits-v1"], demo_models["digits-v2"])
+    checked, payload = v2_golden
+    ref = checked.golden
+    assert ref is not None
+    agent = make(home, tmp_path, fetch_timeout_s=0.3)
+
+    def timeouts() -> list[Event]:
+        return [e for e in events(tmp_path) if e.reason == Reason.FETCH_TIMEOUT.value]
+
+    async def scenario() -> None:
+        async with running(agent) as task:
+            await deliver(agent, topics.trust(), home.trust())
+            await deliver_manifest(agent, signed(home, 1, v1))
+            await serving(agent, task, v1)
+            await deliver_manifest(agent, signed(home, 2, v1, checked))
+            # The model is on disk, its golden set is not, and no broker is there.
+            await until(timeouts, "the golden fetch to time out", task)
+            assert timeouts()[0].detail.startswith(
+                f"golden artifact {ref.sha256[:12]} not fetched within 0.3 s"
+            )
+            assert agent.active_release == v1
+            assert agent._persisted.failed == ()
+            assert not verdict_on(agent, "r1"), "a transient failure is no verdict"
+            assert stock_golden(tmp_path, payload) == ref
+            await until(lambda: verdict_on(agent, "r1"), "a verdict on the candidate", task)
+            await serving(agent, task, checked)
+            report = agent._persisted.last_health
+            assert report is not None
+            assert report.verdict is Verdict.HEALTHY
+
+    asyncio.run(scenario())
+
+
+def test_malformed_golden_set_fails_the_update_and_keeps_the_model_served(
+    home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release, v2: Release
+) -> None:
+    stock(tmp_path, demo_models["digits-v1"], demo_models["digits-v2"])
+    checked = v2.model_copy(update={"golden": stock_golden(tmp_path, b"\xc1 not a golden set")})
+    agent = make(home, tmp_path)
+
+    async def scenario() -> None:
+        async with running(agent) as task:
+            await deliver(agent, topics.trust(), home.trust())
+            await deliver_manifest(agent, signed(home, 1, v1))
+            await serving(agent, task, v1)
+            await deliver_manifest(agent, signed(home, 2, v1, checked))
+            await until(lambda: verdict_on(agent, "r1"), "a verdict on the candidate", task)
+            report = agent._persisted.last_health
+            assert report is not None
+            assert report.verdict is Verdict.UNHEALTHY
+            assert report.reasons == (Reason.MALFORMED.value,)
+            assert agent.active_release == v1
+            assert agent.stage is Stage.DEGRADED
+            assert agent._persisted.failed == (f"r1:{v2.artifact.sha256}",)
+            served = agent.inferences_total
+            await until(lambda: agent.inferences_total > served + 10, "inference on v1", task)
+            await until(
+                lambda: any(e.kind is EventKind.ARTIFACT_REJECTED for e in events(tmp_path)),
+                "the artifact_rejected event",
+                task,
+            )
+
+    asyncio.run(scenario())
+    (rejected,) = [e for e in events(tmp_path) if e.kind is EventKind.ARTIFACT_REJECTED]
+    assert rejected.reason == Reason.MALFORMED.value
+    assert rejected.detail.startswith("golden set does not decode: malformed: not msgpack")
+    assert rejected.release == checked.release_id
+
+
 # -- 4, 5: failing support parts never stop inference; the newest state is on disk -------
 
 
@@ -580,7 +684,9 @@ def test_fetch_takes_chunks_in_any_order_and_resumes_from_disk(
             queue.put_nowait(retained(topics.artifact_meta(sha), encode(meta)))
             for index in range(len(chunks)):
                 queue.put_nowait(retained(topics.artifact_chunk(sha, index), chunks[index]))
-            return await asyncio.wait_for(agent._collect(v1.artifact, queue), GUARD_S)
+            return await asyncio.wait_for(
+                agent._collect(v1.artifact, ArtifactKind.MODEL, queue), GUARD_S
+            )
         finally:
             await asyncio.to_thread(agent._close_stores)
 
