@@ -4,11 +4,15 @@ rollout status. Used by the ``edgefleet rollout`` commands."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass
 
 from broker.session import Session
-from coordinator.validate import ModelFacts
+from coordinator.profiles import ClassProfile
+from coordinator.validate import ModelFacts, golden_problems
+from coordinator.variants import Built, rank_variants
 from schemas import (
     ROLLOUT_SPEC_KIND,
     ArtifactMeta,
@@ -16,8 +20,11 @@ from schemas import (
     Candidate,
     Desired,
     KeyPair,
+    PolicyError,
+    Reason,
     RolloutSpec,
     RolloutStatus,
+    Variant,
     decode,
     encode,
     seal,
@@ -28,6 +35,7 @@ from schemas.artifact import DEFAULT_CHUNK_BYTES
 from schemas.envelope import Envelope
 
 __all__ = [
+    "VariantFile",
     "describe_candidate",
     "next_generation",
     "publish_artifact",
@@ -61,20 +69,56 @@ async def publish_artifact(
     return meta
 
 
-def describe_candidate(data: bytes, *, name: str) -> Candidate:
-    """The candidate entry of a spec, read from the model itself (blocking).
+@dataclass(frozen=True)
+class VariantFile:
+    """One build of the model to roll out, and its golden self-test vectors."""
+
+    label: str
+    model: bytes
+    golden: bytes | None = None
+
+
+def describe_candidate(
+    name: str,
+    files: Sequence[VariantFile],
+    profiles: Mapping[str, ClassProfile],
+    classes: Sequence[str],
+) -> Candidate:
+    """The candidate entry of a spec, read from the models themselves, checked the way
+    the coordinator will check it before anything is published (blocking).
 
     Raises:
-        ValueError: the model does not load.
+        ValueError: a model does not load.
+        PolicyError: PROFILE_MISMATCH when a golden set fails on its own model, a class
+            is unknown, a variant fits none of the classes or a class none of the variants.
     """
-    facts = ModelFacts(data)
-    meta, _ = split_artifact(data, name=name)
-    return Candidate(
-        name=name,
-        artifact=ArtifactRef(sha256=meta.sha256, size=meta.size),
-        inputs=facts.inputs,
-        outputs=facts.outputs,
-    )
+    unknown = [c for c in classes if c not in profiles]
+    if unknown:
+        raise PolicyError(Reason.PROFILE_MISMATCH, f"unknown classes {unknown}")
+    built = []
+    problems = []
+    for file in files:
+        facts = ModelFacts(file.model)
+        variant = Variant(
+            label=file.label,
+            artifact=_ref(file.model),
+            golden=None if file.golden is None else _ref(file.golden),
+            inputs=facts.inputs,
+            outputs=facts.outputs,
+        )
+        if file.golden is not None:
+            problems += [
+                f"variant {file.label}: {p}" for p in golden_problems(facts, variant, file.golden)
+            ]
+        built.append(Built(variant, facts))
+    problems += rank_variants(built, profiles, classes).problems
+    if problems:
+        raise PolicyError(Reason.PROFILE_MISMATCH, "; ".join(problems))
+    return Candidate(name=name, variants=tuple(b.variant for b in built))
+
+
+def _ref(data: bytes) -> ArtifactRef:
+    return ArtifactRef(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
 
 
 async def submit_spec(session: Session, spec: RolloutSpec, key: KeyPair) -> None:

@@ -10,13 +10,17 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Final, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from models.precision import Precision
 from schemas import HealthBudget, RolloutSpec, Runtime
 
 __all__ = [
     "DEFAULT_PROFILES",
+    "PRECISIONS",
+    "AccuracyGate",
     "ClassProfile",
     "RolloutDefaults",
     "load_profiles",
@@ -24,6 +28,21 @@ __all__ = [
 ]
 
 DEFAULT_PROFILES = Path(__file__).with_name("classes.toml")
+PRECISIONS: Final[tuple[Precision, ...]] = get_args(Precision)
+
+
+class AccuracyGate(BaseModel):
+    """The coordinator's accuracy check of a candidate variant for a class, before any
+    device of it sees the variant: ``models.gate.check_candidate`` on the named data
+    set's held-out split, against the class's stable release (``edgefleet model
+    validate`` is the same check)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dataset: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    """``<datasets_dir>/<dataset>.npz`` in the coordinator's configuration."""
+    max_drop_points: float = Field(default=1.0, ge=0.0, le=100.0)
+    min_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class RolloutDefaults(BaseModel):
@@ -44,12 +63,23 @@ class ClassProfile(BaseModel):
     name: str
     description: str = ""
     providers: tuple[str, ...] = Field(min_length=1)
-    precisions: tuple[str, ...] = ("fp32",)
+    precisions: tuple[Precision, ...] = Field(default=("fp32",), min_length=1)
+    """What the class may run, most wanted first: of a rollout's variants, the class
+    gets the first precision here that fits and passes the gate (the smaller on a tie)."""
     max_model_bytes: int = Field(gt=0)
+    gate: AccuracyGate | None = None
     intra_op_threads: int = Field(default=1, ge=1, le=64)
     health: HealthBudget
     rollout: RolloutDefaults = RolloutDefaults()
     manifest_ttl_s: float = Field(default=86_400.0, gt=0.0)
+
+    @field_validator("precisions")
+    @classmethod
+    def _distinct(cls, precisions: tuple[Precision, ...]) -> tuple[Precision, ...]:
+        if len(set(precisions)) != len(precisions):
+            msg = f"precisions repeat: {precisions}"
+            raise ValueError(msg)
+        return precisions
 
     @property
     def runtime(self) -> Runtime:

@@ -34,12 +34,12 @@ from typing import TypeVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from broker.session import ConnectRefused, Endpoint, Message, Session, TransportError, Will
+from coordinator.admission import Selection, select_releases
 from coordinator.artifacts import ArtifactStore
 from coordinator.fleet import FleetView
 from coordinator.profiles import ClassProfile, rollout_policy
 from coordinator.rollout import Action, RolloutRecord, apply, cutoff_bp, decide
 from coordinator.store import ClassRecord, CoordinatorStore
-from coordinator.validate import ModelFacts, problems_for_class
 from schemas import (
     MANIFEST_KIND,
     OFFLINE,
@@ -99,6 +99,8 @@ class CoordinatorConfig:
     """How often, at most, the store learns that the coordinator still watches."""
     probe_s: float = 2.0
     """On connect, how long to wait for the broker's retained artifact metas."""
+    datasets_dir: Path | None = None
+    """Held-out data sets (``<name>.npz``) the classes' accuracy gates name."""
 
 
 _RECONNECT_MAX_S = 10.0
@@ -137,7 +139,7 @@ class _Claim:
     """A spec being validated: its classes and artifact are spoken for."""
 
     classes: frozenset[str]
-    sha256: str
+    shas: frozenset[str]
 
 
 class Coordinator:
@@ -308,6 +310,7 @@ class Coordinator:
             counts=record.counts,
             classes=record.classes,
             release=record.release_id if record.candidates else None,
+            releases={name: r.release_id for name, r in record.candidates.items()},
             reason=record.reason,
             updated_at=record.updated_at,
         )
@@ -316,11 +319,14 @@ class Coordinator:
     def _referenced(self) -> set[str]:
         """Artifacts a manifest names or will name: stables, live candidates, and the
         candidates being validated."""
-        shas = {c.stable.artifact.sha256 for c in self._classes.values() if c.stable is not None}
+        releases = [c.stable for c in self._classes.values() if c.stable is not None]
         for record in self._rollouts.values():
             if record.phase in (Phase.WAVE, Phase.PAUSED):
-                shas |= {r.artifact.sha256 for r in record.candidates.values()}
-        shas |= {claim.sha256 for claim in self._claims.values()}
+                releases += record.candidates.values()
+        shas = {r.artifact.sha256 for r in releases}
+        shas |= {r.golden.sha256 for r in releases if r.golden is not None}
+        for claim in self._claims.values():
+            shas |= claim.shas
         return shas | set(self._fetches)
 
     async def _retained_metas(self, wanted: set[str]) -> dict[str, bytes]:
@@ -587,7 +593,7 @@ class Coordinator:
         if busy:
             problems.append(f"classes already in rollout {busy}")
         if not problems:
-            self._claims[spec.id] = _Claim(frozenset(spec.classes), spec.candidate.artifact.sha256)
+            self._claims[spec.id] = _Claim(frozenset(spec.classes), spec.candidate.artifacts())
         return problems
 
     def _record(
@@ -627,7 +633,7 @@ class Coordinator:
         it: WAVE (or PAUSED, as the spec wishes), or REJECTED with reasons, before any
         device sees it. A generation held meanwhile is applied before any manifest."""
         try:
-            problems = await self._validate(spec)
+            selection = await self._validate(spec)
         except TransportError as exc:
             log.warning("coordinator: spec %s deferred to the next connection: %s", spec.id, exc)
             async with self._rollout_lock:
@@ -636,18 +642,10 @@ class Coordinator:
                 self._deferred[spec.id] = payload if held is None else held[1]
             await self._audit("spec_deferred", spec.id, str(exc))
             return
-        candidates = {}
-        if not problems:
-            for name in spec.classes:
-                profile = self._config.profiles[name]
-                candidates[name] = Release(
-                    name=spec.candidate.name,
-                    artifact=spec.candidate.artifact,
-                    runtime=profile.runtime,
-                    inputs=spec.candidate.inputs,
-                    outputs=spec.candidate.outputs,
-                    health=profile.health,
-                )
+        problems = list(selection.problems)
+        candidates = selection.releases
+        for note in selection.notes:
+            await self._audit("gate", spec.id, note)
         async with self._rollout_lock:
             self._claims.pop(spec.id, None)
             # A newer generation that came while we validated decides the phase we
@@ -682,17 +680,37 @@ class Coordinator:
         if problems:
             await self._prune_artifacts()
 
-    async def _validate(self, spec: RolloutSpec) -> list[str]:
-        """Raises: TransportError when the broker could not be asked for the artifact."""
+    async def _validate(self, spec: RolloutSpec) -> Selection:
+        """Fetch every artifact the candidate names and each gated class's stable model,
+        then select a release per class (``coordinator.admission``).
+
+        Raises: TransportError when the broker could not be asked for an artifact.
+        """
+        refs = [v.artifact for v in spec.candidate.variants]
+        refs += [v.golden for v in spec.candidate.variants if v.golden is not None]
+        gated = [
+            (name, record.stable)
+            for name in spec.classes
+            if self._config.profiles[name].gate is not None
+            and (record := self._classes.get(name)) is not None
+            and record.stable is not None
+        ]
         try:
-            data = await self._candidate_bytes(spec.candidate.artifact)
-            facts = await asyncio.to_thread(ModelFacts, data)
-        except (RejectedError, TimeoutError, ValueError) as exc:
-            return [f"artifact: {exc or 'not found in time'}"]
-        problems: list[str] = []
-        for name in spec.classes:
-            problems += problems_for_class(facts, spec.candidate, self._config.profiles[name])
-        return problems
+            blobs = {ref.sha256: await self._candidate_bytes(ref) for ref in refs}
+            stables = {
+                name: (stable, await self._candidate_bytes(stable.artifact))
+                for name, stable in gated
+            }
+        except (RejectedError, TimeoutError) as exc:
+            return Selection({}, (f"artifact: {exc or 'not found in time'}",), ())
+        return await asyncio.to_thread(
+            select_releases,
+            spec,
+            blobs,
+            stables,
+            self._config.profiles,
+            self._config.datasets_dir,
+        )
 
     async def _candidate_bytes(self, ref: ArtifactRef) -> bytes:
         """The artifact's checked bytes, from our own copy or fetched once for every

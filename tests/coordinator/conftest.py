@@ -13,7 +13,7 @@ from coordinator.profiles import ClassProfile, load_profiles
 from coordinator.rollout import RolloutRecord
 from models import INPUT_NAME, DemoModel, build_demo_models
 from models.export import LABEL_OUTPUT, PROBABILITIES_OUTPUT
-from schemas import ArtifactRef, Candidate, Phase, Release, TensorSpec
+from schemas import ArtifactRef, Phase, Release, TensorSpec, Variant
 
 CLASS = "jetson-vision-standard"
 T0 = 1_700_000_000.0
@@ -30,11 +30,11 @@ def profiles() -> dict[str, ClassProfile]:
 
 
 @pytest.fixture(scope="session")
-def digits_candidates(demo_models: dict[str, DemoModel]) -> dict[str, Candidate]:
-    """Each demo model as an operator declares it: the models' documented I/O contract."""
+def digits_variants(demo_models: dict[str, DemoModel]) -> dict[str, Variant]:
+    """Each digits demo model as an operator declares it: the models' documented I/O."""
     return {
-        name: Candidate(
-            name=name,
+        name: Variant(
+            label="fp32",
             artifact=ArtifactRef(sha256=model.sha256, size=model.size),
             inputs=(TensorSpec(name=INPUT_NAME, dtype="float32", shape=("N", 64)),),
             outputs=(
@@ -43,18 +43,18 @@ def digits_candidates(demo_models: dict[str, DemoModel]) -> dict[str, Candidate]
             ),
         )
         for name, model in demo_models.items()
+        if name.startswith("digits-")
     }
 
 
 @pytest.fixture
-def record(
-    profiles: dict[str, ClassProfile], digits_candidates: dict[str, Candidate]
-) -> RolloutRecord:
+def record(profiles: dict[str, ClassProfile], digits_variants: dict[str, Variant]) -> RolloutRecord:
     """digits-v2 admitted for jetson-vision-standard, in its first wave of 10/50/100 %."""
     profile = profiles[CLASS]
-    candidate = digits_candidates["digits-v2"]
+    candidate = digits_variants["digits-v2"]
     release = Release(
-        name=candidate.name,
+        name="digits-v2",
+        variant=candidate.label,
         artifact=candidate.artifact,
         runtime=profile.runtime,
         inputs=candidate.inputs,

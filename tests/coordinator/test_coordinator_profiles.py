@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from coordinator.profiles import DEFAULT_PROFILES, load_profiles, rollout_policy
-from schemas import ArtifactRef, Candidate, RolloutSpec, TensorSpec
+from schemas import ArtifactRef, Candidate, RolloutSpec, TensorSpec, Variant
 
 GOOD = """
 [classes.edge-cpu]
@@ -55,6 +55,13 @@ def test_minimal_class_gets_bounded_defaults(tmp_path: Path) -> None:
         ("max_model_bytes = 1_000_000", "max_model_bytes = 1_000_000\nrollout = { wave = [50] }"),
         ("max_model_bytes = 1_000_000", "max_model_bytes = 0"),
         ('providers = ["CPUExecutionProvider"]', "providers = []"),
+        ("max_model_bytes = 1_000_000", 'max_model_bytes = 1_000_000\nprecisions = ["int4"]'),
+        (
+            "max_model_bytes = 1_000_000",
+            'max_model_bytes = 1_000_000\nprecisions = ["fp32", "fp32"]',
+        ),
+        ("max_model_bytes = 1_000_000", "max_model_bytes = 1_000_000\nprecisions = []"),
+        ("max_model_bytes = 1_000_000", 'max_model_bytes = 1_000_000\ngate = { dataset = "../x" }'),
     ],
 )
 def test_class_with_an_unknown_key_or_bad_value_is_refused(
@@ -76,9 +83,14 @@ def test_file_that_is_not_toml_is_refused(tmp_path: Path) -> None:
 def _spec(classes: tuple[str, ...], **fields: float) -> RolloutSpec:
     candidate = Candidate(
         name="m",
-        artifact=ArtifactRef(sha256="0" * 64, size=1),
-        inputs=(TensorSpec(name="x", dtype="float32", shape=(1,)),),
-        outputs=(TensorSpec(name="y", dtype="float32", shape=(1,)),),
+        variants=(
+            Variant(
+                label="fp32",
+                artifact=ArtifactRef(sha256="0" * 64, size=1),
+                inputs=(TensorSpec(name="x", dtype="float32", shape=(1,)),),
+                outputs=(TensorSpec(name="y", dtype="float32", shape=(1,)),),
+            ),
+        ),
     )
     return RolloutSpec(
         id="r",

@@ -10,7 +10,7 @@ import pytest
 from coordinator.profiles import ClassProfile, load_profiles
 from coordinator.validate import ModelFacts, problems_for_class
 from models import DemoModel
-from schemas import Candidate, TensorSpec
+from schemas import TensorSpec, Variant
 
 TIGHT_CLASS = """
 [classes.tiny-mcu]
@@ -35,55 +35,56 @@ def facts(demo_models: dict[str, DemoModel]) -> dict[str, ModelFacts]:
 def test_model_facts_describe_the_real_file(
     facts: dict[str, ModelFacts],
     demo_models: dict[str, DemoModel],
-    digits_candidates: dict[str, Candidate],
+    digits_variants: dict[str, Variant],
 ) -> None:
-    for name, model in demo_models.items():
+    for name, variant in digits_variants.items():
+        model = demo_models[name]
         assert facts[name].size == model.size
         assert facts[name].precision == "fp32"
-        assert facts[name].inputs == digits_candidates[name].inputs
+        assert facts[name].inputs == variant.inputs
         assert [o.name for o in facts[name].outputs] == list(model.output_names)
 
 
 def test_digits_v2_fits_every_shipped_class_that_runs_fp32(
     facts: dict[str, ModelFacts],
-    digits_candidates: dict[str, Candidate],
+    digits_variants: dict[str, Variant],
     profiles: dict[str, ClassProfile],
 ) -> None:
     assert "fp32" in profiles["medical-cart-cpu"].precisions
     for profile in profiles.values():
-        assert problems_for_class(facts["digits-v2"], digits_candidates["digits-v2"], profile) == []
+        assert problems_for_class(facts["digits-v2"], digits_variants["digits-v2"], profile) == []
 
 
 def test_slow_build_is_refused_by_a_class_with_a_one_megabyte_limit(
     tmp_path: Path,
     facts: dict[str, ModelFacts],
-    digits_candidates: dict[str, Candidate],
+    digits_variants: dict[str, Variant],
 ) -> None:
     small = _profile(tmp_path, max_bytes="1_000_000", precisions='["fp32"]')
     slow = facts["digits-v2-slow"]
     assert slow.size > 1_000_000
-    problems = problems_for_class(slow, digits_candidates["digits-v2-slow"], small)
+    problems = problems_for_class(slow, digits_variants["digits-v2-slow"], small)
     assert problems == [f"{slow.size} bytes exceed tiny-mcu's limit of 1000000"]
     # The same limit lets the real v2 through: the size, not the class, refused it.
-    assert problems_for_class(facts["digits-v2"], digits_candidates["digits-v2"], small) == []
+    assert problems_for_class(facts["digits-v2"], digits_variants["digits-v2"], small) == []
 
 
 def test_fp32_model_is_refused_by_an_int8_only_class(
     tmp_path: Path,
     facts: dict[str, ModelFacts],
-    digits_candidates: dict[str, Candidate],
+    digits_variants: dict[str, Variant],
 ) -> None:
     int8_only = _profile(tmp_path, max_bytes="200_000_000", precisions='["int8"]')
-    problems = problems_for_class(facts["digits-v2"], digits_candidates["digits-v2"], int8_only)
+    problems = problems_for_class(facts["digits-v2"], digits_variants["digits-v2"], int8_only)
     assert problems == ["fp32 is not among tiny-mcu's ('int8',)"]
 
 
 def test_candidate_declaring_inputs_the_model_lacks_is_refused(
     facts: dict[str, ModelFacts],
-    digits_candidates: dict[str, Candidate],
+    digits_variants: dict[str, Variant],
     profiles: dict[str, ClassProfile],
 ) -> None:
-    honest = digits_candidates["digits-v2"]
+    honest = digits_variants["digits-v2"]
     lies = [
         (TensorSpec(name="image", dtype="float32", shape=("N", 64)),),
         (TensorSpec(name="pixels", dtype="uint8", shape=("N", 64)),),
@@ -98,10 +99,10 @@ def test_candidate_declaring_inputs_the_model_lacks_is_refused(
 
 def test_candidate_declaring_outputs_the_model_lacks_is_refused(
     facts: dict[str, ModelFacts],
-    digits_candidates: dict[str, Candidate],
+    digits_variants: dict[str, Variant],
     profiles: dict[str, ClassProfile],
 ) -> None:
-    honest = digits_candidates["digits-v2"]
+    honest = digits_variants["digits-v2"]
     liar = honest.model_copy(
         update={"outputs": (TensorSpec(name="label", dtype="float32", shape=("N",)),)}
     )

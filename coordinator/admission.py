@@ -1,0 +1,173 @@
+"""Admitting a rollout spec: which release each class's manifest will name, or why
+none can be published.
+
+Every variant must load, declare its inputs and outputs truthfully, and pass its own
+golden vectors; every variant must fit some class of the rollout and every class some
+variant (``coordinator.variants``); then each class takes the most wanted fitting
+variant that passes the class's accuracy gate against the release the class runs now.
+The gate is ``models.gate`` (``score_model`` and ``judge``, which ``check_candidate``
+composes for ``edgefleet model validate``): the same check, with each model scored once.
+Blocking (onnxruntime): the coordinator runs it in a thread with every artifact
+already fetched and checked against its sha256.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.profiles import ClassProfile
+from coordinator.validate import ModelFacts, golden_problems
+from coordinator.variants import Built, rank_variants
+from models.datafile import DataSet, load_dataset
+from models.gate import GateReport, Scored, judge, score_model
+from schemas import Release, RolloutSpec, UsageError
+
+__all__ = ["Selection", "select_releases"]
+
+
+@dataclass(frozen=True)
+class Selection:
+    releases: dict[str, Release]
+    """Class -> the release its manifest will name; empty when refused."""
+    problems: tuple[str, ...]
+    notes: tuple[str, ...]
+    """What the gate measured for each class, for the audit log."""
+
+
+def select_releases(
+    spec: RolloutSpec,
+    blobs: Mapping[str, bytes],
+    stables: Mapping[str, tuple[Release, bytes]],
+    profiles: Mapping[str, ClassProfile],
+    datasets_dir: Path | None,
+) -> Selection:
+    """``blobs``: every artifact the candidate names, by sha256; ``stables``: the
+    release each class runs now and its model bytes (classes without one are absent)."""
+    built: list[Built] = []
+    problems: list[str] = []
+    for variant in spec.candidate.variants:
+        try:
+            facts = ModelFacts(blobs[variant.artifact.sha256])
+        except ValueError as exc:
+            problems.append(f"variant {variant.label}: {exc}")
+            continue
+        if variant.golden is not None:
+            problems += [
+                f"variant {variant.label}: {p}"
+                for p in golden_problems(facts, variant, blobs[variant.golden.sha256])
+            ]
+        built.append(Built(variant, facts))
+    if problems:
+        return Selection({}, tuple(problems), ())
+    ranking = rank_variants(built, profiles, spec.classes)
+    if ranking.problems:
+        return Selection({}, ranking.problems, ())
+
+    releases: dict[str, Release] = {}
+    notes: list[str] = []
+    datasets: dict[str, DataSet] = {}
+    scores = _Scores(blobs)
+    for name in spec.classes:
+        profile = profiles[name]
+        order = ranking.order[name]
+        chosen: Built | None = order[0]
+        refused: list[str] = []
+        if profile.gate is not None:
+            try:
+                data = datasets.get(profile.gate.dataset) or _holdout(
+                    datasets_dir, profile.gate.dataset
+                )
+            except UsageError as exc:
+                problems.append(f"{name}: accuracy gate: {exc}")
+                continue
+            datasets[profile.gate.dataset] = data
+            chosen, refused, note = _gate(order, data, stables.get(name), profile, scores)
+            if note:
+                notes.append(f"{name}: {note}")
+            if refused:
+                notes.append(f"{name}: gate refused {' | '.join(refused)}")
+        if chosen is None:
+            problems.append(f"{name}: no variant passes the accuracy gate ({' | '.join(refused)})")
+            continue
+        releases[name] = Release(
+            name=spec.candidate.name,
+            variant=chosen.variant.label,
+            artifact=chosen.variant.artifact,
+            golden=chosen.variant.golden,
+            runtime=profile.runtime,
+            inputs=chosen.variant.inputs,
+            outputs=chosen.variant.outputs,
+            health=profile.health,
+        )
+    if problems:
+        return Selection({}, tuple(problems), tuple(notes))
+    return Selection(releases, (), tuple(notes))
+
+
+class _Scores:
+    """Each model scored once per data set, however many classes gate on it."""
+
+    def __init__(self, blobs: Mapping[str, bytes]) -> None:
+        self._blobs = blobs
+        self._done: dict[tuple[str, str], Scored] = {}
+
+    def get(self, sha256: str, data: DataSet, role: str, model: bytes | None = None) -> Scored:
+        """Raises: ValueError: the model does not load or does not fit the data."""
+        key = (sha256, data.source)
+        if key not in self._done:
+            blob = self._blobs[sha256] if model is None else model
+            self._done[key] = score_model(blob, data, role=role)
+        return self._done[key]
+
+
+def _gate(
+    order: Sequence[Built],
+    data: DataSet,
+    stable: tuple[Release, bytes] | None,
+    profile: ClassProfile,
+    scores: _Scores,
+) -> tuple[Built | None, list[str], str]:
+    """The first of ``order`` that passes the class's gate, why the ones before it did
+    not, and what the gate measured for the one chosen."""
+    assert profile.gate is not None
+    refused = []
+    for b in order:
+        try:
+            candidate = scores.get(b.variant.artifact.sha256, data, "candidate")
+            baseline = (
+                None
+                if stable is None
+                else scores.get(stable[0].artifact.sha256, data, "baseline", stable[1])
+            )
+            report = judge(
+                candidate,
+                baseline,
+                max_drop_points=profile.gate.max_drop_points,
+                min_accuracy=profile.gate.min_accuracy,
+            )
+        except ValueError as exc:
+            refused.append(f"{b.variant.label}: {exc}")
+            continue
+        if report.passed:
+            return b, refused, f"{b.variant.label} {_measured(report)}"
+        refused.append(f"{b.variant.label}: {'; '.join(report.problems)}")
+    return None, refused, ""
+
+
+def _holdout(datasets_dir: Path | None, dataset: str) -> DataSet:
+    """Raises: UsageError: no such data set, or one without labelled held-out data."""
+    if datasets_dir is None:
+        msg = f"no data sets are configured, and the class needs {dataset!r}"
+        raise UsageError(msg)
+    return load_dataset(datasets_dir / f"{dataset}.npz", "holdout")
+
+
+def _measured(report: GateReport) -> str:
+    text = f"accuracy {report.candidate.accuracy * 100:.2f}%"
+    if report.baseline is not None:
+        text += f", stable {report.baseline.accuracy * 100:.2f}%"
+    if report.agreement is not None:
+        text += f", agreement {report.agreement * 100:.1f}%"
+    return text
