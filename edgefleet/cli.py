@@ -24,11 +24,14 @@ from coordinator.operator import (
     submit_spec,
     watch_status,
 )
-from coordinator.profiles import DEFAULT_PROFILES
+from coordinator.profiles import DEFAULT_PROFILES, PRECISIONS, load_profiles
 from edgefleet.demo import run_demo
 from edgefleet.home import OPERATOR, Home
+from edgefleet.modeltools import optimize_for_classes, validate_model
 from edgefleet.runner import coordinator_config, make_agent, start_rollout
 from models import build_demo_models
+from models.datafile import load_dataset
+from models.gate import format_report
 from schemas import Desired, EdgefleetError, Role, RolloutStatus
 
 __all__ = ["main"]
@@ -75,7 +78,12 @@ def _broker_up(args: argparse.Namespace) -> int:
 
 def _coordinator_run(args: argparse.Namespace) -> int:
     home = _home(args)
-    config = coordinator_config(home, Path(args.data), Path(args.classes))
+    config = coordinator_config(
+        home,
+        Path(args.data),
+        Path(args.classes),
+        datasets_dir=Path(args.datasets) if args.datasets else None,
+    )
     asyncio.run(Coordinator(config).run())
     return 0
 
@@ -104,7 +112,8 @@ def _rollout_start(args: argparse.Namespace) -> int:
                 home,
                 model,
                 rollout_id=rollout_id,
-                name=args.name or model.stem,
+                name=args.name,
+                profiles=load_profiles(Path(args.classes)),
                 classes=tuple(args.hw_class),
                 waves=tuple(float(w) for w in args.waves.split(",")),
                 canaries=tuple(args.canary),
@@ -175,10 +184,45 @@ def _rollout_change(desired: Desired) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def _models_build(args: argparse.Namespace) -> int:
+def _model_build(args: argparse.Namespace) -> int:
     for model in build_demo_models(Path(args.out)).values():
         print(f"{model.name:<15} {model.path}  accuracy {model.holdout_accuracy:.4f}")
+    print(f"data sets (calibration and held-out splits): {Path(args.out)}/<task>.npz")
     return 0
+
+
+def _model_optimize(args: argparse.Namespace) -> int:
+    model = Path(args.model)
+    calibration = load_dataset(Path(args.calibration), "calibration")
+    holdout = load_dataset(Path(args.data or args.calibration), "holdout")
+    out = Path(args.out) if args.out else model.with_name(f"{model.stem}.variants")
+    precisions = tuple(args.precision) or None
+    _, text = optimize_for_classes(
+        model,
+        calibration,
+        holdout,
+        load_profiles(Path(args.classes)),
+        out_dir=out,
+        precisions=precisions,
+        name=args.name,
+        threads=args.threads,
+    )
+    print(text)
+    return 0
+
+
+def _model_validate(args: argparse.Namespace) -> int:
+    report = validate_model(
+        Path(args.candidate),
+        Path(args.baseline) if args.baseline else None,
+        load_dataset(Path(args.data), "holdout"),
+        max_drop_points=args.max_drop,
+        min_accuracy=args.min_accuracy,
+        latency_runs=args.runs,
+        threads=args.threads,
+    )
+    print(format_report(report))
+    return 0 if report.passed else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -215,6 +259,9 @@ def _parser() -> argparse.ArgumentParser:
     p = coord.add_parser("run", help="run the coordinator")
     p.add_argument("--classes", default=str(DEFAULT_PROFILES), help="hardware class profiles")
     p.add_argument("--data", default=".edgefleet/coordinator-data")
+    p.add_argument(
+        "--datasets", help="folder of held-out data sets (<name>.npz) for the accuracy gates"
+    )
     p.set_defaults(func=_coordinator_run)
 
     agent = sub.add_parser("agent", help="the device side").add_subparsers(required=True)
@@ -232,8 +279,17 @@ def _parser() -> argparse.ArgumentParser:
     rollout = sub.add_parser("rollout", help="rollouts").add_subparsers(required=True)
     p = rollout.add_parser("start", help="publish a model and a signed rollout spec")
     p.add_argument("--class", dest="hw_class", action="append", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--name", help="release name (default: the model file's stem)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="an ONNX file, or a folder of variants written by 'edgefleet model optimize'",
+    )
+    p.add_argument("--name", help="release name (default: the bundle's or the file's name)")
+    p.add_argument(
+        "--classes",
+        default=str(DEFAULT_PROFILES),
+        help="class profiles to check the variants against before publishing",
+    )
     p.add_argument("--waves", default="10,50,100", help="cumulative percentages per wave")
     p.add_argument("--canary", action="append", default=[], help="device in every wave")
     p.add_argument("--success-ratio", type=float, help="healthy share that promotes a wave")
@@ -255,10 +311,45 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("rollout_id")
         p.set_defaults(func=_rollout_change(desired))
 
-    models = sub.add_parser("models", help="demo models").add_subparsers(required=True)
-    p = models.add_parser("build", help="train the demo models and export them to ONNX")
+    model = sub.add_parser("model", help="models: build, optimise, validate")
+    models = model.add_subparsers(required=True)
+    p = models.add_parser("build", help="train the demo models, export them to ONNX")
     p.add_argument("--out", default="demo-models")
-    p.set_defaults(func=_models_build)
+    p.set_defaults(func=_model_build)
+    p = models.add_parser(
+        "optimize",
+        help="build per-class variants (fp32, fp16, int8 static and dynamic) with golden vectors",
+    )
+    p.add_argument("model", help="the fp32 ONNX model")
+    p.add_argument("--calibration", required=True, help="data set (.npz) to calibrate int8 with")
+    p.add_argument(
+        "--data", help="labelled held-out data set (.npz); default: the calibration file's"
+    )
+    p.add_argument("--classes", default=str(DEFAULT_PROFILES), help="hardware class profiles")
+    p.add_argument(
+        "--precision",
+        action="append",
+        default=[],
+        choices=PRECISIONS,
+        help="build only these (repeatable); default: every precision some class runs",
+    )
+    p.add_argument("--name", help="release name (default: the model file's stem)")
+    p.add_argument("--out", help="output folder (default: MODEL's stem + .variants)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads when timing")
+    p.set_defaults(func=_model_optimize)
+    p = models.add_parser(
+        "validate", help="the accuracy gate: a candidate against a baseline on held-out data"
+    )
+    p.add_argument("candidate")
+    p.add_argument("--baseline", help="the model the fleet runs now")
+    p.add_argument("--data", required=True, help="labelled held-out data set (.npz)")
+    p.add_argument(
+        "--max-drop", type=float, default=1.0, help="accuracy points the candidate may lose"
+    )
+    p.add_argument("--min-accuracy", type=float, help="absolute floor (0..1)")
+    p.add_argument("--runs", type=int, default=200, help="single-sample runs timed per model")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads when timing")
+    p.set_defaults(func=_model_validate)
 
     p = sub.add_parser("demo", help="broker, coordinator, fleet and three rollouts, live")
     p.add_argument("--devices-per-class", type=int, default=12)

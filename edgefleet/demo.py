@@ -1,6 +1,7 @@
 """``edgefleet demo``: a broker, a coordinator and a fleet of agents in two hardware
-classes; a first install, a rollout in three waves, and a bad build stopped and
-rolled back by its health reports. Shown live; ends by itself and cleans up."""
+classes; a first install, a model optimised into one variant per class and rolled out
+in three waves, and a bad build stopped and rolled back by its health reports. Shown
+live; ends by itself and cleans up."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from pathlib import Path
 from typing import TextIO
 
 from broker.session import Session
+from coordinator import load_profiles
+from edgefleet.modeltools import optimize_for_classes
 from edgefleet.runner import Fleet, start_rollout
 from models import DemoModel, build_demo_models
+from models.datafile import load_dataset
 from schemas import DeviceState, Phase, RolloutStatus, decode, topics
 from schemas.topics import DeviceChannel, TopicKind
 
@@ -114,18 +118,37 @@ async def _scenario(fleet: Fleet, demo_models: dict[str, DemoModel], watch: _Wat
     canaries = tuple(
         next(d for d, c in fleet.home.devices().items() if c == hw_class) for hw_class in CLASSES
     )
+    profiles = load_profiles(fleet.profiles)
+    v3 = demo_models["digits-v3"]
+    watch.say("== optimise digits-v3 for the hardware classes (edgefleet model optimize)")
+    _, report = await asyncio.to_thread(
+        optimize_for_classes,
+        v3.path,
+        load_dataset(v3.dataset, "calibration"),
+        load_dataset(v3.dataset, "holdout"),
+        {c: profiles[c] for c in CLASSES},
+        out_dir=fleet.workdir / "digits-v3.variants",
+    )
+    for line in report.splitlines():
+        watch.say(f"  {line}")
     plan = (
-        ("install-v1", "digits-v1", (100.0,), Phase.COMPLETED, "first install of digits-v1"),
         (
-            "upgrade-v2",
-            "digits-v2",
+            "install-v1",
+            demo_models["digits-v1"].path,
+            (100.0,),
+            Phase.COMPLETED,
+            "first install of digits-v1",
+        ),
+        (
+            "upgrade-v3",
+            fleet.workdir / "digits-v3.variants",
             (10.0, 50.0, 100.0),
             Phase.COMPLETED,
-            "roll out digits-v2 in three waves (canaries, 10%, 50%, 100%)",
+            "roll out digits-v3, one variant per class, in three waves (canaries, 10%, 50%, 100%)",
         ),
         (
             "bad-build",
-            "digits-v2-slow",
+            demo_models["digits-v2-slow"].path,
             (10.0, 50.0, 100.0),
             Phase.ROLLED_BACK,
             "roll out digits-v2-slow, a build far over the latency budget",
@@ -138,14 +161,19 @@ async def _scenario(fleet: Fleet, demo_models: dict[str, DemoModel], watch: _Wat
             await start_rollout(
                 operator,
                 fleet.home,
-                demo_models[model].path,
+                model,
                 rollout_id=rollout_id,
-                name=model,
+                profiles=profiles,
                 classes=CLASSES,
                 waves=waves,
                 canaries=canaries if len(waves) > 1 else (),
             )
             status = await watch.until_final(rollout_id, timeout=90.0)
+            if status.releases:
+                watch.say(
+                    "releases: "
+                    + ", ".join(f"{c}: {r}" for c, r in sorted(status.releases.items()))
+                )
             await asyncio.sleep(1.0)
             watch.say(f"fleet: {watch.fleet_line()}")
             if status.phase is not expected:
@@ -157,13 +185,17 @@ async def _scenario(fleet: Fleet, demo_models: dict[str, DemoModel], watch: _Wat
 async def _run(workdir: Path, devices_per_class: int, out: TextIO) -> bool:
     started = time.monotonic()
     watch = _Watch(out, started)
-    watch.say("building demo models from scikit-learn's digits data set ...")
+    watch.say("building demo models from scikit-learn's bundled data sets ...")
     demo_models = await asyncio.to_thread(build_demo_models, workdir / "models")
     for m in demo_models.values():
         watch.say(
             f"  {m.name:<15} {m.size / 1024:7.1f} KiB  held-out accuracy {m.holdout_accuracy:.3f}"
         )
-    fleet = Fleet(workdir=workdir, classes=dict.fromkeys(CLASSES, devices_per_class))
+    fleet = Fleet(
+        workdir=workdir,
+        classes=dict.fromkeys(CLASSES, devices_per_class),
+        datasets_dir=workdir / "models",
+    )
     await asyncio.to_thread(fleet.setup)
     try:
         watch.say(

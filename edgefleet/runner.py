@@ -11,19 +11,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from agent import Agent, AgentConfig, Bundle, Feed
 from broker.config import BrokerPorts
 from broker.launcher import MosquittoBroker, free_ports
 from broker.session import Session
 from coordinator import Coordinator, CoordinatorConfig, load_profiles
-from coordinator.operator import describe_candidate, publish_artifact, submit_spec
-from coordinator.profiles import DEFAULT_PROFILES
+from coordinator.operator import VariantFile, describe_candidate, publish_artifact, submit_spec
+from coordinator.profiles import DEFAULT_PROFILES, ClassProfile
 from edgefleet.home import COORDINATOR, OPERATOR, Home
 from models import INPUT_NAME, DigitsStream
+from models.optimize import read_bundle
+from models.precision import detect_precision
 from schemas import Role, RolloutSpec
 
-__all__ = ["Fleet", "digits_source", "start_rollout"]
+__all__ = ["Fleet", "digits_source", "read_variants", "start_rollout"]
 
 
 def digits_source(seed: int) -> Iterator[Feed]:
@@ -42,9 +45,14 @@ class _Source:
 
 
 def coordinator_config(
-    home: Home, data_dir: Path, profiles: Path = DEFAULT_PROFILES, tick_s: float = 0.5
+    home: Home,
+    data_dir: Path,
+    profiles: Path = DEFAULT_PROFILES,
+    tick_s: float = 0.5,
+    datasets_dir: Path | None = None,
 ) -> CoordinatorConfig:
     return CoordinatorConfig(
+        datasets_dir=datasets_dir,
         data_dir=data_dir,
         endpoint=home.service_endpoint(COORDINATOR),
         profiles=load_profiles(profiles),
@@ -71,6 +79,8 @@ class Fleet:
     agent_config: AgentConfig = field(default_factory=lambda: AgentConfig(data_dir=Path()))
     """Settings for every agent; each gets its own ``data_dir`` under ``workdir``."""
     profiles: Path = DEFAULT_PROFILES
+    datasets_dir: Path | None = None
+    """The held-out data sets the classes' accuracy gates name."""
     home: Home = field(init=False)
     broker: MosquittoBroker = field(init=False)
     agents: dict[str, Agent] = field(default_factory=dict)
@@ -93,7 +103,12 @@ class Fleet:
         self.broker.start()
 
     def start_coordinator(self, tg: asyncio.TaskGroup) -> Coordinator:
-        config = coordinator_config(self.home, self.workdir / "coordinator", self.profiles)
+        config = coordinator_config(
+            self.home,
+            self.workdir / "coordinator",
+            self.profiles,
+            datasets_dir=self.datasets_dir,
+        )
         self.coordinator = Coordinator(config)
         self.coordinator_task = tg.create_task(self.coordinator.run())
         return self.coordinator
@@ -123,25 +138,60 @@ class Fleet:
         self.broker.stop()
 
 
+def read_variants(model: Path, name: str | None = None) -> tuple[str, list[VariantFile]]:
+    """The release name and variant files of ``model``: a folder written by ``edgefleet
+    model optimize`` (every variant with its golden vectors) or one ONNX file (one
+    variant, labelled by its precision). Blocking.
+
+    Raises:
+        UsageError: a bundle folder that is missing files or does not match them.
+        OSError: the file cannot be read.
+        ValueError: the file is not an ONNX model.
+    """
+    if model.is_dir():
+        bundle = read_bundle(model)
+        files = [
+            VariantFile(v.label, v.file.read_bytes(), v.golden.read_bytes())
+            for v in bundle.variants
+        ]
+        return name or bundle.name, files
+    data = model.read_bytes()
+    try:
+        label = detect_precision(onnx.load_from_string(data))
+    except Exception as exc:  # onnx raises DecodeError and friends
+        msg = f"{model} is not an ONNX model: {exc}"
+        raise ValueError(msg) from exc
+    return name or model.stem, [VariantFile(label, data)]
+
+
 async def start_rollout(
     session: Session,
     home: Home,
     model: Path,
     *,
     rollout_id: str,
-    name: str,
     classes: tuple[str, ...],
     waves: tuple[float, ...],
+    profiles: dict[str, ClassProfile],
+    name: str | None = None,
     canaries: tuple[str, ...] = (),
     success_ratio: float | None = None,
     max_failure_ratio: float | None = None,
     wave_timeout_s: float | None = None,
 ) -> RolloutSpec:
-    """Publish a model and an operator-signed spec for it; ratios and timeout left at
-    None take the class profiles' defaults."""
-    data = await asyncio.to_thread(model.read_bytes)
-    candidate = await asyncio.to_thread(describe_candidate, data, name=name)
-    await publish_artifact(session, data, name=name)
+    """Check a model's variants against the class profiles, then publish them and an
+    operator-signed spec; nothing is published when a variant fits no class or a class
+    no variant. Ratios and timeout left at None take the class profiles' defaults.
+
+    Raises:
+        PolicyError: the variants do not fit the classes (see ``describe_candidate``).
+    """
+    release, files = await asyncio.to_thread(read_variants, model, name)
+    candidate = await asyncio.to_thread(describe_candidate, release, files, profiles, classes)
+    for file in files:
+        await publish_artifact(session, file.model, name=f"{release}.{file.label}")
+        if file.golden is not None:
+            await publish_artifact(session, file.golden, name=f"{release}.{file.label}.golden")
     spec = RolloutSpec(
         id=rollout_id,
         generation=1,

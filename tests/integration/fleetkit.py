@@ -23,15 +23,17 @@ from agent import Agent, AgentConfig
 from agent.lifecycle import Stage
 from broker.session import Message, Session
 from coordinator import Coordinator
-from coordinator.operator import describe_candidate
 from coordinator.profiles import ClassProfile, load_profiles
 from coordinator.store import CoordinatorStore
+from coordinator.validate import ModelFacts
 from edgefleet.home import COORDINATOR, OPERATOR, Home
 from edgefleet.runner import Fleet, coordinator_config, make_agent, start_rollout
 from models import DemoModel
 from schemas import (
     MANIFEST_KIND,
     ROLLOUT_SPEC_KIND,
+    ArtifactRef,
+    Candidate,
     Desired,
     DeviceState,
     Event,
@@ -46,6 +48,7 @@ from schemas import (
     RolloutStatus,
     TelemetrySummary,
     TrustedState,
+    Variant,
     decode,
     encode,
     seal,
@@ -167,6 +170,7 @@ async def roll_out(
         model.path,
         rollout_id=rollout_id,
         name=model.name,
+        profiles=profiles(fleet),
         classes=tuple(fleet.classes),
         waves=waves,
         canaries=canaries,
@@ -178,8 +182,8 @@ async def roll_out(
     return status
 
 
-def release_id(model: DemoModel) -> str:
-    return f"{model.name}@{model.sha256[:12]}"
+def release_id(model: DemoModel, variant: str = "fp32") -> str:
+    return f"{model.name}:{variant}@{model.sha256[:12]}"
 
 
 def audit_log(fleet: Fleet) -> list[dict[str, Any]]:
@@ -228,15 +232,27 @@ def profiles(fleet: Fleet) -> dict[str, ClassProfile]:
     return load_profiles(fleet.profiles)
 
 
+def variant_of(model: DemoModel, label: str = "fp32") -> Variant:
+    """``model`` as one variant of a spec, its I/O read from the file."""
+    facts = ModelFacts(model.path.read_bytes())
+    return Variant(
+        label=label,
+        artifact=ArtifactRef(sha256=model.sha256, size=model.size),
+        inputs=facts.inputs,
+        outputs=facts.outputs,
+    )
+
+
 def release_for(model: DemoModel, profile: ClassProfile) -> Release:
     """The release the coordinator would build for ``model`` in ``profile``'s class."""
-    candidate = describe_candidate(model.path.read_bytes(), name=model.name)
+    variant = variant_of(model)
     return Release(
-        name=candidate.name,
-        artifact=candidate.artifact,
+        name=model.name,
+        variant=variant.label,
+        artifact=variant.artifact,
         runtime=profile.runtime,
-        inputs=candidate.inputs,
-        outputs=candidate.outputs,
+        inputs=variant.inputs,
+        outputs=variant.outputs,
         health=profile.health,
     )
 
@@ -574,7 +590,13 @@ def check_wave_manifests(wire: Wire, hw_class: str, rollout_id: str, release: st
 def start_coordinator_with(fleet: Fleet, tg: asyncio.TaskGroup, **changes: Any) -> Coordinator:
     """Like ``Fleet.start_coordinator``, with some coordinator settings changed."""
     config = replace(
-        coordinator_config(fleet.home, fleet.workdir / "coordinator", fleet.profiles), **changes
+        coordinator_config(
+            fleet.home,
+            fleet.workdir / "coordinator",
+            fleet.profiles,
+            datasets_dir=fleet.datasets_dir,
+        ),
+        **changes,
     )
     fleet.coordinator = Coordinator(config)
     fleet.coordinator_task = tg.create_task(fleet.coordinator.run())
@@ -604,7 +626,7 @@ def spec_for(
         generation=generation,
         desired=desired,
         classes=classes,
-        candidate=describe_candidate(model.path.read_bytes(), name=model.name),
+        candidate=Candidate(name=model.name, variants=(variant_of(model),)),
         waves_percent=waves,
         issued_at=time.time(),
         operator=OPERATOR,

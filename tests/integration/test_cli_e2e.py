@@ -103,7 +103,7 @@ def test_rollout_commands_drive_a_live_fleet(
         assert _cli(fleet, *start, "--model", str(v1), "--waves", "100", "--id", "first") == 0
         assert _cli(fleet, "rollout", "status", "first", "--watch", "--timeout", "60") == 0
         out = capsys.readouterr().out
-        assert "first gen 1 completed wave 1/1 release digits-v1@" in out
+        assert "first gen 1 completed wave 1/1 release digits-v1:fp32@" in out
         assert "targeted 3 updated 3 healthy 3 unhealthy 0" in out
 
         assert _cli(fleet, *start, "--model", str(v2), "--waves", "50,100", "--id", "second") == 0

@@ -1,0 +1,180 @@
+"""One rollout, several builds of one model: each class's manifest names the variant its
+profile calls for, checked by the accuracy gate on real held-out data, and every device
+self-tests its variant on the golden vectors before serving it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from broker.session import Message
+from coordinator.operator import publish_artifact
+from edgefleet.runner import Fleet, start_rollout
+from models import DemoModel
+from models.datafile import load_dataset
+from models.optimize import ReleaseBundle, optimize
+from schemas import Phase, PolicyError, topics
+from tests.integration.fleetkit import (
+    INTEL,
+    JETSON,
+    MakeFleet,
+    Wire,
+    coordinator_session,
+    live,
+    profiles,
+    release_id,
+    roll_out,
+    run,
+)
+
+GATED_PROFILES = """
+[classes.jetson-vision-standard]
+providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+precisions = ["fp16", "int8", "fp32"]
+max_model_bytes = 200_000_000
+gate = { dataset = "digits", max_drop_points = 1.0 }
+health = { max_error_rate = 0.01, p95_latency_ms = 10.0, min_inferences = 20, soak_seconds = 1.0 }
+
+[classes.intel-lowpower-detector]
+providers = ["OpenVINOExecutionProvider", "CPUExecutionProvider"]
+precisions = ["int8", "int8-dynamic", "fp32"]
+max_model_bytes = {intel_limit}
+gate = { dataset = "digits", max_drop_points = 1.0 }
+health = { max_error_rate = 0.01, p95_latency_ms = 15.0, min_inferences = 20, soak_seconds = 1.0 }
+
+[classes.medical-cart-cpu]
+providers = ["CPUExecutionProvider"]
+precisions = ["fp32"]
+max_model_bytes = 50_000_000
+health = { max_error_rate = 0.0, p95_latency_ms = 50.0, min_inferences = 20, soak_seconds = 1.0 }
+"""
+
+
+@pytest.fixture(scope="module")
+def digits_v3_bundle(
+    demo_models: dict[str, DemoModel], tmp_path_factory: pytest.TempPathFactory
+) -> ReleaseBundle:
+    """digits-v3 in fp32, fp16, int8 static and int8 dynamic, each with golden vectors."""
+    model = demo_models["digits-v3"]
+    return optimize(
+        model.path,
+        load_dataset(model.dataset, "calibration"),
+        load_dataset(model.dataset, "holdout"),
+        precisions=("fp32", "fp16", "int8", "int8-dynamic"),
+        out_dir=tmp_path_factory.mktemp("digits-v3-variants"),
+    )
+
+
+def _gated(fleet: Fleet, demo_models: dict[str, DemoModel], *, intel_limit: int) -> None:
+    path = fleet.workdir / "gated.toml"
+    path.write_text(GATED_PROFILES.replace("{intel_limit}", str(intel_limit)), encoding="utf-8")
+    fleet.profiles = path
+    fleet.datasets_dir = demo_models["digits-v3"].dataset.parent
+
+
+def test_each_class_runs_the_variant_its_profile_calls_for(
+    demo_models: dict[str, DemoModel], digits_v3_bundle: ReleaseBundle, make_fleet: MakeFleet
+) -> None:
+    fleet = make_fleet({JETSON: 2, INTEL: 2})
+    _gated(fleet, demo_models, intel_limit=20_000_000)
+    variants = {v.label: v for v in digits_v3_bundle.variants}
+    run(_roll_out_variants(fleet, demo_models, digits_v3_bundle.variants[0].file.parent))
+
+    expected = {JETSON: variants["fp16"], INTEL: variants["int8-static"]}
+    for device_id, hw_class in fleet.home.devices().items():
+        agent = fleet.agents[device_id]
+        release = agent.active_release
+        assert release is not None
+        want = expected[hw_class]
+        assert release.variant == want.label, device_id
+        assert release.artifact.sha256 == want.sha256
+        assert release.golden is not None
+        assert release.golden.sha256 != want.sha256
+        stored = fleet.workdir / "agents" / device_id / "artifacts"
+        assert any(p.name.startswith(release.golden.sha256) for p in stored.rglob("*"))
+
+
+async def _roll_out_variants(fleet: Fleet, demo_models: dict[str, DemoModel], bundle: Path) -> None:
+    async with live(fleet), Wire.open(fleet.home) as wire, fleet.operator() as operator:
+        await roll_out(operator, fleet, wire, demo_models["digits-v2"], rollout_id="install-v2")
+        await start_rollout(
+            operator,
+            fleet.home,
+            bundle,
+            rollout_id="v3-variants",
+            profiles=profiles(fleet),
+            classes=(JETSON, INTEL),
+            waves=(50.0, 100.0),
+        )
+        status = await wire.until(
+            lambda: wire.final_status("v3-variants"), what="the variants rollout to end"
+        )
+        assert status.phase is Phase.COMPLETED, status.reason
+        assert set(status.releases) == {JETSON, INTEL}
+        assert status.releases[JETSON].startswith("digits-v3:fp16@")
+        assert status.releases[INTEL].startswith("digits-v3:int8-static@")
+        for hw_class in (JETSON, INTEL):
+            final = wire.verified_manifests(hw_class)[-1]
+            assert final.stable is not None
+            assert final.stable.release_id == status.releases[hw_class]
+        stable = release_id(demo_models["digits-v2"])
+        assert all(a.active_release is not None for a in fleet.agents.values())
+        assert all(a.active_release.release_id != stable for a in fleet.agents.values())  # type: ignore[union-attr]
+
+
+def test_a_variant_too_big_for_its_class_is_passed_over_and_one_fitting_no_class_is_refused(
+    demo_models: dict[str, DemoModel], digits_v3_bundle: ReleaseBundle, make_fleet: MakeFleet
+) -> None:
+    variants = {v.label: v for v in digits_v3_bundle.variants}
+    int8 = max(variants["int8-static"].size, variants["int8-dynamic"].size)
+    assert int8 * 2 < variants["fp32"].size
+    fleet = make_fleet({INTEL: 1})
+    # Room for an int8 build, not for fp16 or fp32.
+    _gated(fleet, demo_models, intel_limit=int8 + 1000)
+    bundle = digits_v3_bundle.variants[0].file.parent
+
+    async def go() -> None:
+        async with live(fleet, agents=()), fleet.operator() as operator:
+            with pytest.raises(PolicyError) as refused:
+                await start_rollout(
+                    operator,
+                    fleet.home,
+                    bundle,
+                    rollout_id="too-big",
+                    profiles=profiles(fleet),
+                    classes=(INTEL,),
+                    waves=(100.0,),
+                )
+            # fp32 and fp16 fit no class of this rollout: refused before anything is
+            # published, and the message says which and why.
+            text = str(refused.value)
+            assert "variant fp32" in text
+            assert "variant fp16" in text
+            assert f"exceed intel-lowpower-detector's limit of {int8 + 1000}" in text
+            assert "variant int8-static" not in text
+            # Not a chunk, not a meta: a fresh subscriber to every artifact topic of the
+            # bundle gets nothing retained.
+            shas = {v.sha256 for v in digits_v3_bundle.variants}
+            async with coordinator_session(fleet.home, "it-artifact-watcher") as watcher:
+                stream = watcher.messages()
+                await watcher.subscribe(*(topics.artifact_chunks(sha) for sha in shas))
+                assert await _next_within(stream, 1.5) is None, "published despite the refusal"
+                # The same watcher does see an artifact once one is published.
+                fp32 = variants["fp32"]
+                await publish_artifact(operator, fp32.file.read_bytes(), name="control")
+                message = await _next_within(stream, 10.0)
+                assert message is not None
+                assert fp32.sha256 in message.topic
+
+    run(go())
+
+
+async def _next_within(stream: AsyncIterator[Message], seconds: float) -> Message | None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            return await anext(stream)
+    return None
