@@ -1,6 +1,6 @@
 """INT8 builds against their FP32 originals, measured in one run on this machine.
 
-For digits-v2, digits-v3 and vitals-v1 this builds the int8-static and int8-dynamic
+For digits-v2, digits-v3 and cytology-v1 this builds the int8-static and int8-dynamic
 variants (``models.optimize.build_variants``, calibrated on the demo data set's
 calibration rows) and measures, with the same onnxruntime settings for all (CPU
 provider, ``--threads`` intra-op threads, default 1):
@@ -40,7 +40,7 @@ from models import Classifier, DataSet, build_demo_models, build_variants, load_
 from models.precision import Precision
 from models.report import format_size, text_table
 
-MODELS = ("digits-v2", "digits-v3", "vitals-v1")
+MODELS = ("digits-v2", "digits-v3", "cytology-v1")
 INT8: tuple[Precision, ...] = ("int8", "int8-dynamic")
 GOAL_SIZE_RATIO = 2.0
 GOAL_SPEEDUP = 1.5
@@ -127,7 +127,7 @@ def _measure(
         label: Classifier(data, intra_op_threads=args.threads) for label, data in models.items()
     }
     rows = [np.ascontiguousarray(holdout.x[i : i + 1]) for i in range(len(holdout.x))]
-    # Held-out rows repeated up to the batch size (vitals has fewer than 256).
+    # Held-out rows repeated up to the batch size (cytology has fewer than 256).
     batch = np.ascontiguousarray(holdout.x[np.arange(args.batch) % len(holdout.x)])
     single = _interleaved(classifiers, rows, args.runs)
     batched = _interleaved(classifiers, [batch], args.batch_runs)

@@ -28,7 +28,7 @@ from coordinator.profiles import DEFAULT_PROFILES, PRECISIONS, load_profiles
 from edgefleet.demo import run_demo
 from edgefleet.home import OPERATOR, Home
 from edgefleet.modeltools import optimize_for_classes, validate_model
-from edgefleet.runner import coordinator_config, make_agent, start_rollout
+from edgefleet.runner import SOURCES, coordinator_config, make_agent, start_rollout
 from models import build_demo_models
 from models.datafile import load_dataset
 from models.gate import format_report
@@ -91,7 +91,7 @@ def _coordinator_run(args: argparse.Namespace) -> int:
 def _agent_run(args: argparse.Namespace) -> int:
     bundle = Path(args.bundle)
     data = Path(args.data) if args.data else bundle / "data"
-    agent = make_agent(bundle, AgentConfig(data_dir=data), seed=0)
+    agent = make_agent(bundle, AgentConfig(data_dir=data), seed=0, source=args.source)
     asyncio.run(agent.run())
     return 0
 
@@ -270,9 +270,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data folder (default: BUNDLE/data)")
     p.add_argument(
         "--source",
-        choices=["digits"],
+        choices=sorted(SOURCES),
         default="digits",
-        help="input source; digits: a simulated camera showing held-out real digit images",
+        help="simulated input: digits, a camera showing held-out real digit images; "
+        "cytology, an analyser reading held-out fine-needle aspirate measurements",
     )
     p.set_defaults(func=_agent_run)
 

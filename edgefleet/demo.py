@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TextIO
 
 from broker.session import Session
-from coordinator import load_profiles
+from coordinator import ClassProfile, load_profiles
 from edgefleet.modeltools import optimize_for_classes
 from edgefleet.runner import Fleet, start_rollout
 from models import DemoModel, build_demo_models
@@ -28,6 +28,18 @@ from schemas.topics import DeviceChannel, TopicKind
 __all__ = ["DemoOutcome", "run_demo"]
 
 CLASSES = ("jetson-vision-standard", "intel-lowpower-detector")
+"""The camera classes: they run the digits models."""
+CART = "medical-cart-cpu"
+"""The carts run the cytology model on their analysers' readings."""
+
+
+def demo_profiles() -> dict[str, ClassProfile]:
+    """The shipped profiles, but carts soak for seconds rather than five minutes."""
+    profiles = load_profiles()
+    cart = profiles[CART]
+    health = cart.health.model_copy(update={"soak_seconds": 4.0, "min_inferences": 60})
+    profiles[CART] = cart.model_copy(update={"health": health})
+    return profiles
 
 
 @dataclass
@@ -77,7 +89,7 @@ class _Watch:
             if c.targeted == 0:
                 return  # a wave just opened: nothing observed yet
         line = (
-            f"{status.id:<12} {status.phase.value:<11} {wave:<16} targeted {c.targeted:>2}  "
+            f"{status.id:<16} {status.phase.value:<11} {wave:<16} targeted {c.targeted:>2}  "
             f"updated {c.updated:>2}  healthy {c.healthy:>2}  unhealthy {c.unhealthy:>2}"
         )
         if status.reason and status.phase.final:
@@ -118,7 +130,7 @@ async def _scenario(fleet: Fleet, demo_models: dict[str, DemoModel], watch: _Wat
     canaries = tuple(
         next(d for d, c in fleet.home.devices().items() if c == hw_class) for hw_class in CLASSES
     )
-    profiles = load_profiles(fleet.profiles)
+    profiles = fleet.class_profiles()
     v3 = demo_models["digits-v3"]
     watch.say("== optimise digits-v3 for the hardware classes (edgefleet model optimize)")
     _, report = await asyncio.to_thread(
@@ -134,13 +146,23 @@ async def _scenario(fleet: Fleet, demo_models: dict[str, DemoModel], watch: _Wat
     plan = (
         (
             "install-v1",
+            CLASSES,
             demo_models["digits-v1"].path,
             (100.0,),
             Phase.COMPLETED,
-            "first install of digits-v1",
+            "first install of digits-v1 on the cameras",
+        ),
+        (
+            "install-cytology",
+            (CART,),
+            demo_models["cytology-v1"].path,
+            (100.0,),
+            Phase.COMPLETED,
+            "first install of cytology-v1 on the medical carts (gate: held-out accuracy >= 95%)",
         ),
         (
             "upgrade-v3",
+            CLASSES,
             fleet.workdir / "digits-v3.variants",
             (10.0, 50.0, 100.0),
             Phase.COMPLETED,
@@ -148,6 +170,7 @@ async def _scenario(fleet: Fleet, demo_models: dict[str, DemoModel], watch: _Wat
         ),
         (
             "bad-build",
+            CLASSES,
             demo_models["digits-v2-slow"].path,
             (10.0, 50.0, 100.0),
             Phase.ROLLED_BACK,
@@ -156,7 +179,7 @@ async def _scenario(fleet: Fleet, demo_models: dict[str, DemoModel], watch: _Wat
     )
     ok = True
     async with fleet.operator() as operator:
-        for rollout_id, model, waves, expected, what in plan:
+        for rollout_id, classes, model, waves, expected, what in plan:
             watch.say(f"== {what}")
             await start_rollout(
                 operator,
@@ -164,7 +187,7 @@ async def _scenario(fleet: Fleet, demo_models: dict[str, DemoModel], watch: _Wat
                 model,
                 rollout_id=rollout_id,
                 profiles=profiles,
-                classes=CLASSES,
+                classes=classes,
                 waves=waves,
                 canaries=canaries if len(waves) > 1 else (),
             )
@@ -193,7 +216,9 @@ async def _run(workdir: Path, devices_per_class: int, out: TextIO) -> bool:
         )
     fleet = Fleet(
         workdir=workdir,
-        classes=dict.fromkeys(CLASSES, devices_per_class),
+        classes={**dict.fromkeys(CLASSES, devices_per_class), CART: max(1, devices_per_class // 3)},
+        profiles=demo_profiles(),
+        sources={CART: "cytology"},
         datasets_dir=workdir / "models",
     )
     await asyncio.to_thread(fleet.setup)
@@ -202,7 +227,7 @@ async def _run(workdir: Path, devices_per_class: int, out: TextIO) -> bool:
             f"broker up (mTLS :{fleet.broker.ports.devices}, "
             f"services :{fleet.broker.ports.services}, "
             f"websockets :{fleet.broker.ports.websockets}); starting coordinator and "
-            f"{devices_per_class * len(CLASSES)} agents"
+            f"{len(fleet.home.devices())} agents"
         )
         async with asyncio.TaskGroup() as tg:
             fleet.start_coordinator(tg)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 import onnx
@@ -22,11 +24,13 @@ from coordinator.operator import VariantFile, describe_candidate, publish_artifa
 from coordinator.profiles import DEFAULT_PROFILES, ClassProfile
 from edgefleet.home import COORDINATOR, OPERATOR, Home
 from models import INPUT_NAME, DigitsStream
+from models.datasets import load_cytology_split
+from models.export import CYTOLOGY_INPUT_NAME
 from models.optimize import read_bundle
 from models.precision import detect_precision
 from schemas import Role, RolloutSpec
 
-__all__ = ["Fleet", "digits_source", "read_variants", "start_rollout"]
+__all__ = ["SOURCES", "Fleet", "cytology_source", "digits_source", "read_variants", "start_rollout"]
 
 
 def digits_source(seed: int) -> Iterator[Feed]:
@@ -36,9 +40,25 @@ def digits_source(seed: int) -> Iterator[Feed]:
         yield {INPUT_NAME: np.asarray(sample, dtype=np.float32)}
 
 
+def cytology_source(seed: int) -> Iterator[Feed]:
+    """A cart's cytology analyser: real held-out fine-needle aspirate measurements, one
+    sample at a time in a device-specific order."""
+    x = load_cytology_split().x_holdout
+    order = np.random.default_rng(seed).permutation(len(x))
+    for index in itertools.cycle(order):
+        yield {CYTOLOGY_INPUT_NAME: x[index : index + 1].copy()}
+
+
+SOURCES: Final[dict[str, Callable[[int], Iterator[Feed]]]] = {
+    "digits": digits_source,
+    "cytology": cytology_source,
+}
+"""The simulated inputs a device can have, by name."""
+
+
 class _Source:
-    def __init__(self, seed: int) -> None:
-        self._it = digits_source(seed)
+    def __init__(self, frames: Iterator[Feed]) -> None:
+        self._it = frames
 
     def __call__(self) -> Feed:
         return next(self._it)
@@ -47,7 +67,7 @@ class _Source:
 def coordinator_config(
     home: Home,
     data_dir: Path,
-    profiles: Path = DEFAULT_PROFILES,
+    profiles: Path | Mapping[str, ClassProfile] = DEFAULT_PROFILES,
     tick_s: float = 0.5,
     datasets_dir: Path | None = None,
 ) -> CoordinatorConfig:
@@ -55,7 +75,7 @@ def coordinator_config(
         datasets_dir=datasets_dir,
         data_dir=data_dir,
         endpoint=home.service_endpoint(COORDINATOR),
-        profiles=load_profiles(profiles),
+        profiles=load_profiles(profiles) if isinstance(profiles, Path) else dict(profiles),
         manifest_key=home.key(Role.MANIFEST),
         trust=home.trust(),
         root_keys=home.root_public_keys(),
@@ -63,10 +83,13 @@ def coordinator_config(
     )
 
 
-def make_agent(bundle_dir: Path, config: AgentConfig, *, seed: int) -> Agent:
-    """An agent on its enrollment bundle, its camera a stream of real digits."""
+def make_agent(
+    bundle_dir: Path, config: AgentConfig, *, seed: int, source: str = "digits"
+) -> Agent:
+    """An agent on its enrollment bundle, its input a stream of real held-out data
+    (``SOURCES``)."""
     bundle = Bundle.load(bundle_dir)
-    return Agent(bundle, bundle_dir, config, _Source(seed))
+    return Agent(bundle, bundle_dir, config, _Source(SOURCES[source](seed)))
 
 
 @dataclass
@@ -78,7 +101,10 @@ class Fleet:
     classes: dict[str, int]
     agent_config: AgentConfig = field(default_factory=lambda: AgentConfig(data_dir=Path()))
     """Settings for every agent; each gets its own ``data_dir`` under ``workdir``."""
-    profiles: Path = DEFAULT_PROFILES
+    profiles: Path | dict[str, ClassProfile] = DEFAULT_PROFILES
+    """A class profiles file, or the profiles themselves."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Class -> the input its devices see (``SOURCES``); digits when not named."""
     datasets_dir: Path | None = None
     """The held-out data sets the classes' accuracy gates name."""
     home: Home = field(init=False)
@@ -118,10 +144,16 @@ class Fleet:
             self.home.root / "devices" / device_id,
             replace(self.agent_config, data_dir=self.workdir / "agents" / device_id),
             seed=sum(device_id.encode()),
+            source=self.sources.get(self.home.devices()[device_id], "digits"),
         )
         self.agents[device_id] = agent
         self.agent_tasks[device_id] = tg.create_task(agent.run())
         return agent
+
+    def class_profiles(self) -> dict[str, ClassProfile]:
+        if isinstance(self.profiles, Path):
+            return load_profiles(self.profiles)
+        return dict(self.profiles)
 
     async def stop_agent(self, device_id: str) -> None:
         task = self.agent_tasks.pop(device_id)

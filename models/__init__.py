@@ -13,21 +13,21 @@ per precision for hardware classes, and judged on real held-out data before devi
 
 from models.datafile import DataSet, load_dataset, save_dataset
 from models.datasets import (
+    CytologySplit,
     DigitsSplit,
     DigitsStream,
     Split,
-    VitalsSplit,
+    load_cytology_split,
     load_digits_split,
-    load_vitals_split,
 )
 from models.evaluate import Classifier, measure_accuracy, measure_latency, open_session
 from models.export import (
+    CYTOLOGY_INPUT_NAME,
+    CYTOLOGY_INPUT_SHAPE,
     INPUT_NAME,
     INPUT_SHAPE,
     OUTPUT_NAMES,
     PRODUCER_NAME,
-    VITALS_INPUT_NAME,
-    VITALS_INPUT_SHAPE,
 )
 from models.gate import GateReport, ModelScore, check_candidate, format_report
 from models.golden import make_golden
@@ -43,6 +43,8 @@ from models.precision import PRECISIONS, Precision, detect_precision
 from models.zoo import DEMO_MODEL_NAMES, TASKS, DemoModel, Task, build_demo_models
 
 __all__ = [
+    "CYTOLOGY_INPUT_NAME",
+    "CYTOLOGY_INPUT_SHAPE",
     "DEMO_MODEL_NAMES",
     "INPUT_NAME",
     "INPUT_SHAPE",
@@ -50,10 +52,9 @@ __all__ = [
     "PRECISIONS",
     "PRODUCER_NAME",
     "TASKS",
-    "VITALS_INPUT_NAME",
-    "VITALS_INPUT_SHAPE",
     "BundleVariant",
     "Classifier",
+    "CytologySplit",
     "DataSet",
     "DemoModel",
     "DigitsSplit",
@@ -65,16 +66,15 @@ __all__ = [
     "Split",
     "Task",
     "VariantBuild",
-    "VitalsSplit",
     "build_demo_models",
     "build_variants",
     "check_candidate",
     "detect_precision",
     "format_bundle",
     "format_report",
+    "load_cytology_split",
     "load_dataset",
     "load_digits_split",
-    "load_vitals_split",
     "make_golden",
     "measure_accuracy",
     "measure_latency",

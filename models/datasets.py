@@ -3,9 +3,9 @@
 * digits (camera inspection): ``sklearn.datasets.load_digits``, 1797 8x8 images, 10 classes.
   Pixels are integers 0..16; we scale them to ``[0, 1]`` float32, which is also the input
   contract of every digits model (``pixels / 16``).
-* vitals (bedside monitoring on medical carts): ``sklearn.datasets.load_breast_cancer``, 569
-  rows of 30 raw float features (radius, texture, area, ... in their own units), 2 classes
-  (0 = malignant, 1 = benign). Features stay raw: the vitals models standardise in the graph.
+* cytology (diagnostic screening on medical carts): ``sklearn.datasets.load_breast_cancer``,
+  569 rows of 30 raw float features (radius, texture, area, ... in their own units), 2 classes
+  (0 = malignant, 1 = benign). Features stay raw: the cytology models standardise in the graph.
 
 Both are split 70/30, stratified by label, with a fixed seed.
 """
@@ -22,25 +22,25 @@ from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.model_selection import train_test_split
 
 __all__ = [
+    "CYTOLOGY_CLASSES",
+    "CYTOLOGY_FEATURES",
     "HOLDOUT_FRACTION",
     "N_CLASSES",
     "N_FEATURES",
     "PIXEL_MAX",
-    "VITALS_CLASSES",
-    "VITALS_FEATURES",
+    "CytologySplit",
     "DigitsSplit",
     "DigitsStream",
     "Split",
-    "VitalsSplit",
+    "load_cytology_split",
     "load_digits_split",
-    "load_vitals_split",
 ]
 
 N_FEATURES = 64
 N_CLASSES = 10
 PIXEL_MAX = 16.0
-VITALS_FEATURES = 30
-VITALS_CLASSES = 2
+CYTOLOGY_FEATURES = 30
+CYTOLOGY_CLASSES = 2
 HOLDOUT_FRACTION = 0.3
 
 _T = TypeVar("_T", bound=np.generic)
@@ -61,8 +61,8 @@ class DigitsSplit(Split):
     """The digits split: ``(N, 64)`` pixels in ``[0, 1]``, labels 0..9."""
 
 
-class VitalsSplit(Split):
-    """The vitals split: ``(N, 30)`` raw features, labels 0 (malignant) and 1 (benign)."""
+class CytologySplit(Split):
+    """The cytology split: ``(N, 30)`` raw features, labels 0 (malignant) and 1 (benign)."""
 
 
 def load_digits_split(seed: int = 0) -> DigitsSplit:
@@ -76,7 +76,7 @@ def load_digits_split(seed: int = 0) -> DigitsSplit:
     return DigitsSplit(x_train, y_train, x_holdout, y_holdout, seed)
 
 
-def load_vitals_split(seed: int = 0) -> VitalsSplit:
+def load_cytology_split(seed: int = 0) -> CytologySplit:
     """Load the bundled breast cancer data as raw float32 features, split 70/30 stratified.
 
     The same ``seed`` always yields the same split (398 train / 171 held-out samples).
@@ -84,7 +84,7 @@ def load_vitals_split(seed: int = 0) -> VitalsSplit:
     bunch = load_breast_cancer()
     x = np.asarray(bunch.data, dtype=np.float32)
     x_train, y_train, x_holdout, y_holdout = _split(x, bunch.target, seed)
-    return VitalsSplit(x_train, y_train, x_holdout, y_holdout, seed)
+    return CytologySplit(x_train, y_train, x_holdout, y_holdout, seed)
 
 
 def _split(

@@ -7,7 +7,7 @@ is the contract with devices:
 * output ``label``: int64 ``[N]``, the argmax class.
 
 The digits models read input ``pixels`` (8x8 digit pixels scaled to ``[0, 1]``, raw / 16,
-``[N, 64]``, 10 classes); the vitals models read ``features`` (30 raw measurements,
+``[N, 64]``, 10 classes); the cytology models read ``features`` (30 raw measurements,
 ``[N, 30]``, 2 classes) and standardise them in the graph (``Sub`` then ``Div``), so a
 device feeds what its sensors give.
 
@@ -25,10 +25,12 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from models.datasets import N_CLASSES, N_FEATURES, VITALS_FEATURES
+from models.datasets import CYTOLOGY_FEATURES, N_CLASSES, N_FEATURES
 from models.train import DenseLayer, Standardizer
 
 __all__ = [
+    "CYTOLOGY_INPUT_NAME",
+    "CYTOLOGY_INPUT_SHAPE",
     "EXPORTER_VERSION",
     "INPUT_NAME",
     "INPUT_SHAPE",
@@ -38,8 +40,6 @@ __all__ = [
     "OUTPUT_NAMES",
     "PROBABILITIES_OUTPUT",
     "PRODUCER_NAME",
-    "VITALS_INPUT_NAME",
-    "VITALS_INPUT_SHAPE",
     "SlowRefinement",
     "export_classifier",
     "export_slow_classifier",
@@ -54,8 +54,8 @@ OPSET = 17
 IR_VERSION = 8
 INPUT_NAME = "pixels"
 INPUT_SHAPE: tuple[int | str, ...] = ("N", N_FEATURES)
-VITALS_INPUT_NAME = "features"
-VITALS_INPUT_SHAPE: tuple[int | str, ...] = ("N", VITALS_FEATURES)
+CYTOLOGY_INPUT_NAME = "features"
+CYTOLOGY_INPUT_SHAPE: tuple[int | str, ...] = ("N", CYTOLOGY_FEATURES)
 PROBABILITIES_OUTPUT = "probabilities"
 LABEL_OUTPUT = "label"
 OUTPUT_NAMES: tuple[str, ...] = (PROBABILITIES_OUTPUT, LABEL_OUTPUT)

@@ -12,10 +12,11 @@
 * ``digits-v3.onnx``: a wide 64-1024-1024-10 ReLU MLP (1.1 M weights, 4.4 MB), the model
   worth optimising per hardware class: weights dominate its size and matrix products its
   latency, so INT8 builds are about 4x smaller and markedly faster.
-* ``vitals-v1.onnx``: a 30-64-2 ReLU MLP on raw bedside measurements (breast cancer data),
+* ``cytology-v1.onnx``: a 30-64-2 ReLU MLP on raw cytology measurements of fine-needle
+  aspirates (the breast cancer data),
   standardising its inputs in the graph.
 
-and one data set file per task (:mod:`models.datafile`), ``digits.npz`` and ``vitals.npz``:
+and one data set file per task (:mod:`models.datafile`), ``digits.npz`` and ``cytology.npz``:
 ``calibration_x`` = the first :data:`CALIBRATION_ROWS` rows of the training split, and
 ``holdout_x``/``holdout_y`` = the held-out split every model's accuracy is measured on.
 
@@ -43,19 +44,19 @@ from models.datasets import (
     HOLDOUT_FRACTION,
     PIXEL_MAX,
     Split,
+    load_cytology_split,
     load_digits_split,
-    load_vitals_split,
 )
 from models.evaluate import measure_accuracy, open_session, session_accuracy
 from models.export import (
+    CYTOLOGY_INPUT_NAME,
+    CYTOLOGY_INPUT_SHAPE,
     EXPORTER_VERSION,
     INPUT_NAME,
     INPUT_SHAPE,
     IR_VERSION,
     OPSET,
     OUTPUT_NAMES,
-    VITALS_INPUT_NAME,
-    VITALS_INPUT_SHAPE,
     SlowRefinement,
     export_classifier,
     export_slow_classifier,
@@ -76,11 +77,11 @@ from storage import atomic_write
 
 __all__ = [
     "CALIBRATION_ROWS",
+    "CYTOLOGY_V1_RECIPE",
     "DEMO_MODEL_NAMES",
     "DIGITS_V3_RECIPE",
     "INDEX_FILENAME",
     "TASKS",
-    "VITALS_V1_RECIPE",
     "DemoModel",
     "Task",
     "build_demo_models",
@@ -89,8 +90,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Task = Literal["digits", "vitals"]
-TASKS: tuple[Task, ...] = ("digits", "vitals")
+Task = Literal["digits", "cytology"]
+TASKS: tuple[Task, ...] = ("digits", "cytology")
 INDEX_FILENAME = "index.json"
 _INDEX_SCHEMA = 1
 DEMO_MODEL_NAMES: tuple[str, ...] = (
@@ -98,7 +99,7 @@ DEMO_MODEL_NAMES: tuple[str, ...] = (
     "digits-v2",
     "digits-v2-slow",
     "digits-v3",
-    "vitals-v1",
+    "cytology-v1",
 )
 CALIBRATION_ROWS = 256
 """Rows of the training split stored as calibration data (quantisation sees no held-out row)."""
@@ -108,7 +109,7 @@ _LOGREG = LogRegRecipe()
 _MLP = MLPRecipe()
 _SLOW = SlowRefinement()
 DIGITS_V3_RECIPE = DeepMLPRecipe(hidden_layers=(1024, 1024), epochs=12, batch_size=128)
-VITALS_V1_RECIPE = DeepMLPRecipe(
+CYTOLOGY_V1_RECIPE = DeepMLPRecipe(
     hidden_layers=(64,), epochs=30, batch_size=32, alpha=1e-3, standardize=True
 )
 
@@ -170,10 +171,10 @@ _TASKS: dict[Task, _TaskInfo] = {
             "split": _split_recipe(),
         },
     ),
-    "vitals": _TaskInfo(
-        load=load_vitals_split,
-        input_name=VITALS_INPUT_NAME,
-        input_shape=VITALS_INPUT_SHAPE,
+    "cytology": _TaskInfo(
+        load=load_cytology_split,
+        input_name=CYTOLOGY_INPUT_NAME,
+        input_shape=CYTOLOGY_INPUT_SHAPE,
         recipe={
             "dataset": "sklearn.datasets.load_breast_cancer",
             "scaling": "raw features (standardised inside the graph)",
@@ -225,13 +226,13 @@ def _specs() -> dict[str, _Spec]:
             {**common["digits"], "trainer": recipe_dict(DIGITS_V3_RECIPE)},
         ),
         _Spec(
-            "vitals-v1",
-            "vitals",
+            "cytology-v1",
+            "cytology",
             "1.0.0",
-            f"MLP ({_widths(VITALS_V1_RECIPE)} ReLU units) on 30 raw bedside measurements "
-            "(breast cancer data), standardised inside the graph; label 0 = malignant, "
-            "1 = benign.",
-            {**common["vitals"], "trainer": recipe_dict(VITALS_V1_RECIPE)},
+            f"MLP ({_widths(CYTOLOGY_V1_RECIPE)} ReLU units) on 30 raw cytology measurements "
+            "(fine-needle aspirates, breast cancer data), standardised inside the graph; "
+            "label 0 = malignant, 1 = benign.",
+            {**common["cytology"], "trainer": recipe_dict(CYTOLOGY_V1_RECIPE)},
         ),
     ]
     # Metadata is part of the file: a changed version or description also invalidates it.
@@ -293,14 +294,16 @@ class _Trainer:
         if name == "digits-v3":
             wide = self.trained("wide", "digits", lambda s: train_deep_mlp(s, DIGITS_V3_RECIPE))
             return export_classifier(wide.layers, graph_name=name, doc_string=doc)
-        if name == "vitals-v1":
-            vitals = self.trained("vitals", "vitals", lambda s: train_deep_mlp(s, VITALS_V1_RECIPE))
+        if name == "cytology-v1":
+            cytology = self.trained(
+                "cytology", "cytology", lambda s: train_deep_mlp(s, CYTOLOGY_V1_RECIPE)
+            )
             return export_classifier(
-                vitals.layers,
+                cytology.layers,
                 graph_name=name,
                 doc_string=doc,
-                input_name=VITALS_INPUT_NAME,
-                standardizer=vitals.standardizer,
+                input_name=CYTOLOGY_INPUT_NAME,
+                standardizer=cytology.standardizer,
             )
         raise ValueError(f"no demo model named {name!r}")
 

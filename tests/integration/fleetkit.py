@@ -23,7 +23,7 @@ from agent import Agent, AgentConfig
 from agent.lifecycle import Stage
 from broker.session import Message, Session
 from coordinator import Coordinator
-from coordinator.profiles import ClassProfile, load_profiles
+from coordinator.profiles import ClassProfile
 from coordinator.store import CoordinatorStore
 from coordinator.validate import ModelFacts
 from edgefleet.home import COORDINATOR, OPERATOR, Home
@@ -229,7 +229,7 @@ def settled(stage: Stage) -> bool:
 
 
 def profiles(fleet: Fleet) -> dict[str, ClassProfile]:
-    return load_profiles(fleet.profiles)
+    return fleet.class_profiles()
 
 
 def variant_of(model: DemoModel, label: str = "fp32") -> Variant:

@@ -39,7 +39,7 @@ def test_optimize_writes_per_class_variants_and_says_which_class_takes_which(
     assert plan["jetson-vision-standard"] == "fp16"
     assert plan["intel-lowpower-detector"] == "int8-static"
     assert plan["factory-gateway-gpu"] == "fp16"
-    # The carts run fp32 and gate on the vitals data: a digits model does not pass it.
+    # The carts run fp32 and gate on the cytology data: a digits model does not pass it.
     assert "medical-cart-cpu" in plan
 
 
@@ -85,7 +85,7 @@ def test_validate_passes_a_good_int8_build_and_fails_a_badly_calibrated_one(
 def test_validate_with_data_that_does_not_fit_the_model_is_a_usage_error(
     demo_models: dict[str, DemoModel], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    v3, vitals = demo_models["digits-v3"], demo_models["vitals-v1"]
-    code = main(["model", "validate", str(v3.path), "--data", str(vitals.dataset)])
+    v3, cytology = demo_models["digits-v3"], demo_models["cytology-v1"]
+    code = main(["model", "validate", str(v3.path), "--data", str(cytology.dataset)])
     assert code == 2
     assert "edgefleet: " in capsys.readouterr().err

@@ -38,13 +38,13 @@ def digits_holdout(demo_models: dict[str, DemoModel]) -> DataSet:
 
 
 @pytest.fixture(scope="session")
-def vitals_calibration(demo_models: dict[str, DemoModel]) -> DataSet:
-    return load_dataset(demo_models["vitals-v1"].dataset, "calibration")
+def cytology_calibration(demo_models: dict[str, DemoModel]) -> DataSet:
+    return load_dataset(demo_models["cytology-v1"].dataset, "calibration")
 
 
 @pytest.fixture(scope="session")
-def vitals_holdout(demo_models: dict[str, DemoModel]) -> DataSet:
-    return load_dataset(demo_models["vitals-v1"].dataset, "holdout")
+def cytology_holdout(demo_models: dict[str, DemoModel]) -> DataSet:
+    return load_dataset(demo_models["cytology-v1"].dataset, "holdout")
 
 
 @pytest.fixture(scope="session")
@@ -59,12 +59,14 @@ def v3_builds(
 
 
 @pytest.fixture(scope="session")
-def vitals_builds(
-    demo_models: dict[str, DemoModel], vitals_calibration: DataSet
+def cytology_builds(
+    demo_models: dict[str, DemoModel], cytology_calibration: DataSet
 ) -> dict[str, VariantBuild]:
-    """vitals-v1 in every precision, keyed by label."""
+    """cytology-v1 in every precision, keyed by label."""
     made = build_variants(
-        demo_models["vitals-v1"].path.read_bytes(), vitals_calibration, precisions=ALL_PRECISIONS
+        demo_models["cytology-v1"].path.read_bytes(),
+        cytology_calibration,
+        precisions=ALL_PRECISIONS,
     )
     return {b.label: b for b in made}
 

@@ -11,22 +11,22 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models import DataSet, load_dataset, load_vitals_split, save_dataset
+from models import DataSet, load_cytology_split, load_dataset, save_dataset
 from models.datafile import Purpose
 from schemas import UsageError
 
 
 @pytest.fixture(scope="module")
-def vitals() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    split = load_vitals_split()
+def cytology() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    split = load_cytology_split()
     return split.x_train[:100], split.x_holdout, split.y_holdout
 
 
 def test_round_trip_of_real_splits(
-    tmp_path: Path, vitals: tuple[np.ndarray, np.ndarray, np.ndarray]
+    tmp_path: Path, cytology: tuple[np.ndarray, np.ndarray, np.ndarray]
 ) -> None:
-    calibration, x, y = vitals
-    path = tmp_path / "vitals.npz"
+    calibration, x, y = cytology
+    path = tmp_path / "cytology.npz"
     save_dataset(path, calibration=calibration, holdout=(x, y))
 
     cal = load_dataset(path, "calibration")
@@ -48,9 +48,9 @@ def test_round_trip_of_real_splits(
 
 
 def test_same_arrays_give_the_same_bytes(
-    tmp_path: Path, vitals: tuple[np.ndarray, np.ndarray, np.ndarray]
+    tmp_path: Path, cytology: tuple[np.ndarray, np.ndarray, np.ndarray]
 ) -> None:
-    calibration, x, y = vitals
+    calibration, x, y = cytology
     save_dataset(tmp_path / "a.npz", calibration=calibration, holdout=(x, y))
     save_dataset(tmp_path / "b.npz", calibration=calibration, holdout=(x, y))
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
@@ -59,9 +59,9 @@ def test_same_arrays_give_the_same_bytes(
 
 
 def test_plain_x_and_y_serve_both_purposes(
-    tmp_path: Path, vitals: tuple[np.ndarray, np.ndarray, np.ndarray]
+    tmp_path: Path, cytology: tuple[np.ndarray, np.ndarray, np.ndarray]
 ) -> None:
-    _, x, y = vitals
+    _, x, y = cytology
     path = tmp_path / "plain.npz"
     # As an operator would write it: float64 features, int32 labels.
     np.savez(path, x=x.astype(np.float64), y=y.astype(np.int32))
@@ -76,9 +76,9 @@ def test_plain_x_and_y_serve_both_purposes(
 
 
 def test_holdout_only_file_cannot_calibrate(
-    tmp_path: Path, vitals: tuple[np.ndarray, np.ndarray, np.ndarray]
+    tmp_path: Path, cytology: tuple[np.ndarray, np.ndarray, np.ndarray]
 ) -> None:
-    _, x, y = vitals
+    _, x, y = cytology
     path = tmp_path / "held.npz"
     save_dataset(path, holdout=(x, y))
     assert isinstance(load_dataset(path, "holdout"), DataSet)

@@ -91,9 +91,9 @@ def test_minimum_accuracy_applies_with_or_without_a_baseline(
 
 def test_latency_is_measured_on_request(
     v3_builds: dict[str, VariantBuild],
-    vitals_builds: dict[str, VariantBuild],
+    cytology_builds: dict[str, VariantBuild],
     digits_holdout: DataSet,
-    vitals_holdout: DataSet,
+    cytology_holdout: DataSet,
 ) -> None:
     report = check_candidate(
         v3_builds["int8-static"].data,
@@ -106,12 +106,12 @@ def test_latency_is_measured_on_request(
         assert score.p50_ms is not None
         assert score.p95_ms is not None
         assert 0.0 < score.p50_ms <= score.p95_ms < 50.0
-    vitals = check_candidate(vitals_builds["fp32"].data, vitals_holdout, latency_runs=20)
-    assert vitals.candidate.p50_ms is not None
-    assert vitals.samples == 171
-    row = format_report(vitals).splitlines()[1].split()
+    cytology = check_candidate(cytology_builds["fp32"].data, cytology_holdout, latency_runs=20)
+    assert cytology.candidate.p50_ms is not None
+    assert cytology.samples == 171
+    row = format_report(cytology).splitlines()[1].split()
     assert row[0] == "candidate"
-    assert row[3] == f"{vitals.candidate.p50_ms:.3f}"
+    assert row[3] == f"{cytology.candidate.p50_ms:.3f}"
 
 
 def test_labels_come_from_class_scores_when_a_model_has_no_label_output(
@@ -131,16 +131,16 @@ def test_labels_come_from_class_scores_when_a_model_has_no_label_output(
 
 def test_data_that_does_not_fit_is_an_error(
     v3_builds: dict[str, VariantBuild],
-    vitals_builds: dict[str, VariantBuild],
+    cytology_builds: dict[str, VariantBuild],
     digits_holdout: DataSet,
-    vitals_holdout: DataSet,
+    cytology_holdout: DataSet,
     digits_calibration: DataSet,
 ) -> None:
     v3 = v3_builds["fp32"].data
     with pytest.raises(ValueError, match=r"candidate: .* \(171, 30\) does not fit input 'pixels'"):
-        check_candidate(v3, vitals_holdout)
+        check_candidate(v3, cytology_holdout)
     with pytest.raises(ValueError, match=r"baseline: .* \(540, 64\) does not fit input 'features'"):
-        check_candidate(v3, digits_holdout, baseline=vitals_builds["fp32"].data)
+        check_candidate(v3, digits_holdout, baseline=cytology_builds["fp32"].data)
     with pytest.raises(ValueError, match="has no labels"):
         check_candidate(v3, digits_calibration)
     with pytest.raises(ValueError, match="candidate: model does not load"):

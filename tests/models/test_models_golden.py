@@ -27,19 +27,19 @@ def v3_golden(v3_builds: dict[str, VariantBuild], digits_holdout: DataSet) -> di
 
 
 @pytest.fixture(scope="module")
-def vitals_golden(
-    vitals_builds: dict[str, VariantBuild], vitals_holdout: DataSet
+def cytology_golden(
+    cytology_builds: dict[str, VariantBuild], cytology_holdout: DataSet
 ) -> dict[str, GoldenSet]:
     return {
-        label: make_golden(b.data, vitals_holdout.x, precision=b.precision)
-        for label, b in vitals_builds.items()
+        label: make_golden(b.data, cytology_holdout.x, precision=b.precision)
+        for label, b in cytology_builds.items()
     }
 
 
 def test_golden_set_records_confident_single_rows_spread_over_classes(
     v3_builds: dict[str, VariantBuild],
     v3_golden: dict[str, GoldenSet],
-    vitals_golden: dict[str, GoldenSet],
+    cytology_golden: dict[str, GoldenSet],
     digits_holdout: DataSet,
 ) -> None:
     for label, golden in v3_golden.items():
@@ -58,15 +58,15 @@ def test_golden_set_records_confident_single_rows_spread_over_classes(
             (digit,) = case.outputs["label"].array()
             labels.add(int(digit))
         assert labels == set(range(10))
-    for golden in vitals_golden.values():
+    for golden in cytology_golden.values():
         assert {int(c.outputs["label"].array()[0]) for c in golden.cases} == {0, 1}
         assert golden.cases[0].inputs["features"].array().shape == (1, 30)
 
 
 def test_golden_files_are_small_and_decode(
-    v3_golden: dict[str, GoldenSet], vitals_golden: dict[str, GoldenSet]
+    v3_golden: dict[str, GoldenSet], cytology_golden: dict[str, GoldenSet]
 ) -> None:
-    for golden in (*v3_golden.values(), *vitals_golden.values()):
+    for golden in (*v3_golden.values(), *cytology_golden.values()):
         data = encode(golden)
         assert len(data) < 16 * 1024
         assert decode(data, GoldenSet, max_bytes=MAX_GOLDEN_BYTES) == golden
@@ -75,14 +75,14 @@ def test_golden_files_are_small_and_decode(
 @pytest.mark.parametrize("label", LABELS)
 def test_a_build_passes_its_own_set_under_other_kernels(
     v3_builds: dict[str, VariantBuild],
-    vitals_builds: dict[str, VariantBuild],
+    cytology_builds: dict[str, VariantBuild],
     v3_golden: dict[str, GoldenSet],
-    vitals_golden: dict[str, GoldenSet],
+    cytology_golden: dict[str, GoldenSet],
     label: str,
 ) -> None:
     # Graph optimisations off (unfused MatMul+Add, QDQ run in float) and two threads stand
     # in for another machine's kernels.
-    for builds, goldens in ((v3_builds, v3_golden), (vitals_builds, vitals_golden)):
+    for builds, goldens in ((v3_builds, v3_golden), (cytology_builds, cytology_golden)):
         data = builds[label].data
         for run in (
             ort_runner(data),
@@ -96,13 +96,13 @@ def test_a_build_passes_its_own_set_under_other_kernels(
 def test_another_build_fails_the_set(
     v3_builds: dict[str, VariantBuild],
     v3_golden: dict[str, GoldenSet],
-    vitals_builds: dict[str, VariantBuild],
-    vitals_golden: dict[str, GoldenSet],
+    cytology_builds: dict[str, VariantBuild],
+    cytology_golden: dict[str, GoldenSet],
     label: str,
 ) -> None:
     # An fp32 build computes everything an fp16 set asks for more precisely than fp16: the
     # one pairing a tolerance cannot tell apart (the set's sha256 still does).
-    for builds, goldens in ((v3_builds, v3_golden), (vitals_builds, vitals_golden)):
+    for builds, goldens in ((v3_builds, v3_golden), (cytology_builds, cytology_golden)):
         for other in LABELS:
             if other == label or (label, other) == ("fp16", "fp32"):
                 continue
@@ -137,7 +137,7 @@ def test_a_tampered_set_fails(
 
 
 def test_make_golden_refuses_bad_requests(
-    v3_builds: dict[str, VariantBuild], digits_holdout: DataSet, vitals_holdout: DataSet
+    v3_builds: dict[str, VariantBuild], digits_holdout: DataSet, cytology_holdout: DataSet
 ) -> None:
     data = v3_builds["fp32"].data
     with pytest.raises(ValueError, match="cases must be between"):
@@ -145,6 +145,6 @@ def test_make_golden_refuses_bad_requests(
     with pytest.raises(ValueError, match="cases must be between"):
         make_golden(data, digits_holdout.x[:3], precision="fp32", cases=4)
     with pytest.raises(ValueError, match="does not fit input 'pixels'"):
-        make_golden(data, vitals_holdout.x, precision="fp32")
+        make_golden(data, cytology_holdout.x, precision="fp32")
     with pytest.raises(ValueError, match="does not load"):
         make_golden(b"junk", digits_holdout.x, precision="fp32")

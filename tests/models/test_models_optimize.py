@@ -35,14 +35,14 @@ def _io(data: bytes) -> list[tuple[str, str]]:
     return [(a.name, a.type) for a in (*session.get_inputs(), *session.get_outputs())]
 
 
-@pytest.mark.parametrize("model", ["digits-v3", "vitals-v1"])
+@pytest.mark.parametrize("model", ["digits-v3", "cytology-v1"])
 def test_builds_keep_the_models_inputs_and_outputs(
     demo_models: dict[str, DemoModel],
     v3_builds: dict[str, VariantBuild],
-    vitals_builds: dict[str, VariantBuild],
+    cytology_builds: dict[str, VariantBuild],
     model: str,
 ) -> None:
-    builds = v3_builds if model == "digits-v3" else vitals_builds
+    builds = v3_builds if model == "digits-v3" else cytology_builds
     original = demo_models[model].path.read_bytes()
     assert list(builds) == LABELS
     assert builds["fp32"].data == original
@@ -89,15 +89,15 @@ def test_int8_static_build_is_reproducible(
 
 def test_building_logs_and_warns_nothing_above_debug(
     demo_models: dict[str, DemoModel],
-    vitals_calibration: DataSet,
+    cytology_calibration: DataSet,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # pytest turns warnings into errors here; the quantisation tools' root-logger chatter
     # must not reach the operator's console either.
     caplog.set_level(logging.DEBUG)
     build_variants(
-        demo_models["vitals-v1"].path.read_bytes(),
-        vitals_calibration,
+        demo_models["cytology-v1"].path.read_bytes(),
+        cytology_calibration,
         precisions=["int8", "int8-dynamic", "fp16"],
     )
     loud = [r for r in caplog.records if r.levelno > logging.DEBUG]
@@ -106,13 +106,13 @@ def test_building_logs_and_warns_nothing_above_debug(
 
 
 def test_refuses_what_it_cannot_build(
-    demo_models: dict[str, DemoModel], digits_calibration: DataSet, vitals_calibration: DataSet
+    demo_models: dict[str, DemoModel], digits_calibration: DataSet, cytology_calibration: DataSet
 ) -> None:
     v3 = demo_models["digits-v3"].path.read_bytes()
     with pytest.raises(ValueError, match="not an ONNX model"):
         build_variants(b"\x08\x07garbage", digits_calibration, precisions=["int8"])
     with pytest.raises(ValueError, match=r"\(256, 30\) does not fit input 'pixels'"):
-        build_variants(v3, vitals_calibration, precisions=["int8"])
+        build_variants(v3, cytology_calibration, precisions=["int8"])
     with pytest.raises(ValueError, match="precisions must be some of"):
         build_variants(v3, digits_calibration, precisions=["int4"])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="precisions must be some of"):
@@ -216,30 +216,32 @@ def test_a_missing_or_unparsable_bundle_json_is_refused(tmp_path: Path) -> None:
 
 
 def test_optimize_refuses_bad_names_and_unlabelled_holdout(
-    demo_models: dict[str, DemoModel], vitals_calibration: DataSet, tmp_path: Path
+    demo_models: dict[str, DemoModel], cytology_calibration: DataSet, tmp_path: Path
 ) -> None:
-    model = demo_models["vitals-v1"].path
+    model = demo_models["cytology-v1"].path
     with pytest.raises(UsageError, match="not a release name"):
         optimize(
             model,
-            vitals_calibration,
-            vitals_calibration,
+            cytology_calibration,
+            cytology_calibration,
             precisions=["fp32"],
             out_dir=tmp_path,
             name="../x",
         )
     with pytest.raises(ValueError, match="has no labels"):
         optimize(
-            model, vitals_calibration, vitals_calibration, precisions=["fp32"], out_dir=tmp_path
+            model, cytology_calibration, cytology_calibration, precisions=["fp32"], out_dir=tmp_path
         )
     digits = DataSet(np.ones((4, 64), np.float32), np.zeros(4, np.int64), "digits-shaped")
     with pytest.raises(ValueError, match=r"held-out data digits-shaped of shape \(4, 64\)"):
-        optimize(model, vitals_calibration, digits, precisions=["fp32"], out_dir=tmp_path)
+        optimize(model, cytology_calibration, digits, precisions=["fp32"], out_dir=tmp_path)
     with pytest.raises(UsageError, match="cannot read model"):
         optimize(
             tmp_path / "missing.onnx",
-            vitals_calibration,
-            DataSet(vitals_calibration.x, np.zeros(len(vitals_calibration.x), np.int64), "zeros"),
+            cytology_calibration,
+            DataSet(
+                cytology_calibration.x, np.zeros(len(cytology_calibration.x), np.int64), "zeros"
+            ),
             precisions=["fp32"],
             out_dir=tmp_path,
         )

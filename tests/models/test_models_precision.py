@@ -16,15 +16,15 @@ LEVELS = {
 }
 
 
-@pytest.mark.parametrize("name", ["digits-v1", "digits-v2", "digits-v3", "vitals-v1"])
+@pytest.mark.parametrize("name", ["digits-v1", "digits-v2", "digits-v3", "cytology-v1"])
 def test_demo_models_are_fp32(demo_models: dict[str, DemoModel], name: str) -> None:
     assert detect_precision(onnx.load(str(demo_models[name].path))) == "fp32"
 
 
 def test_each_build_is_detected_as_its_precision(
-    v3_builds: dict[str, VariantBuild], vitals_builds: dict[str, VariantBuild]
+    v3_builds: dict[str, VariantBuild], cytology_builds: dict[str, VariantBuild]
 ) -> None:
-    for builds in (v3_builds, vitals_builds):
+    for builds in (v3_builds, cytology_builds):
         detected = {
             label: detect_precision(onnx.load_from_string(b.data)) for label, b in builds.items()
         }

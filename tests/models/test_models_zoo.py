@@ -17,27 +17,27 @@ from models import (
     DemoModel,
     Split,
     build_demo_models,
+    load_cytology_split,
     load_digits_split,
-    load_vitals_split,
     measure_accuracy,
     measure_latency,
     open_session,
 )
 from models.datafile import load_dataset
-from models.datasets import DigitsSplit, VitalsSplit
+from models.datasets import CytologySplit, DigitsSplit
 from models.export import SlowRefinement
 from models.train import TrainedClassifier, train_deep_mlp, train_logreg, train_mlp
 from models.zoo import (
     CALIBRATION_ROWS,
+    CYTOLOGY_V1_RECIPE,
     DIGITS_V3_RECIPE,
     INDEX_FILENAME,
-    VITALS_V1_RECIPE,
 )
 
 MAX_MODEL_BYTES = 8 * 1024 * 1024
 SIGNATURES = {
     "digits": ("pixels", ("N", 64), 10),
-    "vitals": ("features", ("N", 30), 2),
+    "cytology": ("features", ("N", 30), 2),
 }
 
 
@@ -47,13 +47,13 @@ def split() -> DigitsSplit:
 
 
 @pytest.fixture(scope="module")
-def vitals_split() -> VitalsSplit:
-    return load_vitals_split()
+def cytology_split() -> CytologySplit:
+    return load_cytology_split()
 
 
 @pytest.fixture(scope="module")
-def splits(split: DigitsSplit, vitals_split: VitalsSplit) -> dict[str, Split]:
-    return {"digits": split, "vitals": vitals_split}
+def splits(split: DigitsSplit, cytology_split: CytologySplit) -> dict[str, Split]:
+    return {"digits": split, "cytology": cytology_split}
 
 
 @pytest.fixture(scope="module")
@@ -70,19 +70,21 @@ def sessions(built: dict[str, DemoModel]) -> dict[str, ort.InferenceSession]:
 
 
 @pytest.fixture(scope="module")
-def sklearn_models(split: DigitsSplit, vitals_split: VitalsSplit) -> dict[str, TrainedClassifier]:
+def sklearn_models(
+    split: DigitsSplit, cytology_split: CytologySplit
+) -> dict[str, TrainedClassifier]:
     # Retrained independently of the zoo: training is deterministic, so these must be the
     # very estimators whose weights the zoo exported.
     return {
         "digits-v1": train_logreg(split),
         "digits-v2": train_mlp(split),
-        "vitals-v1": train_deep_mlp(vitals_split, VITALS_V1_RECIPE),
+        "cytology-v1": train_deep_mlp(cytology_split, CYTOLOGY_V1_RECIPE),
     }
 
 
 def test_builds_every_model_with_its_task_signature(built: dict[str, DemoModel]) -> None:
     assert tuple(built) == DEMO_MODEL_NAMES
-    assert {m.task for m in built.values()} == {"digits", "vitals"}
+    assert {m.task for m in built.values()} == {"digits", "cytology"}
     for name, model in built.items():
         input_name, input_shape, _ = SIGNATURES[model.task]
         assert model.name == name
@@ -98,11 +100,11 @@ def test_builds_every_model_with_its_task_signature(built: dict[str, DemoModel])
     assert not list(built["digits-v1"].path.parent.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("task", ["digits", "vitals"])
+@pytest.mark.parametrize("task", ["digits", "cytology"])
 def test_data_set_files_hold_train_rows_for_calibration_and_the_held_out_split(
     built: dict[str, DemoModel], splits: dict[str, Split], task: str
 ) -> None:
-    path = built["digits-v1" if task == "digits" else "vitals-v1"].dataset
+    path = built["digits-v1" if task == "digits" else "cytology-v1"].dataset
     calibration = load_dataset(path, "calibration")
     holdout = load_dataset(path, "holdout")
     split = splits[task]
@@ -155,7 +157,7 @@ def test_model_metadata(
     props = {p.key: p.value for p in proto.metadata_props}
     assert props["name"] == name
     assert props["version"]
-    source = {"digits": "load_digits", "vitals": "load_breast_cancer"}[model.task]
+    source = {"digits": "load_digits", "cytology": "load_breast_cancer"}[model.task]
     assert source in props["training_data"]
     assert float(props["holdout_accuracy"]) == pytest.approx(model.holdout_accuracy, abs=1e-6)
     meta = sessions[name].get_modelmeta()
@@ -163,7 +165,7 @@ def test_model_metadata(
     assert meta.custom_metadata_map["name"] == name
 
 
-@pytest.mark.parametrize("name", ["digits-v1", "digits-v2", "vitals-v1"])
+@pytest.mark.parametrize("name", ["digits-v1", "digits-v2", "cytology-v1"])
 def test_onnx_matches_sklearn(
     built: dict[str, DemoModel],
     sklearn_models: dict[str, TrainedClassifier],
@@ -172,7 +174,7 @@ def test_onnx_matches_sklearn(
 ) -> None:
     trained = sklearn_models[name]
     raw = splits[built[name].task].x_holdout
-    # The vitals graph standardises raw features itself; sklearn saw standardised ones.
+    # The cytology graph standardises raw features itself; sklearn saw standardised ones.
     seen = raw if trained.standardizer is None else trained.standardizer.apply(raw)
     session = open_session(built[name].path)
     probs, labels = session.run(None, {built[name].input_name: raw})
@@ -181,8 +183,8 @@ def test_onnx_matches_sklearn(
     np.testing.assert_array_equal(labels, trained.estimator.predict(seen))
 
 
-def test_vitals_graph_standardises_raw_features(built: dict[str, DemoModel]) -> None:
-    proto = onnx.load(str(built["vitals-v1"].path))
+def test_cytology_graph_standardises_raw_features(built: dict[str, DemoModel]) -> None:
+    proto = onnx.load(str(built["cytology-v1"].path))
     ops = [n.op_type for n in proto.graph.node]
     assert ops[:2] == ["Sub", "Div"]
     assert proto.graph.node[0].input[0] == "features"
@@ -205,7 +207,7 @@ def test_holdout_accuracies(built: dict[str, DemoModel], splits: dict[str, Split
     # The slow model's accuracy (~3 s to compute) is taken from the build, which measured it
     # with onnxruntime too; the fast ones are re-measured from the files.
     acc = {name: m.holdout_accuracy for name, m in built.items()}
-    for name in ("digits-v1", "digits-v2", "digits-v3", "vitals-v1"):
+    for name in ("digits-v1", "digits-v2", "digits-v3", "cytology-v1"):
         split = splits[built[name].task]
         measured = measure_accuracy(built[name].path, split.x_holdout, split.y_holdout)
         assert measured == pytest.approx(acc[name])
@@ -214,7 +216,7 @@ def test_holdout_accuracies(built: dict[str, DemoModel], splits: dict[str, Split
     assert abs(acc["digits-v2-slow"] - acc["digits-v2"]) <= 0.01
     # Within the accuracy gate's default 1 point of v2, so v3 may replace it.
     assert acc["digits-v3"] >= acc["digits-v2"] - 0.01
-    assert acc["vitals-v1"] > 0.93
+    assert acc["cytology-v1"] > 0.93
 
 
 def test_slow_model_is_much_slower(built: dict[str, DemoModel], split: DigitsSplit) -> None:
@@ -262,9 +264,9 @@ def test_rebuilds_stale_or_corrupt_files_identically(
     index["models"]["digits-v1"]["recipe"]["trainer"]["c"] = 123.0  # recipe changed
     index_path.write_text(json.dumps(index))
     (out_dir / "digits-v2.onnx").write_bytes(b"truncated")  # file damaged
-    vitals_data = (out_dir / "vitals.npz").read_bytes()
-    (out_dir / "vitals.npz").write_bytes(vitals_data[:-10])  # data set file damaged
-    kept = ("digits-v2-slow.onnx", "digits-v3.onnx", "vitals-v1.onnx", "digits.npz")
+    cytology_data = (out_dir / "cytology.npz").read_bytes()
+    (out_dir / "cytology.npz").write_bytes(cytology_data[:-10])  # data set file damaged
+    kept = ("digits-v2-slow.onnx", "digits-v3.onnx", "cytology-v1.onnx", "digits.npz")
     mtimes = {name: (out_dir / name).stat().st_mtime_ns for name in kept}
 
     rebuilt = build_demo_models(out_dir)
@@ -274,7 +276,7 @@ def test_rebuilds_stale_or_corrupt_files_identically(
         assert rebuilt[name].sha256 == built[name].sha256
         assert rebuilt[name].path.parent == out_dir
         assert rebuilt[name].dataset.parent == out_dir
-    assert (out_dir / "vitals.npz").read_bytes() == vitals_data
+    assert (out_dir / "cytology.npz").read_bytes() == cytology_data
     assert {name: (out_dir / name).stat().st_mtime_ns for name in kept} == mtimes
     assert json.loads(index_path.read_text())["models"]["digits-v1"]["recipe"]["trainer"][
         "c"
