@@ -6,6 +6,7 @@ handler, real SQLite and TinyDB stores. Checks what the agent does and stores.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import shutil
 import sqlite3
@@ -492,9 +493,12 @@ def test_state_file_unwritable_does_not_stop_updates_or_inference(
             await deliver(agent, topics.trust(), home.trust())
             await deliver_manifest(agent, signed(home, 1, v1))
             await serving(agent, task, v1)
-            # The disk fails: the state file cannot be replaced any more.
-            state_file.unlink()
-            state_file.mkdir()
+            # The disk fails: the state file cannot be replaced any more. (A write in
+            # flight may put the file back between the unlink and the mkdir: again.)
+            while not state_file.is_dir():
+                state_file.unlink(missing_ok=True)
+                with contextlib.suppress(FileExistsError):
+                    state_file.mkdir()
             (state_file / "blocker").write_bytes(b"")
             await deliver_manifest(agent, signed(home, 2, v1, v2))
             assert agent.applied_seq == 2
