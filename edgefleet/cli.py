@@ -130,9 +130,12 @@ def _rollout_start(args: argparse.Namespace) -> int:
 def _status_line(status: RolloutStatus) -> str:
     c = status.counts
     wave = f"{min(status.wave + 1, len(status.waves_percent))}/{len(status.waves_percent)}"
+    release = str(status.release)
+    if len(set(status.releases.values())) > 1:  # a variant per class
+        release = ", ".join(f"{name}={r}" for name, r in sorted(status.releases.items()))
     line = (
         f"{status.id} gen {status.generation} {status.phase.value} wave {wave} "
-        f"release {status.release} members {c.members} targeted {c.targeted} "
+        f"release {release} members {c.members} targeted {c.targeted} "
         f"updated {c.updated} healthy {c.healthy} unhealthy {c.unhealthy}"
     )
     return line + (f" — {status.reason}" if status.reason else "")

@@ -6,23 +6,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from broker.session import Message
-from coordinator.operator import publish_artifact
+from broker.session import Message, Session
+from coordinator.operator import VariantFile, describe_candidate, publish_artifact, submit_spec
+from edgefleet.home import OPERATOR
 from edgefleet.runner import Fleet, start_rollout
 from models import DemoModel
-from models.datafile import load_dataset
-from models.optimize import ReleaseBundle, optimize
-from schemas import Phase, PolicyError, topics
+from models.datafile import DataSet, load_dataset
+from models.gate import check_candidate
+from models.optimize import ReleaseBundle, build_variants, optimize
+from schemas import Phase, PolicyError, Role, RolloutSpec, topics
 from tests.integration.fleetkit import (
     INTEL,
     JETSON,
     MakeFleet,
     Wire,
+    audit_log,
     coordinator_session,
     live,
     profiles,
@@ -178,3 +182,59 @@ async def _next_within(stream: AsyncIterator[Message], seconds: float) -> Messag
         async with asyncio.timeout(seconds):
             return await anext(stream)
     return None
+
+
+def test_coordinator_gate_passes_over_a_badly_calibrated_build_on_real_digits(
+    demo_models: dict[str, DemoModel], make_fleet: MakeFleet
+) -> None:
+    """The operator's checks cannot see accuracy; the coordinator's gate does: an int8
+    build calibrated on rows 100x too bright loses tens of points against the stable
+    digits-v2, so the class falls back to the dynamic build; offered alone, it is refused."""
+    v3 = demo_models["digits-v3"]
+    calibration = load_dataset(v3.dataset, "calibration")
+    too_bright = DataSet(x=calibration.x * 100.0, y=None, source="calibration x100")
+    (bad,) = build_variants(v3.path.read_bytes(), too_bright, precisions=["int8"])
+    (dynamic,) = build_variants(v3.path.read_bytes(), calibration, precisions=["int8-dynamic"])
+    fleet = make_fleet({INTEL: 2})
+    _gated(fleet, demo_models, intel_limit=20_000_000)
+    files = [VariantFile("int8-static", bad.data), VariantFile("int8-dynamic", dynamic.data)]
+
+    async def offer(operator: Session, rollout_id: str, variants: list[VariantFile]) -> None:
+        candidate = describe_candidate("digits-v3", variants, profiles(fleet), (INTEL,))
+        for file in variants:
+            await publish_artifact(operator, file.model, name=file.label)
+        spec = RolloutSpec(
+            id=rollout_id,
+            generation=1,
+            classes=(INTEL,),
+            candidate=candidate,
+            waves_percent=(100.0,),
+            issued_at=time.time(),
+            operator=OPERATOR,
+        )
+        await submit_spec(operator, spec, fleet.home.key(Role.OPERATOR))
+
+    async def go() -> None:
+        async with live(fleet), Wire.open(fleet.home) as wire, fleet.operator() as operator:
+            await roll_out(operator, fleet, wire, demo_models["digits-v2"], rollout_id="v2")
+            await offer(operator, "fallback", files)
+            done = await wire.until(lambda: wire.final_status("fallback"), what="fallback")
+            assert done.phase is Phase.COMPLETED, done.reason
+            assert done.releases[INTEL].startswith("digits-v3:int8-dynamic@")
+            await offer(operator, "bad-only", files[:1])
+            refused = await wire.until(lambda: wire.final_status("bad-only"), what="bad-only")
+            assert refused.phase is Phase.REJECTED
+            assert refused.reason is not None
+            assert refused.reason.startswith(
+                f"{INTEL}: no variant passes the accuracy gate (int8-static: accuracy "
+            )
+            # The baseline is what the class runs now: the dynamic build it fell back to.
+            stable = check_candidate(dynamic.data, load_dataset(v3.dataset, "holdout"))
+            assert f"below the baseline's {stable.candidate.accuracy * 100:.2f}%" in refused.reason
+            served = {a.active_release.variant for a in fleet.agents.values() if a.active_release}
+            assert served == {"int8-dynamic"}
+
+    run(go())
+    gate = [e["detail"] for e in audit_log(fleet) if e["event"] == "gate"]
+    assert any(d.startswith(f"{INTEL}: int8-dynamic accuracy ") for d in gate)
+    assert any(d.startswith(f"{INTEL}: gate refused int8-static: accuracy ") for d in gate)
