@@ -199,6 +199,7 @@ def _model_optimize(args: argparse.Namespace) -> int:
     calibration = load_dataset(Path(args.calibration), "calibration")
     holdout = load_dataset(Path(args.data or args.calibration), "holdout")
     out = Path(args.out) if args.out else model.with_name(f"{model.stem}.variants")
+    datasets = Path(args.datasets) if args.datasets else Path(args.data or args.calibration).parent
     precisions = tuple(args.precision) or None
     _, text = optimize_for_classes(
         model,
@@ -206,6 +207,7 @@ def _model_optimize(args: argparse.Namespace) -> int:
         holdout,
         load_profiles(Path(args.classes)),
         out_dir=out,
+        datasets_dir=datasets,
         precisions=precisions,
         name=args.name,
         threads=args.threads,
@@ -330,6 +332,10 @@ def _parser() -> argparse.ArgumentParser:
         "--data", help="labelled held-out data set (.npz); default: the calibration file's"
     )
     p.add_argument("--classes", default=str(DEFAULT_PROFILES), help="hardware class profiles")
+    p.add_argument(
+        "--datasets",
+        help="folder of the data sets the classes' gates name (default: --data's folder)",
+    )
     p.add_argument(
         "--precision",
         action="append",

@@ -140,6 +140,7 @@ async def _scenario(fleet: Fleet, demo_models: dict[str, DemoModel], watch: _Wat
         load_dataset(v3.dataset, "holdout"),
         {c: profiles[c] for c in CLASSES},
         out_dir=fleet.workdir / "digits-v3.variants",
+        datasets_dir=v3.dataset.parent,
     )
     for line in report.splitlines():
         watch.say(f"  {line}")

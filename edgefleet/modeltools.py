@@ -10,11 +10,11 @@ from pathlib import Path
 from coordinator.profiles import ClassProfile
 from coordinator.validate import ModelFacts
 from coordinator.variants import Built, rank_variants
-from models.datafile import DataSet
+from models.datafile import DataSet, load_dataset
 from models.gate import GateReport, check_candidate
 from models.optimize import ReleaseBundle, format_bundle, optimize
 from models.precision import Precision
-from schemas import ArtifactRef, Variant
+from schemas import ArtifactRef, UsageError, Variant
 
 __all__ = ["class_plan", "optimize_for_classes", "validate_model", "wanted_precisions"]
 
@@ -32,12 +32,14 @@ def optimize_for_classes(
     profiles: Mapping[str, ClassProfile],
     *,
     out_dir: Path,
+    datasets_dir: Path | None = None,
     precisions: Collection[Precision] | None = None,
     name: str | None = None,
     threads: int = 1,
 ) -> tuple[ReleaseBundle, str]:
     """Build, measure and write the variants; returns the bundle and a report: the
-    variants' table, then the variant each class would take (blocking)."""
+    variants' table, then the variant each class would take, its gate checked on the
+    data sets in ``datasets_dir`` (blocking)."""
     bundle = optimize(
         model,
         calibration,
@@ -48,16 +50,17 @@ def optimize_for_classes(
         threads=threads,
     )
     lines = [format_bundle(bundle), "", "per class (profile order, size limit, accuracy gate):"]
-    lines += class_plan(bundle, profiles, holdout)
+    lines += class_plan(bundle, profiles, datasets_dir)
     lines.append(f"written to {out_dir}")
     return bundle, "\n".join(lines)
 
 
 def class_plan(
-    bundle: ReleaseBundle, profiles: Mapping[str, ClassProfile], holdout: DataSet
+    bundle: ReleaseBundle, profiles: Mapping[str, ClassProfile], datasets_dir: Path | None
 ) -> list[str]:
     """The variant each class would take: the first its profile wants that fits and
-    stays within the class's gate against the fp32 original on ``holdout``."""
+    passes the class's gate against the fp32 original, on the held-out split of the data
+    set the gate names (``<datasets_dir>/<name>.npz``, as the coordinator finds it)."""
     built = []
     data: dict[str, bytes] = {}
     for v in bundle.variants:
@@ -75,24 +78,39 @@ def class_plan(
     lines = []
     for name, profile in profiles.items():
         order = rank_variants(built, {name: profile}, [name]).order[name]
+        if not order:
+            lines.append(f"  {name:<26} nothing fits (precision or size limit)")
+            continue
+        if profile.gate is None:
+            lines.append(f"  {name:<26} {order[0].variant.label} (no accuracy gate)")
+            continue
+        try:
+            if datasets_dir is None:
+                msg = "no data set folder"
+                raise UsageError(msg)
+            holdout = load_dataset(datasets_dir / f"{profile.gate.dataset}.npz", "holdout")
+        except UsageError as exc:
+            lines.append(f"  {name:<26} {order[0].variant.label} (gate not checked: {exc})")
+            continue
         choice = None
         refused = []
         for b in order:
-            if profile.gate is None:
-                choice = f"{b.variant.label} (no accuracy gate)"
-                break
-            report = check_candidate(
-                data[b.variant.label],
-                holdout,
-                baseline=reference,
-                max_drop_points=profile.gate.max_drop_points,
-                min_accuracy=profile.gate.min_accuracy,
-            )
+            try:
+                report = check_candidate(
+                    data[b.variant.label],
+                    holdout,
+                    baseline=reference,
+                    max_drop_points=profile.gate.max_drop_points,
+                    min_accuracy=profile.gate.min_accuracy,
+                )
+            except ValueError as exc:
+                refused.append(f"{b.variant.label}: {exc}")
+                continue
             if report.passed:
                 choice = f"{b.variant.label} ({_drop(report)})"
                 break
             refused.append(f"{b.variant.label}: {'; '.join(report.problems)}")
-        line = f"  {name:<26} {choice or 'nothing fits'}"
+        line = f"  {name:<26} {choice or 'no variant passes the gate'}"
         if refused:
             line += f"; gate refused {' | '.join(refused)}"
         lines.append(line)
