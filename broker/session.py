@@ -261,7 +261,7 @@ class Session:
         client.on_connect_fail = self._cb_connect_fail
         client.on_publish = self._cb_publish
         client.on_subscribe = self._cb_subscribe
-        client.on_unsubscribe = self._cb_unsubscribe
+        client.on_unsubscribe = self._cb_subscribe  # the same acknowledgement shape
         client.on_message = self._cb_message
         return client
 
@@ -466,16 +466,6 @@ class Session:
         self._post(self._on_puback, mid, reason_code.value)
 
     def _cb_subscribe(
-        self,
-        _client: mqtt.Client,
-        _userdata: Any,
-        mid: int,
-        reason_codes: list[ReasonCode],
-        _properties: Properties | None,
-    ) -> None:
-        self._post(self._on_ack, mid, [rc.value for rc in reason_codes])
-
-    def _cb_unsubscribe(
         self,
         _client: mqtt.Client,
         _userdata: Any,

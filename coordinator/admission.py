@@ -17,14 +17,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.profiles import ClassProfile
+from coordinator.profiles import AccuracyGate, ClassProfile
 from coordinator.validate import ModelFacts, golden_problems
 from coordinator.variants import Built, rank_variants
 from models.datafile import DataSet, load_dataset
 from models.gate import GateReport, Scored, judge, score_model
 from schemas import Release, RolloutSpec, UsageError
 
-__all__ = ["Selection", "select_releases"]
+__all__ = ["Scores", "Selection", "first_passing", "gate_data", "select_releases"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def select_releases(
     releases: dict[str, Release] = {}
     notes: list[str] = []
     datasets: dict[str, DataSet] = {}
-    scores = _Scores(blobs)
+    scores = Scores(blobs)
     for name in spec.classes:
         profile = profiles[name]
         order = ranking.order[name]
@@ -76,16 +76,18 @@ def select_releases(
         refused: list[str] = []
         if profile.gate is not None:
             try:
-                data = datasets.get(profile.gate.dataset) or _holdout(
+                data = datasets.get(profile.gate.dataset) or gate_data(
                     datasets_dir, profile.gate.dataset
                 )
             except UsageError as exc:
                 problems.append(f"{name}: accuracy gate: {exc}")
                 continue
             datasets[profile.gate.dataset] = data
-            chosen, refused, note = _gate(order, data, stables.get(name), profile, scores)
-            if note:
-                notes.append(f"{name}: {note}")
+            stable = stables.get(name)
+            baseline = None if stable is None else (stable[0].artifact.sha256, stable[1])
+            chosen, refused, report = first_passing(order, data, baseline, profile.gate, scores)
+            if chosen is not None and report is not None:
+                notes.append(f"{name}: {chosen.variant.label} {_measured(report)}")
             if refused:
                 notes.append(f"{name}: gate refused {' | '.join(refused)}")
         if chosen is None:
@@ -106,7 +108,7 @@ def select_releases(
     return Selection(releases, (), tuple(notes))
 
 
-class _Scores:
+class Scores:
     """Each model scored once per data set, however many classes gate on it."""
 
     def __init__(self, blobs: Mapping[str, bytes]) -> None:
@@ -122,41 +124,38 @@ class _Scores:
         return self._done[key]
 
 
-def _gate(
+def first_passing(
     order: Sequence[Built],
     data: DataSet,
-    stable: tuple[Release, bytes] | None,
-    profile: ClassProfile,
-    scores: _Scores,
-) -> tuple[Built | None, list[str], str]:
-    """The first of ``order`` that passes the class's gate, why the ones before it did
-    not, and what the gate measured for the one chosen."""
-    assert profile.gate is not None
+    baseline: tuple[str, bytes] | None,
+    gate: AccuracyGate,
+    scores: Scores,
+) -> tuple[Built | None, list[str], GateReport | None]:
+    """The first of ``order`` that passes ``gate`` against ``baseline`` (sha256 and
+    bytes) on ``data``, why the ones before it did not, and the chosen one's report."""
     refused = []
     for b in order:
         try:
             candidate = scores.get(b.variant.artifact.sha256, data, "candidate")
-            baseline = (
-                None
-                if stable is None
-                else scores.get(stable[0].artifact.sha256, data, "baseline", stable[1])
+            against = (
+                None if baseline is None else scores.get(baseline[0], data, "baseline", baseline[1])
             )
             report = judge(
                 candidate,
-                baseline,
-                max_drop_points=profile.gate.max_drop_points,
-                min_accuracy=profile.gate.min_accuracy,
+                against,
+                max_drop_points=gate.max_drop_points,
+                min_accuracy=gate.min_accuracy,
             )
         except ValueError as exc:
             refused.append(f"{b.variant.label}: {exc}")
             continue
         if report.passed:
-            return b, refused, f"{b.variant.label} {_measured(report)}"
+            return b, refused, report
         refused.append(f"{b.variant.label}: {'; '.join(report.problems)}")
-    return None, refused, ""
+    return None, refused, None
 
 
-def _holdout(datasets_dir: Path | None, dataset: str) -> DataSet:
+def gate_data(datasets_dir: Path | None, dataset: str) -> DataSet:
     """Raises: UsageError: no such data set, or one without labelled held-out data."""
     if datasets_dir is None:
         msg = f"no data sets are configured, and the class needs {dataset!r}"

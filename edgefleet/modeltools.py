@@ -7,10 +7,11 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
+from coordinator.admission import Scores, first_passing, gate_data
 from coordinator.profiles import ClassProfile
 from coordinator.validate import ModelFacts
 from coordinator.variants import Built, rank_variants
-from models.datafile import DataSet, load_dataset
+from models.datafile import DataSet
 from models.gate import GateReport, check_candidate
 from models.optimize import ReleaseBundle, format_bundle, optimize
 from models.precision import Precision
@@ -74,7 +75,10 @@ def class_plan(
             outputs=facts.outputs,
         )
         built.append(Built(variant, facts))
-    reference = next((data[v.label] for v in bundle.variants if v.precision == "fp32"), None)
+    reference = next(
+        ((v.sha256, data[v.label]) for v in bundle.variants if v.precision == "fp32"), None
+    )
+    scores = Scores({v.sha256: data[v.label] for v in bundle.variants})
     lines = []
     for name, profile in profiles.items():
         order = rank_variants(built, {name: profile}, [name]).order[name]
@@ -85,31 +89,16 @@ def class_plan(
             lines.append(f"  {name:<26} {order[0].variant.label} (no accuracy gate)")
             continue
         try:
-            if datasets_dir is None:
-                msg = "no data set folder"
-                raise UsageError(msg)
-            holdout = load_dataset(datasets_dir / f"{profile.gate.dataset}.npz", "holdout")
+            holdout = gate_data(datasets_dir, profile.gate.dataset)
         except UsageError as exc:
             lines.append(f"  {name:<26} {order[0].variant.label} (gate not checked: {exc})")
             continue
-        choice = None
-        refused = []
-        for b in order:
-            try:
-                report = check_candidate(
-                    data[b.variant.label],
-                    holdout,
-                    baseline=reference,
-                    max_drop_points=profile.gate.max_drop_points,
-                    min_accuracy=profile.gate.min_accuracy,
-                )
-            except ValueError as exc:
-                refused.append(f"{b.variant.label}: {exc}")
-                continue
-            if report.passed:
-                choice = f"{b.variant.label} ({_drop(report)})"
-                break
-            refused.append(f"{b.variant.label}: {'; '.join(report.problems)}")
+        chosen, refused, report = first_passing(order, holdout, reference, profile.gate, scores)
+        choice = (
+            None
+            if chosen is None or report is None
+            else f"{chosen.variant.label} ({_drop(report)})"
+        )
         line = f"  {name:<26} {choice or 'no variant passes the gate'}"
         if refused:
             line += f"; gate refused {' | '.join(refused)}"

@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import onnx
@@ -128,14 +128,15 @@ class Fleet:
         )
         self.broker.start()
 
-    def start_coordinator(self, tg: asyncio.TaskGroup) -> Coordinator:
+    def start_coordinator(self, tg: asyncio.TaskGroup, **changes: Any) -> Coordinator:
+        """The coordinator on this fleet's home, with ``changes`` to its settings."""
         config = coordinator_config(
             self.home,
             self.workdir / "coordinator",
             self.profiles,
             datasets_dir=self.datasets_dir,
         )
-        self.coordinator = Coordinator(config)
+        self.coordinator = Coordinator(replace(config, **changes))
         self.coordinator_task = tg.create_task(self.coordinator.run())
         return self.coordinator
 

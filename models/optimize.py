@@ -33,7 +33,7 @@ import re
 import tempfile
 import warnings
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final, Literal
 
@@ -238,19 +238,7 @@ def optimize(
         threads=threads,
         onnxruntime=ort.__version__,
         variants=[
-            _VariantDoc(
-                label=v.label,
-                precision=v.precision,
-                file=v.file.name,
-                golden=v.golden.name,
-                sha256=v.sha256,
-                size=v.size,
-                golden_sha256=v.golden_sha256,
-                golden_size=v.golden_size,
-                accuracy=v.accuracy,
-                p50_ms=v.p50_ms,
-                p95_ms=v.p95_ms,
-            )
+            _VariantDoc(**{**asdict(v), "file": v.file.name, "golden": v.golden.name})
             for v in variants
         ],
     )
@@ -279,21 +267,7 @@ def read_bundle(folder: Path) -> ReleaseBundle:
     for v in doc.variants:
         file = _checked(folder, v.file, v.sha256, v.size)
         golden = _checked(folder, v.golden, v.golden_sha256, v.golden_size)
-        variants.append(
-            BundleVariant(
-                label=v.label,
-                precision=v.precision,
-                file=file,
-                golden=golden,
-                sha256=v.sha256,
-                size=v.size,
-                golden_sha256=v.golden_sha256,
-                golden_size=v.golden_size,
-                accuracy=v.accuracy,
-                p50_ms=v.p50_ms,
-                p95_ms=v.p95_ms,
-            )
-        )
+        variants.append(BundleVariant(**{**v.model_dump(), "file": file, "golden": golden}))
     return ReleaseBundle(name=doc.name, variants=tuple(variants))
 
 

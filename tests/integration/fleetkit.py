@@ -22,12 +22,11 @@ from typing import Any, Final, TypeVar
 from agent import Agent, AgentConfig
 from agent.lifecycle import Stage
 from broker.session import Message, Session
-from coordinator import Coordinator
 from coordinator.profiles import ClassProfile
 from coordinator.store import CoordinatorStore
 from coordinator.validate import ModelFacts
 from edgefleet.home import COORDINATOR, OPERATOR, Home
-from edgefleet.runner import Fleet, coordinator_config, make_agent, start_rollout
+from edgefleet.runner import Fleet, make_agent, start_rollout
 from models import DemoModel
 from schemas import (
     MANIFEST_KIND,
@@ -391,8 +390,6 @@ class Wire:
                 case DeviceChannel.TELEMETRY:
                     summary = decode(payload, TelemetrySummary)
                     self.telemetry[summary.summary_id] = summary
-                case _:
-                    pass
 
     def _as_device(self, hw_class: str, payload: bytes) -> None:
         seen = self.manifests.setdefault(hw_class, [])
@@ -585,22 +582,6 @@ def check_wave_manifests(wire: Wire, hw_class: str, rollout_id: str, release: st
 
 
 # -- coordinator tests: a coordinator with changed settings, specs built by hand -----------
-
-
-def start_coordinator_with(fleet: Fleet, tg: asyncio.TaskGroup, **changes: Any) -> Coordinator:
-    """Like ``Fleet.start_coordinator``, with some coordinator settings changed."""
-    config = replace(
-        coordinator_config(
-            fleet.home,
-            fleet.workdir / "coordinator",
-            fleet.profiles,
-            datasets_dir=fleet.datasets_dir,
-        ),
-        **changes,
-    )
-    fleet.coordinator = Coordinator(config)
-    fleet.coordinator_task = tg.create_task(fleet.coordinator.run())
-    return fleet.coordinator
 
 
 async def stop_coordinator(fleet: Fleet) -> None:

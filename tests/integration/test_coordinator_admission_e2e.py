@@ -21,7 +21,6 @@ from tests.integration.fleetkit import (
     publish_spec,
     run,
     spec_for,
-    start_coordinator_with,
     stop_coordinator,
 )
 
@@ -46,7 +45,7 @@ async def _shared_artifact(fleet: Fleet, v2: DemoModel) -> None:
         Wire.open(fleet.home) as wire,
         fleet.operator() as operator,
     ):
-        task = start_coordinator_with(fleet, tg, artifact_timeout_s=FETCH_TIMEOUT_S)
+        task = fleet.start_coordinator(tg, artifact_timeout_s=FETCH_TIMEOUT_S)
         await asyncio.sleep(0.5)
         # Three specs on one artifact, before it is published: all three wait for it.
         # "a" and "c" also want the same class.
@@ -160,7 +159,7 @@ def test_spec_whose_validation_the_link_cut_short_is_deferred_not_rejected(
 
 async def _link_cut_during_validation(fleet: Fleet, v2: DemoModel) -> None:
     async with asyncio.TaskGroup() as tg:
-        start_coordinator_with(fleet, tg, artifact_timeout_s=FETCH_TIMEOUT_S)
+        fleet.start_coordinator(tg, artifact_timeout_s=FETCH_TIMEOUT_S)
         try:
             async with fleet.operator() as operator:
                 await asyncio.sleep(0.5)

@@ -27,7 +27,6 @@ from tests.integration.fleetkit import (
     publish_spec,
     run,
     spec_for,
-    start_coordinator_with,
     stop_coordinator,
     wipe_broker,
 )
@@ -144,7 +143,7 @@ def test_coordinator_waits_for_a_broker_that_is_not_up_yet(make_fleet: MakeFleet
 async def _late_broker(fleet: Fleet) -> None:
     await asyncio.to_thread(fleet.broker.stop)
     async with live(fleet, coordinator=False, agents=()) as tg:
-        start_coordinator_with(fleet, tg, reconnect_s=0.2)
+        fleet.start_coordinator(tg, reconnect_s=0.2)
         await asyncio.sleep(2.0)
         assert fleet.coordinator_task is not None
         assert not fleet.coordinator_task.done()
@@ -185,7 +184,7 @@ async def _downtime(fleet: Fleet, v2: DemoModel) -> None:
         Wire.open(fleet.home) as wire,
         fleet.operator() as operator,
     ):
-        start_coordinator_with(fleet, tg, heartbeat_s=0.5)
+        fleet.start_coordinator(tg, heartbeat_s=0.5)
         await publish_artifact(operator, v2.path.read_bytes(), name=v2.name)
         # No device ever comes: the single wave can only time out.
         spec = spec_for(v2, rollout_id="r", classes=(JETSON,), wave_timeout_s=timeout_s)
@@ -198,7 +197,7 @@ async def _downtime(fleet: Fleet, v2: DemoModel) -> None:
         await asyncio.sleep(timeout_s + 2.0)  # down longer than the wave may last
 
         restarted = time.monotonic()
-        start_coordinator_with(fleet, tg, heartbeat_s=0.5)
+        fleet.start_coordinator(tg, heartbeat_s=0.5)
         await asyncio.sleep(2.5)
         assert wire.final_status("r") is None, "the downtime counted against the wave"
         final = await wire.until(lambda: wire.final_status("r"), what="r to time out")
