@@ -208,6 +208,8 @@ class Session:
         self._subs_lock = threading.Lock()
         self._subs: dict[str, int] = {}
         self._thread_generation = 0
+        self._resubscribing: set[int] = set()
+        """Network thread only: SUBSCRIBEs re-sent on this connection, not yet acknowledged."""
 
     # -- public state ----------------------------------------------------------------
 
@@ -261,7 +263,7 @@ class Session:
         client.on_connect_fail = self._cb_connect_fail
         client.on_publish = self._cb_publish
         client.on_subscribe = self._cb_subscribe
-        client.on_unsubscribe = self._cb_subscribe  # the same acknowledgement shape
+        client.on_unsubscribe = self._cb_unsubscribe
         client.on_message = self._cb_message
         return client
 
@@ -431,6 +433,7 @@ class Session:
             self._post(self._on_refused, reason_code.value, str(reason_code))
             return
         self._thread_generation += 1
+        self._resubscribing = set()
         if not flags.session_present:
             # Paho sends nothing on its own after a clean (re)connect: re-subscribe here, in
             # the network thread, before any message of the new connection is processed.
@@ -439,8 +442,13 @@ class Session:
                 for topic_filter, qos in self._subs.items():
                     by_qos.setdefault(qos, []).append(topic_filter)
             for qos, filters in by_qos.items():
-                client.subscribe([(f, SubscribeOptions(qos=qos)) for f in filters])
-        self._post(self._on_connected, self._thread_generation)
+                _, mid = client.subscribe([(f, SubscribeOptions(qos=qos)) for f in filters])
+                if mid is not None:  # None: not sent, the connection is already going
+                    self._resubscribing.add(mid)
+        # The connection counts as up once its subscriptions are back: an owner that
+        # re-asserts or waits on it must not miss what is published meanwhile.
+        if not self._resubscribing:
+            self._post(self._on_connected, self._thread_generation)
 
     def _cb_disconnect(
         self,
@@ -466,6 +474,20 @@ class Session:
         self._post(self._on_puback, mid, reason_code.value)
 
     def _cb_subscribe(
+        self,
+        _client: mqtt.Client,
+        _userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        _properties: Properties | None,
+    ) -> None:
+        self._post(self._on_ack, mid, [rc.value for rc in reason_codes])
+        if mid in self._resubscribing:
+            self._resubscribing.discard(mid)
+            if not self._resubscribing:
+                self._post(self._on_connected, self._thread_generation)
+
+    def _cb_unsubscribe(
         self,
         _client: mqtt.Client,
         _userdata: Any,
@@ -686,7 +708,8 @@ class Session:
         return _Messages(self)
 
     def connections(self) -> _Connections:
-        """Yield a counter once per successful (re)connect, the current connection first.
+        """Yield a counter once per successful (re)connect, the current connection first;
+        after a clean reconnect, only once the broker acknowledged the re-subscriptions.
 
         Several reconnects in quick succession may be reported once (the latest); what an
         owner needs is to re-assert its retained topics on the connection that is up.
