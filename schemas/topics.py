@@ -26,6 +26,7 @@ __all__ = [
     "all_devices",
     "all_rollout_specs",
     "all_rollout_statuses",
+    "all_staging",
     "artifact_chunk",
     "artifact_chunks",
     "artifact_meta",
@@ -38,6 +39,9 @@ __all__ = [
     "parse",
     "rollout_spec",
     "rollout_status",
+    "staging_chunk",
+    "staging_chunks",
+    "staging_meta",
     "trust",
 ]
 
@@ -64,6 +68,8 @@ class TopicKind(StrEnum):
     CLASS_MANIFEST = "class_manifest"
     ARTIFACT_META = "artifact_meta"
     ARTIFACT_CHUNK = "artifact_chunk"
+    STAGING_META = "staging_meta"
+    STAGING_CHUNK = "staging_chunk"
     ROLLOUT_SPEC = "rollout_spec"
     ROLLOUT_STATUS = "rollout_status"
     DEVICE = "device"
@@ -120,6 +126,23 @@ def artifact_chunks(sha256: str) -> str:
     return f"{PREFIX}/artifacts/{_sha(sha256)}/+"
 
 
+def staging_meta(sha256: str) -> str:
+    """Where an operator uploads an artifact's meta, for the coordinator to check."""
+    return f"{PREFIX}/staging/{_sha(sha256)}/meta"
+
+
+def staging_chunk(sha256: str, index: int) -> str:
+    if index < 0:
+        msg = f"negative chunk index {index}"
+        raise ValueError(msg)
+    return f"{PREFIX}/staging/{_sha(sha256)}/{index}"
+
+
+def staging_chunks(sha256: str) -> str:
+    """Filter for every staged chunk (and the meta) of one artifact."""
+    return f"{PREFIX}/staging/{_sha(sha256)}/+"
+
+
 def rollout_spec(rollout_id: str) -> str:
     return f"{PREFIX}/rollouts/{check_name(rollout_id, 'rollout id')}/spec"
 
@@ -154,6 +177,11 @@ def all_rollout_statuses() -> str:
 
 def all_artifacts() -> str:
     return f"{PREFIX}/artifacts/#"
+
+
+def all_staging() -> str:
+    """Filter for every staged upload (operators write here, only the coordinator reads)."""
+    return f"{PREFIX}/staging/#"
 
 
 def all_artifact_metas() -> str:
@@ -195,6 +223,10 @@ def _parse_parts(parts: list[str]) -> ParsedTopic:
             return ParsedTopic(kind=TopicKind.ARTIFACT_META, name=_sha(sha))
         case ["artifacts", sha, index] if _INDEX.fullmatch(index):
             return ParsedTopic(kind=TopicKind.ARTIFACT_CHUNK, name=_sha(sha), index=int(index))
+        case ["staging", sha, "meta"]:
+            return ParsedTopic(kind=TopicKind.STAGING_META, name=_sha(sha))
+        case ["staging", sha, index] if _INDEX.fullmatch(index):
+            return ParsedTopic(kind=TopicKind.STAGING_CHUNK, name=_sha(sha), index=int(index))
         case ["rollouts", rid, "spec"]:
             return ParsedTopic(kind=TopicKind.ROLLOUT_SPEC, name=check_name(rid, "rollout id"))
         case ["rollouts", rid, "status"]:

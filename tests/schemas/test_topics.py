@@ -68,6 +68,11 @@ def _parse_rejected(topic: str) -> None:
             t.artifact_chunk(SHA, 4095),
             ParsedTopic(kind=TopicKind.ARTIFACT_CHUNK, name=SHA, index=4095),
         ),
+        (t.staging_meta(SHA), ParsedTopic(kind=TopicKind.STAGING_META, name=SHA)),
+        (
+            t.staging_chunk(SHA, 7),
+            ParsedTopic(kind=TopicKind.STAGING_CHUNK, name=SHA, index=7),
+        ),
         (t.rollout_spec("r-1.2_x"), ParsedTopic(kind=TopicKind.ROLLOUT_SPEC, name="r-1.2_x")),
         (t.rollout_status("r1"), ParsedTopic(kind=TopicKind.ROLLOUT_STATUS, name="r1")),
         (t.coordinator_presence(), ParsedTopic(kind=TopicKind.COORDINATOR_PRESENCE)),
@@ -128,17 +133,28 @@ def test_hostile_device_id_is_refused_on_every_channel(name: str, channel: Devic
     ],
 )
 def test_artifact_topics_refuse_anything_but_a_lowercase_sha256(sha: str) -> None:
-    for build in (t.artifact_meta, t.artifact_chunks, lambda s: t.artifact_chunk(s, 0)):
+    for build in (
+        t.artifact_meta,
+        t.artifact_chunks,
+        lambda s: t.artifact_chunk(s, 0),
+        t.staging_meta,
+        t.staging_chunks,
+        lambda s: t.staging_chunk(s, 0),
+    ):
         with pytest.raises(ValueError, match="sha256"):
             build(sha)
-    _parse_rejected(f"fleet/v1/artifacts/{sha}/meta")
-    _parse_rejected(f"fleet/v1/artifacts/{sha}/0")
+    for area in ("artifacts", "staging"):
+        _parse_rejected(f"fleet/v1/{area}/{sha}/meta")
+        _parse_rejected(f"fleet/v1/{area}/{sha}/0")
 
 
 def test_negative_chunk_index_is_refused() -> None:
     with pytest.raises(ValueError, match="negative"):
         t.artifact_chunk(SHA, -1)
+    with pytest.raises(ValueError, match="negative"):
+        t.staging_chunk(SHA, -1)
     _parse_rejected(f"fleet/v1/artifacts/{SHA}/-1")
+    _parse_rejected(f"fleet/v1/staging/{SHA}/-1")
 
 
 @pytest.mark.parametrize(
@@ -200,3 +216,5 @@ def test_subscription_filters_cover_the_topics_they_are_for() -> None:
     assert t.all_rollout_statuses() == "fleet/v1/rollouts/+/status"
     assert t.all_artifacts() == "fleet/v1/artifacts/#"
     assert t.artifact_chunks(SHA) == f"fleet/v1/artifacts/{SHA}/+"
+    assert t.all_staging() == "fleet/v1/staging/#"
+    assert t.staging_chunks(SHA) == f"fleet/v1/staging/{SHA}/+"
