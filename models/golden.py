@@ -93,10 +93,13 @@ def _confident_rows(classifier: Classifier, x: npt.NDArray[np.float32], cases: i
     same probabilities to many decimals, and the check would prove little). Rows below
     the margin only fill up a set when too few rows qualify, most confident first.
     """
-    labels = classifier.labels(x)
+    # Row by row, as the cases are recorded: a batched run may round differently (other
+    # kernels), and a row chosen at a margin of 0.5001 must not record 0.498.
+    rows = [np.ascontiguousarray(x[i : i + 1], dtype=np.float32) for i in range(len(x))]
+    labels = np.concatenate([classifier.labels(row) for row in rows])
     margin = np.ones(len(x), dtype=np.float64)
     if classifier.scores_output is not None:
-        scores = classifier.scores(x).astype(np.float64)
+        scores = np.vstack([classifier.scores(row) for row in rows]).astype(np.float64)
         if scores.shape[1] > 1:
             top = np.sort(scores, axis=1)
             margin = top[:, -1] - top[:, -2]

@@ -100,11 +100,15 @@ def test_another_build_fails_the_set(
     cytology_golden: dict[str, GoldenSet],
     label: str,
 ) -> None:
-    # An fp32 build computes everything an fp16 set asks for more precisely than fp16: the
-    # one pairing a tolerance cannot tell apart (the set's sha256 still does).
+    # The fp32 set (atol 2e-5) tells every other build apart, and static int8 (calibrated
+    # activations) differs from every other build beyond any tolerance. The looser fp16 and
+    # int8 tolerances cannot tell fp32, fp16 and dynamic int8 apart: dynamic int8 quantises
+    # activations per call and, on these small MLPs, stays within 5e-3 of fp32 on some
+    # onnxruntime builds. Only the set's sha256 tells those pairings apart.
+    near_float = {"fp32", "fp16", "int8-dynamic"}
     for builds, goldens in ((v3_builds, v3_golden), (cytology_builds, cytology_golden)):
         for other in LABELS:
-            if other == label or (label, other) == ("fp16", "fp32"):
+            if other == label or (label != "fp32" and {label, other} <= near_float):
                 continue
             problems = golden_mismatches(goldens[label], ort_runner(builds[other].data))
             assert problems, (label, other)
