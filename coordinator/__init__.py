@@ -2,7 +2,8 @@
 
 from coordinator.profiles import DEFAULT_PROFILES, ClassProfile, load_profiles
 from coordinator.rollout import Action, RolloutRecord, decide
-from coordinator.service import Coordinator, CoordinatorConfig
+from coordinator.service import Coordinator, CoordinatorConfig, serve
+from coordinator.store import StoreDamagedError
 
 __all__ = [
     "DEFAULT_PROFILES",
@@ -11,6 +12,8 @@ __all__ = [
     "Coordinator",
     "CoordinatorConfig",
     "RolloutRecord",
+    "StoreDamagedError",
     "decide",
     "load_profiles",
+    "serve",
 ]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schemas import ArtifactMeta, RejectedError, decode
-from schemas.artifact import check_whole
+from schemas.artifact import check_chunk, check_whole
 from storage import atomic_write
 
 __all__ = ["ArtifactStore", "StoredArtifact"]
@@ -71,6 +71,30 @@ class ArtifactStore:
         if meta.sha256 != sha256:
             return None
         return StoredArtifact(meta=meta, meta_payload=meta_payload, data=data)
+
+    def meta(self, sha256: str) -> tuple[ArtifactMeta, bytes] | None:
+        """The kept meta and its exact bytes, without reading the data (the watcher
+        compares retained chunks against its per-chunk digests); None when absent."""
+        _, meta_path = self._paths(sha256)
+        try:
+            payload = meta_path.read_bytes()
+            meta = decode(payload, ArtifactMeta)
+        except (FileNotFoundError, RejectedError):
+            return None
+        return (meta, payload) if meta.sha256 == sha256 else None
+
+    def chunk(self, meta: ArtifactMeta, index: int) -> bytes | None:
+        """Chunk ``index`` of the kept copy, checked against ``meta``; None when the
+        copy is gone or damaged."""
+        data_path, _ = self._paths(meta.sha256)
+        try:
+            with data_path.open("rb") as handle:
+                handle.seek(index * meta.chunk_size)
+                data = handle.read(meta.chunk_length(index))
+            check_chunk(meta, index, data)
+        except (FileNotFoundError, RejectedError):
+            return None
+        return data
 
     def digests(self) -> set[str]:
         if not self._folder.is_dir():

@@ -11,10 +11,23 @@ from dataclasses import dataclass, field
 
 from coordinator.rollout import RolloutRecord, cutoff_bp
 from schemas import DeviceState, HealthReport, TelemetrySummary, Verdict, WaveCounts, bucket
+from schemas.errors import Reason, bound_text
 
-__all__ = ["DeviceView", "FleetView"]
+__all__ = ["DeviceView", "FleetView", "is_verdict"]
 
 _SEEN_LIMIT = 100_000
+_REASON_CHARS = 300
+"""One device's part of a rollback reason: several fit in the status's reason."""
+_TRANSIENT: frozenset[str] = frozenset({Reason.CHUNK_CORRUPT.value, Reason.FETCH_TIMEOUT.value})
+"""Report reasons about the transfer, not the candidate: a corrupt or missing chunk is
+fetched again and says nothing about the model."""
+
+
+def is_verdict(report: HealthReport) -> bool:
+    """False for an unhealthy report whose every reason is a transfer problem."""
+    if report.verdict is Verdict.HEALTHY or not report.reasons:
+        return True
+    return any(r.split(":", 1)[0].strip() not in _TRANSIENT for r in report.reasons)
 
 
 @dataclass
@@ -46,6 +59,11 @@ class FleetView:
         if len(self._seen) > _SEEN_LIMIT:
             self._seen.popitem(last=False)
         return True
+
+    def forget(self, device_id: str) -> None:
+        """Drop a device whose retained state was cleared (``device revoke`` clears every
+        channel): it is no longer a member of any wave."""
+        self.devices.pop(device_id, None)
 
     def on_presence(self, device_id: str, online: bool) -> None:
         self.device(device_id).online = online
@@ -96,6 +114,7 @@ class FleetView:
                 report is not None
                 and report.rollout_id == record.id
                 and report.release == candidate.release_id
+                and is_verdict(report)
             )
             if not (view.online or reported):
                 continue
@@ -125,6 +144,9 @@ class FleetView:
                 and report is not None
                 and report.rollout_id == record.id
                 and report.verdict is Verdict.UNHEALTHY
+                and is_verdict(report)
             ):
-                found.append(f"{view.device_id}: {', '.join(report.reasons) or 'unhealthy'}")
+                # Reasons are the device's own words: bounded here, where they are quoted.
+                said = ", ".join(report.reasons) or "unhealthy"
+                found.append(bound_text(f"{view.device_id}: {said}", _REASON_CHARS))
         return found[:limit]

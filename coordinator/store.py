@@ -4,17 +4,31 @@ only a cache of it. Blocking: the coordinator calls it from a thread."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from tinydb import Query
 
 from coordinator.rollout import RolloutRecord
-from schemas import Release
+from schemas import Release, UsageError
 from storage import atomic_write, open_docstore
 
-__all__ = ["ClassRecord", "CoordinatorStore"]
+__all__ = ["ClassRecord", "CoordinatorStore", "Refusal", "StoreDamagedError"]
+
+
+class StoreDamagedError(UsageError):
+    """The store file exists but cannot be read whole: the coordinator will not start
+    on it (an empty store would re-admit finished rollouts and forget stable releases)."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(
+            f"coordinator store {path} is damaged ({why}). Move it aside (e.g. "
+            f"`mv {path} {path}.damaged`) and start again: the coordinator then recovers "
+            "from the broker's retained topics (trust, manifests, rollout statuses)."
+        )
+        self.path = path
 
 
 class ClassRecord(BaseModel):
@@ -30,14 +44,53 @@ class ClassRecord(BaseModel):
     """What the last manifest said (stable and rollout), to tell when to publish anew."""
 
 
+class Refusal(BaseModel):
+    """A spec refused before any rollout record could name it (bad signature, another
+    rollout's id): kept so that it is reported once, not on every redelivery."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    digest: str
+    """sha256 of the refused spec bytes."""
+    reason: str
+    at: float
+
+
 class CoordinatorStore:
     def __init__(self, path: Path) -> None:
+        """Open the store, checking every record in it.
+
+        Raises:
+            StoreDamagedError: the file is empty, truncated, not JSON, or holds records
+                that do not validate.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.fresh = not path.exists()
+        """No store file at start: nothing decided yet, or the store was lost."""
         self._heartbeat = path.with_name(path.name + ".heartbeat")
+        if self.fresh:
+            # Written at once: from now on a missing file means a lost store, and an
+            # empty one a damaged store.
+            atomic_write(path, b"{}", mode=0o600)
+        else:
+            _check(path)
         self._db = open_docstore(path)
         self._classes = self._db.table("classes")
         self._rollouts = self._db.table("rollouts")
+        self._refusals = self._db.table("refusals")
         self._audit = self._db.table("audit")
+        if not self.fresh:
+            try:
+                self.classes()
+                self.rollouts()
+                self.refusals()
+            except (KeyError, TypeError, ValidationError) as exc:
+                self._db.close()
+                raise StoreDamagedError(
+                    path, f"a record does not validate: {type(exc).__name__}"
+                ) from None
 
     def close(self) -> None:
         self._db.close()
@@ -63,6 +116,14 @@ class CoordinatorStore:
             {"id": record.id, "json": record.model_dump_json()}, Query().id == record.id
         )
 
+    def refusals(self) -> dict[str, Refusal]:
+        return {row["id"]: Refusal.model_validate_json(row["json"]) for row in self._refusals.all()}
+
+    def put_refusal(self, refusal: Refusal) -> None:
+        self._refusals.upsert(
+            {"id": refusal.id, "json": refusal.model_dump_json()}, Query().id == refusal.id
+        )
+
     def audit(self, entry: dict[str, Any]) -> None:
         self._audit.insert(entry)
 
@@ -79,3 +140,19 @@ class CoordinatorStore:
 
     def audit_log(self) -> list[dict[str, Any]]:
         return [dict(row) for row in self._audit.all()]
+
+
+def _check(path: Path) -> None:
+    """Raises: StoreDamagedError unless ``path`` holds a JSON object of tables."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise StoreDamagedError(path, "not UTF-8 text") from None
+    if not text.strip():
+        raise StoreDamagedError(path, "empty file")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise StoreDamagedError(path, f"not JSON: {exc.msg} at char {exc.pos}") from None
+    if not isinstance(data, dict) or not all(isinstance(t, dict) for t in data.values()):
+        raise StoreDamagedError(path, "not a JSON object of tables")

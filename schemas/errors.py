@@ -25,10 +25,22 @@ __all__ = [
     "RejectedError",
     "SignatureError",
     "UsageError",
+    "bound_text",
 ]
 
 
 MAX_DETAIL_CHARS: Final = 500
+
+
+def bound_text(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """``text`` cut to at most ``limit`` characters, an ellipsis marking the cut.
+
+    Every text composed from input (rejection details, rollback reasons, audit details)
+    goes through here where it is built, so that carrying it can never fail on its size.
+    """
+    if len(text) <= limit:
+        return text
+    return text[: max(limit - 1, 0)] + "…"
 
 
 class Reason(StrEnum):
@@ -73,7 +85,7 @@ class RejectedError(EdgefleetError):
     def __init__(self, reason: Reason, detail: str) -> None:
         # Details quote untrusted input (topics, field names, key ids): bounded here so
         # that reporting a rejection can never fail on its size.
-        detail = detail if len(detail) <= MAX_DETAIL_CHARS else detail[: MAX_DETAIL_CHARS - 1] + "…"
+        detail = bound_text(detail)
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail

@@ -148,6 +148,17 @@ def test_offline_device_is_not_waited_for_unless_it_already_reported(
     assert fleet.counts(record) == WaveCounts(members=2, targeted=1, healthy=1)
 
 
+def test_forgotten_device_is_no_member_of_any_wave(record: RolloutRecord) -> None:
+    inside, _ = _split_by_cohort(record, 200)
+    kept, revoked = inside[:2]
+    fleet = FleetView()
+    for device_id in (kept, revoked):
+        _online(fleet, device_id)
+    fleet.on_health(_report(record, revoked, Verdict.UNHEALTHY))
+    fleet.forget(revoked)
+    assert fleet.counts(record) == WaveCounts(members=1, targeted=1)
+
+
 def test_counts_updated_healthy_and_unhealthy_devices(record: RolloutRecord) -> None:
     inside, _ = _split_by_cohort(record, 400)
     sha = record.candidates[CLASS].artifact.sha256
@@ -235,3 +246,44 @@ def test_unhealthy_reasons_name_the_devices_and_their_reasons(record: RolloutRec
     )
     fleet.on_health(slow)
     assert fleet.unhealthy_reasons(record) == [f"{inside[1]}: p95_latency_ms:35.00>10.00"]
+
+
+def test_corrupt_chunk_or_fetch_timeout_is_not_a_verdict_on_the_candidate(
+    record: RolloutRecord,
+) -> None:
+    inside, _ = _split_by_cohort(record.model_copy(update={"wave": 2}), 3)
+    at_last = record.model_copy(update={"wave": 2})
+    fleet = FleetView()
+    for device_id in inside:
+        _online(fleet, device_id)
+    transfer, model = inside[0], inside[1]
+    fleet.on_health(
+        _report(at_last, transfer, Verdict.UNHEALTHY).model_copy(
+            update={"reasons": ("chunk_corrupt: chunk 3 of abc fails its sha256", "fetch_timeout")}
+        )
+    )
+    fleet.on_health(
+        _report(at_last, model, Verdict.UNHEALTHY).model_copy(
+            update={"reasons": ("chunk_corrupt", "p95_latency_ms:35.10>10.00")}
+        )
+    )
+    counts = fleet.counts(at_last)
+    assert (counts.unhealthy, counts.healthy) == (1, 0)
+    reasons = fleet.unhealthy_reasons(at_last)
+    assert [r.split(":")[0] for r in reasons] == [model]
+
+
+def test_unhealthy_reasons_quote_each_device_bounded(record: RolloutRecord) -> None:
+    at_last = record.model_copy(update={"wave": 2})
+    inside, _ = _split_by_cohort(at_last, 3)
+    fleet = FleetView()
+    _online(fleet, inside[0])
+    fleet.on_health(
+        _report(at_last, inside[0], Verdict.UNHEALTHY).model_copy(
+            update={"reasons": tuple("e" * 200 for _ in range(16))}
+        )
+    )
+    (reason,) = fleet.unhealthy_reasons(at_last)
+    assert reason.startswith(inside[0])
+    assert len(reason) <= 300
+    assert reason.endswith("…")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from coordinator.rollout import RolloutRecord
-from coordinator.store import ClassRecord, CoordinatorStore
+from coordinator.store import ClassRecord, CoordinatorStore, Refusal, StoreDamagedError
 from schemas import Phase, WaveCounts
 
 
@@ -59,3 +61,40 @@ def test_every_write_replaces_the_file_whole_and_leaves_no_temp_files(
         assert [p.name for p in tmp_path.iterdir()] == ["store.json"]
     assert path.stat().st_mode & 0o077 == 0  # it holds signed specs: private to its owner
     store.close()
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"", "empty file"),
+        (b'{"classes": {"1": {"name": "jetson', "not JSON"),
+        (b"\x00\xffgarbage", "not UTF-8"),
+        (b"[1, 2]", "not a JSON object of tables"),
+        (b'{"rollouts": {"1": {"id": "r", "json": "{}"}}}', "does not validate"),
+    ],
+)
+def test_damaged_store_refuses_to_open_naming_the_file_and_the_way_out(
+    tmp_path: Path, content: bytes, why: str
+) -> None:
+    path = tmp_path / "coordinator.json"
+    path.write_bytes(content)
+    with pytest.raises(StoreDamagedError) as caught:
+        CoordinatorStore(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert why in message
+    assert "Move it aside" in message
+    assert path.read_bytes() == content  # nothing overwritten
+
+
+def test_new_store_is_written_at_once_and_refusals_survive_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "coordinator.json"
+    store = CoordinatorStore(path)
+    assert store.fresh
+    assert json.loads(path.read_text()) == {}
+    store.put_refusal(Refusal(id="r", digest="ab" * 32, reason="spec refused: x", at=1.0))
+    store.close()
+    reopened = CoordinatorStore(path)
+    assert not reopened.fresh
+    assert reopened.refusals()["r"].reason == "spec refused: x"
+    reopened.close()

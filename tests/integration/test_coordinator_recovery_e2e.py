@@ -121,7 +121,7 @@ async def _restarted(fleet: Fleet, v2: DemoModel) -> None:
                 )
 
             await wire.until(presence_reasserted, what="the coordinator's re-assert")
-            await asyncio.sleep(3.0)  # longer than the coordinator's retained-meta probe
+            await asyncio.sleep(3.0)  # time to compare the retained artifact with its copy
         resent = [
             m.topic for m in wire.raw if m.topic.startswith("fleet/v1/artifacts/") and not m.retain
         ]
