@@ -2,9 +2,10 @@
 none can be published.
 
 Every variant must load, declare its inputs and outputs truthfully, and pass its own
-golden vectors; every variant must fit some class of the rollout and every class some
-variant (``coordinator.variants``); then each class takes the most wanted fitting
-variant that passes the class's accuracy gate against the release the class runs now.
+golden vectors; variants that fit no class of the rollout are left out (and noted), and
+every class must be fitted by some variant (``coordinator.variants``); then each class
+takes the most wanted fitting variant that passes the class's accuracy gate against the
+release the class runs now.
 The gate is ``models.gate`` (``score_model`` and ``judge``, which ``check_candidate``
 composes for ``edgefleet model validate``): the same check, with each model scored once.
 Blocking (onnxruntime): the coordinator runs it in a thread with every artifact
@@ -66,7 +67,7 @@ def select_releases(
         return Selection({}, ranking.problems, ())
 
     releases: dict[str, Release] = {}
-    notes: list[str] = []
+    notes: list[str] = [f"left out: {line}" for line in ranking.ignored]
     datasets: dict[str, DataSet] = {}
     scores = Scores(blobs)
     for name in spec.classes:

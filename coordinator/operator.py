@@ -1,15 +1,26 @@
-"""The operator's side: publish a model artifact and a signed rollout spec, read
-rollout status. Used by the ``edgefleet rollout`` commands."""
+"""The operator's side: upload a model's variants, publish a signed rollout spec, read
+rollout status. Used by the ``edgefleet rollout`` commands.
+
+The operator never writes what devices fetch: it uploads to ``staging/``, and the
+coordinator publishes the bytes under ``artifacts/`` once it has admitted them.
+
+Reads of retained topics need no timeout: Mosquitto queues a subscription's retained
+messages before it answers any later request of the same client, so once an
+UNSUBSCRIBE that follows the SUBSCRIBE is acknowledged, every retained message has
+arrived. The readers here share one message stream per session and take turns.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from broker.session import Session
+from broker.session import Message, Session
 from coordinator.profiles import ClassProfile
 from coordinator.validate import ModelFacts, golden_problems
 from coordinator.variants import Built, rank_variants
@@ -22,8 +33,10 @@ from schemas import (
     KeyPair,
     PolicyError,
     Reason,
+    RejectedError,
     RolloutSpec,
     RolloutStatus,
+    UsageError,
     Variant,
     decode,
     encode,
@@ -35,38 +48,105 @@ from schemas.artifact import DEFAULT_CHUNK_BYTES
 from schemas.envelope import Envelope
 
 __all__ = [
+    "RolloutExists",
     "VariantFile",
+    "check_new_rollout",
     "describe_candidate",
     "next_generation",
     "publish_artifact",
     "read_spec",
     "read_status",
     "submit_spec",
+    "upload_candidate",
     "watch_status",
 ]
 
+log = logging.getLogger(__name__)
+
 _PUBLISH_WINDOW = 32
+
+
+class RolloutExists(UsageError):  # noqa: N818 (names what the operator asked for)
+    """``rollout start`` with an id that a retained spec or status already holds: the
+    coordinator would ignore the new spec, so the operator's side refuses to send it."""
+
+    def __init__(self, rollout_id: str) -> None:
+        super().__init__(
+            f"rollout {rollout_id!r} already exists; start it under another --id, or "
+            f"pause, resume or abort it"
+        )
+        self.rollout_id = rollout_id
+
+
+_streams: weakref.WeakKeyDictionary[Session, AsyncIterator[Message]] = weakref.WeakKeyDictionary()
+
+
+def _stream(session: Session) -> AsyncIterator[Message]:
+    """The session's one message stream, shared by this module's readers."""
+    stream = _streams.get(session)
+    if stream is None:
+        stream = _streams[session] = session.messages()
+    return stream
+
+
+async def _retained(session: Session, *wanted: str) -> dict[str, bytes]:
+    """The retained payloads of the topics ``wanted`` (exact names), without waiting out
+    a timeout: the UNSUBACK comes after every retained message (module docstring)."""
+    stream = _stream(session)
+    # QoS 0: retained messages go out at once, never held back by an in-flight window.
+    await session.subscribe(*wanted, qos=0)
+    await session.unsubscribe(*wanted)
+    found: dict[str, bytes] = {}
+    while (message := await _received(stream)) is not None:
+        if message.topic in wanted and message.payload:
+            found[message.topic] = message.payload
+    return found
+
+
+async def _received(stream: AsyncIterator[Message]) -> Message | None:
+    """The next message already received, or None: never waits for one to arrive."""
+    try:
+        async with asyncio.timeout(0):
+            return await anext(stream)
+    except TimeoutError:
+        return None
 
 
 async def publish_artifact(
     session: Session, data: bytes, *, name: str, chunk_size: int = DEFAULT_CHUNK_BYTES
 ) -> ArtifactMeta:
-    """Publish chunks (retained) and then the meta, so a meta implies its chunks.
+    """Upload an artifact for the coordinator to check: chunks (retained) to
+    ``staging/{sha256}/``, then the meta, so a meta implies its chunks. Nothing is sent
+    when ``artifacts/`` already retains this very meta (a release rolled out again).
 
     Raises:
         TransportError, PublishRefused: the broker refused or could not be reached.
     """
     meta, chunks = split_artifact(data, name=name, chunk_size=chunk_size)
+    if await _retained_meta(session, meta.sha256) == meta:
+        log.info("artifact %s (%s) is already published", meta.sha256[:12], name)
+        return meta
     for start in range(0, len(chunks), _PUBLISH_WINDOW):
         batch = range(start, min(start + _PUBLISH_WINDOW, len(chunks)))
         await asyncio.gather(
             *(
-                session.publish(topics.artifact_chunk(meta.sha256, i), chunks[i], retain=True)
+                session.publish(topics.staging_chunk(meta.sha256, i), chunks[i], retain=True)
                 for i in batch
             )
         )
-    await session.publish(topics.artifact_meta(meta.sha256), encode(meta), retain=True)
+    await session.publish(topics.staging_meta(meta.sha256), encode(meta), retain=True)
     return meta
+
+
+async def _retained_meta(session: Session, sha256: str) -> ArtifactMeta | None:
+    topic = topics.artifact_meta(sha256)
+    payload = (await _retained(session, topic)).get(topic)
+    if payload is None:
+        return None
+    try:
+        return decode(payload, ArtifactMeta)
+    except RejectedError:  # not a meta we can trust to stand for ours: upload
+        return None
 
 
 @dataclass(frozen=True)
@@ -87,10 +167,13 @@ def describe_candidate(
     """The candidate entry of a spec, read from the models themselves, checked the way
     the coordinator will check it before anything is published (blocking).
 
+    It names the variants that fit some of ``classes``; the others are left out, with a
+    warning that says which and why (``coordinator.variants``).
+
     Raises:
         ValueError: a model does not load.
         PolicyError: PROFILE_MISMATCH when a golden set fails on its own model, a class
-            is unknown, a variant fits none of the classes or a class none of the variants.
+            is unknown, or no variant fits one of the classes.
     """
     unknown = [c for c in classes if c not in profiles]
     if unknown:
@@ -111,66 +194,89 @@ def describe_candidate(
                 f"variant {file.label}: {p}" for p in golden_problems(facts, variant, file.golden)
             ]
         built.append(Built(variant, facts))
-    problems += rank_variants(built, profiles, classes).problems
+    ranking = rank_variants(built, profiles, classes)
+    problems += ranking.problems
     if problems:
         raise PolicyError(Reason.PROFILE_MISMATCH, "; ".join(problems))
-    return Candidate(name=name, variants=tuple(b.variant for b in built))
+    for line in ranking.ignored:
+        log.warning("%s: left out: %s", name, line)
+    return Candidate(name=name, variants=tuple(b.variant for b in ranking.used))
 
 
 def _ref(data: bytes) -> ArtifactRef:
     return ArtifactRef(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
 
 
+async def upload_candidate(
+    session: Session, candidate: Candidate, files: Sequence[VariantFile]
+) -> None:
+    """Upload the model and golden vectors of every variant ``candidate`` names (see
+    ``publish_artifact``); files of variants it left out are not sent.
+
+    Raises:
+        TransportError, PublishRefused: the broker refused or could not be reached.
+    """
+    named = {v.artifact.sha256 for v in candidate.variants}
+    for file in files:
+        if _ref(file.model).sha256 not in named:
+            continue
+        await publish_artifact(session, file.model, name=f"{candidate.name}.{file.label}")
+        if file.golden is not None:
+            await publish_artifact(
+                session, file.golden, name=f"{candidate.name}.{file.label}.golden"
+            )
+
+
+async def check_new_rollout(session: Session, rollout_id: str) -> None:
+    """Make sure no rollout holds ``rollout_id`` yet (call it before uploading).
+
+    Raises:
+        RolloutExists: a spec or a status is retained under that id.
+        TransportError: the broker could not be asked.
+    """
+    wanted = (topics.rollout_spec(rollout_id), topics.rollout_status(rollout_id))
+    if await _retained(session, *wanted):
+        raise RolloutExists(rollout_id)
+
+
 async def submit_spec(session: Session, spec: RolloutSpec, key: KeyPair) -> None:
-    """Sign and publish a rollout spec (retained: it is desired state)."""
+    """Sign and publish a rollout spec (retained: it is desired state).
+
+    Raises:
+        RolloutExists: a first generation under an id a rollout already holds.
+        TransportError, PublishRefused: the broker refused or could not be reached.
+    """
+    if spec.generation == 1:
+        await check_new_rollout(session, spec.id)
     signed = seal(ROLLOUT_SPEC_KIND, encode(spec), [key])
     await session.publish(topics.rollout_spec(spec.id), signed, retain=True)
 
 
 async def watch_status(session: Session, rollout_id: str) -> AsyncGenerator[RolloutStatus, None]:
-    """Every status of a rollout as the coordinator publishes it, the retained one first.
-
-    Takes the session's one message stream: use a session of its own.
-    """
+    """Every status of a rollout as the coordinator publishes it, the retained one first."""
     topic = topics.rollout_status(rollout_id)
+    stream = _stream(session)
     await session.subscribe(topic)
-    async for message in session.messages():
+    async for message in stream:
         if message.topic == topic and message.payload:
             yield decode(message.payload, RolloutStatus)
 
 
-async def _first_retained(session: Session, topic: str, timeout: float) -> bytes | None:
-    await session.subscribe(topic)
-    try:
-        async with asyncio.timeout(timeout):
-            async for message in session.messages():
-                if message.topic == topic:
-                    return message.payload or None
-    except TimeoutError:
-        return None
-    return None
-
-
-async def read_status(
-    session: Session, rollout_id: str, *, timeout: float = 3.0
-) -> RolloutStatus | None:
-    """The retained status of a rollout, or None when the coordinator has none.
-
-    Takes the session's one message stream: use a session of its own.
-    """
-    payload = await _first_retained(session, topics.rollout_status(rollout_id), timeout)
+async def read_status(session: Session, rollout_id: str) -> RolloutStatus | None:
+    """The retained status of a rollout, or None when the coordinator has none."""
+    topic = topics.rollout_status(rollout_id)
+    payload = (await _retained(session, topic)).get(topic)
     return None if payload is None else decode(payload, RolloutStatus)
 
 
-async def read_spec(
-    session: Session, rollout_id: str, *, timeout: float = 3.0
-) -> RolloutSpec | None:
+async def read_spec(session: Session, rollout_id: str) -> RolloutSpec | None:
     """The current retained spec (the operator's own, to make its next generation).
 
     The signature is not checked here: the coordinator checks it; this only reads
-    what the operator published last. Takes the session's one message stream.
+    what the operator published last.
     """
-    payload = await _first_retained(session, topics.rollout_spec(rollout_id), timeout)
+    topic = topics.rollout_spec(rollout_id)
+    payload = (await _retained(session, topic)).get(topic)
     if payload is None:
         return None
     envelope = decode(payload, Envelope)

@@ -20,7 +20,13 @@ from broker.config import BrokerPorts
 from broker.launcher import MosquittoBroker, free_ports
 from broker.session import Session
 from coordinator import Coordinator, CoordinatorConfig, load_profiles
-from coordinator.operator import VariantFile, describe_candidate, publish_artifact, submit_spec
+from coordinator.operator import (
+    VariantFile,
+    check_new_rollout,
+    describe_candidate,
+    submit_spec,
+    upload_candidate,
+)
 from coordinator.profiles import DEFAULT_PROFILES, ClassProfile
 from edgefleet.home import COORDINATOR, OPERATOR, Home
 from models import INPUT_NAME, DigitsStream
@@ -217,14 +223,13 @@ async def start_rollout(
     no variant. Ratios and timeout left at None take the class profiles' defaults.
 
     Raises:
+        RolloutExists: a rollout already holds ``rollout_id`` (checked before any upload).
         PolicyError: the variants do not fit the classes (see ``describe_candidate``).
     """
+    await check_new_rollout(session, rollout_id)
     release, files = await asyncio.to_thread(read_variants, model, name)
     candidate = await asyncio.to_thread(describe_candidate, release, files, profiles, classes)
-    for file in files:
-        await publish_artifact(session, file.model, name=f"{release}.{file.label}")
-        if file.golden is not None:
-            await publish_artifact(session, file.golden, name=f"{release}.{file.label}.golden")
+    await upload_candidate(session, candidate, files)
     spec = RolloutSpec(
         id=rollout_id,
         generation=1,

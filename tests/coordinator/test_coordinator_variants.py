@@ -5,6 +5,7 @@ held-out digits against the class's stable release (``coordinator.admission``)."
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -118,40 +119,66 @@ def test_each_shipped_class_takes_the_precision_its_profile_lists_first(
     assert [b.variant.label for b in ranking.order[CART]] == ["fp32"]
 
 
-def test_an_oversized_variant_is_refused_for_a_small_class(
+def test_an_oversized_variant_is_left_out_for_a_small_class(
     tmp_path: Path, builds: dict[str, VariantBuild]
 ) -> None:
     fp32, int8 = len(builds["fp32"].data), len(builds["int8-static"].data)
     assert int8 * 2 < fp32
     built = _built(builds, ["fp32", "int8-static"])
 
-    # Room for the int8 build only: the class's favourite (fp32) is passed over.
+    # Room for the int8 build only: the class's favourite (fp32) is passed over...
     small = _tiny(tmp_path, int8 + 100)
     ranking = rank_variants(built, small, ["tiny-gateway"])
     assert [b.variant.label for b in ranking.order["tiny-gateway"]] == ["int8-static"]
-    # ...and since fp32 then fits no class of this rollout, the rollout is refused.
-    (problem,) = ranking.problems
-    assert problem.startswith("variant fp32 (fp32, ")
-    assert f"{fp32} bytes exceed tiny-gateway's limit of {int8 + 100}" in problem
+    # ...and since fp32 then fits no class of this rollout, it is left out, saying why.
+    assert ranking.problems == ()
+    assert [b.variant.label for b in ranking.used] == ["int8-static"]
+    (ignored,) = ranking.ignored
+    assert ignored.startswith("variant fp32 (fp32, ")
+    assert f"{fp32} bytes exceed tiny-gateway's limit of {int8 + 100}" in ignored
 
-    # Room for nothing: the class has no variant.
+    # Room for nothing: the class has no variant, and that refuses the rollout.
     smaller = _tiny(tmp_path, int8 - 1)
     ranking = rank_variants(built, smaller, ["tiny-gateway"])
-    assert any(p.startswith("no variant fits tiny-gateway") for p in ranking.problems)
+    (problem,) = ranking.problems
+    assert problem.startswith("no variant fits tiny-gateway (fp32: ")
+    assert ranking.used == ()
 
 
-def test_a_variant_that_fits_no_class_is_refused_before_anything_is_published(
+def test_a_variant_folder_rolled_out_to_one_class_uses_what_fits_it(
+    builds: dict[str, VariantBuild],
+    profiles: dict[str, ClassProfile],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The README's manual path: every build 'model optimize' makes, rolled out to the
+    Jetsons alone. Their profile lists fp16, int8 and fp32, not int8-dynamic."""
+    labels = ["fp32", "fp16", "int8-static", "int8-dynamic"]
+    files = [VariantFile(label, builds[label].data) for label in labels]
+    with caplog.at_level(logging.WARNING, logger="coordinator.operator"):
+        candidate = describe_candidate("digits-v3", files, profiles, [JETSON])
+    assert [v.label for v in candidate.variants] == ["fp32", "fp16", "int8-static"]
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("digits-v3: left out: variant int8-dynamic (int8-dynamic, ")
+    assert f"int8-dynamic is not among {JETSON}'s" in warning
+    # Every class the folder was built for takes a variant of it.
+    every = describe_candidate("digits-v3", files, profiles, [JETSON, INTEL, GPU, CART])
+    assert [v.label for v in every.variants] == labels
+
+
+def test_a_class_no_variant_fits_refuses_the_rollout_before_anything_is_published(
     builds: dict[str, VariantBuild], profiles: dict[str, ClassProfile]
 ) -> None:
-    files = [VariantFile(label, builds[label].data) for label in ("fp32", "int8-static", "fp16")]
-    # Neither the Intel gateways nor the carts run fp16.
+    files = [VariantFile(label, builds[label].data) for label in ("int8-static", "fp16")]
+    # The carts run fp32 only.
     with pytest.raises(PolicyError) as refused:
         describe_candidate("digits-v3", files, profiles, [INTEL, CART])
-    assert "variant fp16 (fp16, " in str(refused.value)
-    assert "fp16 is not among intel-lowpower-detector's" in str(refused.value)
-    # With a class that runs it, the same files make a candidate.
-    candidate = describe_candidate("digits-v3", files, profiles, [INTEL, CART, JETSON])
-    assert [v.label for v in candidate.variants] == ["fp32", "int8-static", "fp16"]
+    text = str(refused.value)
+    assert text.startswith("profile_mismatch: no variant fits medical-cart-cpu (int8-static: ")
+    assert "fp16 is not among medical-cart-cpu's" in text
+    # fp16 fits neither class, yet only the class without a variant is a problem.
+    assert "variant fp16" not in text
+    with pytest.raises(PolicyError, match="unknown classes"):
+        describe_candidate("digits-v3", files, profiles, ["no-such-class"])
 
 
 def _spec(variants: Sequence[Variant], classes: Sequence[str]) -> RolloutSpec:
@@ -294,3 +321,22 @@ def test_class_without_a_gate_takes_its_first_fitting_variant(
     assert selection.problems == ()
     assert selection.releases["tiny-gateway"].variant == "fp32"
     assert selection.releases["tiny-gateway"].artifact.size == len(data)
+
+
+def test_admission_uses_the_variants_that_fit_and_ignores_the_rest(
+    builds: dict[str, VariantBuild],
+    profiles: dict[str, ClassProfile],
+    demo_models: dict[str, DemoModel],
+    v3: DemoModel,
+) -> None:
+    """The coordinator ranks with the operator's rule: a spec carrying a variant no class
+    of the rollout runs is admitted, and the variant is named nowhere."""
+    labels = ("fp32", "fp16", "int8-static", "int8-dynamic")
+    blobs = {_ref(builds[label].data).sha256: builds[label].data for label in labels}
+    variants = [_variant(label, builds[label].data) for label in labels]
+    stable = {JETSON: _stable(demo_models["digits-v2"], profiles[JETSON])}
+    selection = select_releases(
+        _spec(variants, [JETSON]), blobs, stable, profiles, v3.dataset.parent
+    )
+    assert selection.problems == ()
+    assert {c: r.variant for c, r in selection.releases.items()} == {JETSON: "fp16"}

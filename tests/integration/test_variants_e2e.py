@@ -130,19 +130,19 @@ async def _roll_out_variants(fleet: Fleet, demo_models: dict[str, DemoModel], bu
         assert all(a.active_release.release_id != stable for a in fleet.agents.values())  # type: ignore[union-attr]
 
 
-def test_a_variant_too_big_for_its_class_is_passed_over_and_one_fitting_no_class_is_refused(
+def test_variants_fitting_no_class_are_left_out_and_a_class_none_fits_is_refused(
     demo_models: dict[str, DemoModel], digits_v3_bundle: ReleaseBundle, make_fleet: MakeFleet
 ) -> None:
     variants = {v.label: v for v in digits_v3_bundle.variants}
     int8 = max(variants["int8-static"].size, variants["int8-dynamic"].size)
     assert int8 * 2 < variants["fp32"].size
     fleet = make_fleet({INTEL: 1})
-    # Room for an int8 build, not for fp16 or fp32.
-    _gated(fleet, demo_models, intel_limit=int8 + 1000)
     bundle = digits_v3_bundle.variants[0].file.parent
+    # Room for no build at all: the class has no variant.
+    _gated(fleet, demo_models, intel_limit=min(v.size for v in variants.values()) - 1)
 
-    async def go() -> None:
-        async with live(fleet, agents=()), fleet.operator() as operator:
+    async def refuse() -> None:
+        async with fleet.operator() as operator:
             with pytest.raises(PolicyError) as refused:
                 await start_rollout(
                     operator,
@@ -153,26 +153,47 @@ def test_a_variant_too_big_for_its_class_is_passed_over_and_one_fitting_no_class
                     classes=(INTEL,),
                     waves=(100.0,),
                 )
-            # fp32 and fp16 fit no class of this rollout: refused before anything is
-            # published, and the message says which and why.
             text = str(refused.value)
-            assert "variant fp32" in text
-            assert "variant fp16" in text
-            assert f"exceed intel-lowpower-detector's limit of {int8 + 1000}" in text
-            assert "variant int8-static" not in text
-            # Not a chunk, not a meta: a fresh subscriber to every artifact topic of the
-            # bundle gets nothing retained.
+            assert text.startswith("profile_mismatch: no variant fits intel-lowpower-detector (")
+            assert "exceed intel-lowpower-detector's limit of " in text
+            # Refused before anything is published: a fresh subscriber to every upload
+            # and artifact topic of the bundle gets nothing retained.
             shas = {v.sha256 for v in digits_v3_bundle.variants}
             async with coordinator_session(fleet.home, "it-artifact-watcher") as watcher:
                 stream = watcher.messages()
-                await watcher.subscribe(*(topics.artifact_chunks(sha) for sha in shas))
+                await watcher.subscribe(
+                    *(topics.staging_chunks(sha) for sha in shas),
+                    *(topics.artifact_chunks(sha) for sha in shas),
+                )
                 assert await _next_within(stream, 1.5) is None, "published despite the refusal"
-                # The same watcher does see an artifact once one is published.
+                # The same watcher does see an upload once one is made.
                 fp32 = variants["fp32"]
                 await publish_artifact(operator, fp32.file.read_bytes(), name="control")
                 message = await _next_within(stream, 10.0)
                 assert message is not None
                 assert fp32.sha256 in message.topic
+
+    run(refuse())
+
+    # Room for an int8 build, not for fp16 or fp32: those two fit no class of the
+    # rollout, so they are left out of the spec, and the gateways get their int8 build.
+    _gated(fleet, demo_models, intel_limit=int8 + 1000)
+
+    async def go() -> None:
+        async with live(fleet), Wire.open(fleet.home) as wire, fleet.operator() as operator:
+            spec = await start_rollout(
+                operator,
+                fleet.home,
+                bundle,
+                rollout_id="int8-only",
+                profiles=profiles(fleet),
+                classes=(INTEL,),
+                waves=(100.0,),
+            )
+            assert [v.label for v in spec.candidate.variants] == ["int8-static", "int8-dynamic"]
+            done = await wire.until(lambda: wire.final_status("int8-only"), what="int8-only")
+            assert done.phase is Phase.COMPLETED, done.reason
+            assert done.releases[INTEL].startswith("digits-v3:int8-static@")
 
     run(go())
 
