@@ -10,9 +10,20 @@ from broker.launcher import (
     MosquittoBroker,
     free_port,
     free_ports,
+    reload_running,
+    running_pid,
+    update_files,
     which_mosquitto,
 )
-from broker.pki import issue_client_cert, issue_server_cert, make_ca, write_private, write_public
+from broker.pki import (
+    cert_serial,
+    issue_client_cert,
+    issue_server_cert,
+    make_ca,
+    make_crl,
+    write_private,
+    write_public,
+)
 
 __all__ = [
     "Accounts",
@@ -22,15 +33,20 @@ __all__ = [
     "ConfigError",
     "DeviceGrant",
     "MosquittoBroker",
+    "cert_serial",
     "default_template",
     "free_port",
     "free_ports",
     "issue_client_cert",
     "issue_server_cert",
     "make_ca",
+    "make_crl",
+    "reload_running",
     "render_acl",
     "render_config",
     "render_password_file",
+    "running_pid",
+    "update_files",
     "which_mosquitto",
     "write_private",
     "write_public",

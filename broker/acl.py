@@ -4,6 +4,11 @@ Who may touch which topic is decided here, in one place, from the topic tree of
 DESIGN.md. Mosquitto ACLs are default-deny per user: a ``user`` block lists everything that
 account may read or write. We never emit ``pattern`` lines: a pattern applies to *every*
 user, so an account named like a device would inherit that device's rights.
+
+Every grant is exact: a device may write its five channels and nothing below or beside
+them, so it cannot grow the broker's retained store beyond three topics of its own.
+The broker forces each client id to the account name (``use_username_as_clientid``), so
+an account is also one session: two processes need two accounts.
 """
 
 from __future__ import annotations
@@ -54,10 +59,18 @@ class Accounts:
     coordinator: str = "coordinator"
     operators: tuple[str, ...] = ("operator",)
     dashboards: tuple[str, ...] = ("dashboard",)
+    admins: tuple[str, ...] = ()
+    """Accounts with the coordinator's rights but their own session: recovery tools,
+    a standby, tests. (The coordinator's account is one session: a second login with it
+    would replace the running coordinator's connection.)"""
+    revoking: tuple[str, ...] = ()
+    """Device ids being revoked: a one-shot password account named like the device, which
+    may only write the device's channels. Logging in with it replaces the device's
+    connection (the client id is the account name) and clears its retained topics."""
 
     def names(self) -> tuple[str, ...]:
-        """Every service account name."""
-        return (self.coordinator, *self.operators, *self.dashboards)
+        """Every service account name (password accounts, including ``revoking``)."""
+        return (self.coordinator, *self.admins, *self.operators, *self.dashboards, *self.revoking)
 
 
 def _topic(mode: str, topic_filter: str) -> str:
@@ -86,16 +99,26 @@ def render_acl(devices: Iterable[DeviceGrant], accounts: Accounts) -> str:
         _topic("readwrite", topics.everything()),
         "",
     ]
+    for admin in accounts.admins:
+        lines += [f"user {admin}", _topic("readwrite", topics.everything()), ""]
     for operator in accounts.operators:
+        # Operators upload to staging only: what devices fetch under artifacts/ is written
+        # by the coordinator alone, after admission.
         lines += [
             f"user {operator}",
             _topic("read", topics.everything()),
-            _topic("write", topics.all_artifacts()),
+            _topic("write", topics.all_staging()),
             _topic("write", topics.all_rollout_specs()),
             "",
         ]
     for dashboard in accounts.dashboards:
         lines += [f"user {dashboard}", *(_topic("read", t) for t in _DASHBOARD_READ), ""]
+    for device_id in accounts.revoking:
+        lines += [
+            f"user {device_id}",
+            *(_topic("write", topics.device(device_id, c)) for c in DeviceChannel),
+            "",
+        ]
 
     seen: set[str] = set()
     for grant in devices:
@@ -113,7 +136,7 @@ def render_acl(devices: Iterable[DeviceGrant], accounts: Accounts) -> str:
             _topic("read", topics.trust()),
             _topic("read", topics.class_manifest(hw_class)),
             _topic("read", topics.all_artifacts()),
-            _topic("readwrite", topics.device_all(device_id)),
+            *(_topic("readwrite", topics.device(device_id, c)) for c in DeviceChannel),
             "",
         ]
     return "\n".join(lines)

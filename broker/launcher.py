@@ -10,6 +10,11 @@ password files (on start and on every SIGHUP) and to write its persistence file.
 launcher chowns the whole folder to that account and checks that every parent directory is
 traversable by it, failing with a clear message instead of a broker that starts and then
 cannot save. The log is opened by us and handed over as stderr, so it needs no chown.
+
+Membership changes reach a running broker without a restart: :func:`update_files` rewrites
+the ACL, password file and CRL in its folder, and :func:`reload_running` sends SIGHUP to
+the Mosquitto whose pid the launcher recorded there (``mosquitto.pid``), which re-reads all
+three and keeps every connection.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import socket
 import stat
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -37,12 +42,17 @@ __all__ = [
     "MosquittoBroker",
     "free_port",
     "free_ports",
+    "reload_running",
+    "running_pid",
+    "update_files",
     "which_mosquitto",
 ]
 
 _READY_TIMEOUT = 10.0
 _STOP_TIMEOUT = 5.0
 _LOG_TAIL_LINES = 40
+PID_FILE = "mosquitto.pid"
+CONF_FILE = "mosquitto.conf"
 
 
 class BrokerError(RuntimeError):
@@ -58,6 +68,8 @@ class BrokerMaterial:
     server_cert: bytes
     acl: str
     passwords: str
+    crl: bytes
+    """PEM CRL of the CA: revoked device certificates (may list none)."""
 
 
 def free_ports(n: int) -> list[int]:
@@ -100,6 +112,66 @@ def _can_traverse(path: Path, uid: int, gid: int) -> bool:
     if st.st_gid == gid:
         return bool(st.st_mode & stat.S_IXGRP)
     return bool(st.st_mode & stat.S_IXOTH)
+
+
+def running_pid(folder: Path) -> int | None:
+    """The pid of the Mosquitto serving ``folder`` (recorded by :class:`MosquittoBroker`),
+    or None when none runs there. A recorded pid is trusted only while that process is a
+    Mosquitto started on this folder's config, so a reused pid is never signalled."""
+    folder = folder.resolve()
+    try:
+        pid = int((folder / PID_FILE).read_text(encoding="ascii").strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    if str(folder / CONF_FILE).encode() not in cmdline:
+        return None
+    return pid
+
+
+def _folder_owner(folder: Path) -> tuple[int, int] | None:
+    """uid/gid to give a rewritten file: the folder's owner, when we may chown (root)."""
+    if os.geteuid() != 0:
+        return None
+    st = folder.stat()
+    return st.st_uid, st.st_gid
+
+
+def update_files(
+    folder: Path, *, acl: str | None = None, passwords: str | None = None, crl: bytes | None = None
+) -> None:
+    """Atomically replace the ACL, password file and/or CRL of the broker in ``folder``,
+    owned like the folder (Mosquitto re-reads them as the account it dropped to).
+
+    Raises:
+        OSError: the folder is missing or not writable.
+    """
+    owner = _folder_owner(folder)
+    for name, data, write in (
+        ("acl", None if acl is None else acl.encode(), write_private),
+        ("passwords", None if passwords is None else passwords.encode(), write_private),
+        ("crl.pem", crl, write_public),
+    ):
+        if data is None:
+            continue
+        path = folder / name
+        write(path, data)
+        if owner is not None:
+            os.chown(path, *owner)
+
+
+def reload_running(folder: Path) -> bool:
+    """SIGHUP the Mosquitto serving ``folder``: it re-reads the ACL, password file and CRL,
+    keeping every connection. Returns False when no broker runs there. The reload happens
+    moments later, in Mosquitto's own loop."""
+    pid = running_pid(folder)
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class MosquittoBroker:
@@ -203,12 +275,13 @@ class MosquittoBroker:
             template, folder=folder, ports=self._ports, run_as=run_as, bind_address=self._host
         )
         m = self._material
-        write_public(folder / "mosquitto.conf", conf.encode())
+        write_public(folder / CONF_FILE, conf.encode())
         write_public(folder / "ca.crt", m.ca_cert)
         write_public(folder / "server.crt", m.server_cert)
         write_private(folder / "server.key", m.server_key)
         write_private(folder / "acl", m.acl.encode())
         write_private(folder / "passwords", m.passwords.encode())
+        write_public(folder / "crl.pem", m.crl)
         if account is not None:
             self._chown(account)
 
@@ -252,13 +325,16 @@ class MosquittoBroker:
     def _spawn(self, executable: str) -> None:
         self._log = self.log_file.open("ab")
         self._proc = subprocess.Popen(
-            [executable, "-c", str(self._folder / "mosquitto.conf")],
+            [executable, "-c", str(self._folder / CONF_FILE)],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=self._log,
             # Own process group: a Ctrl-C on the test run must not race our own shutdown.
             start_new_session=True,
         )
+        # Ours, not Mosquitto's pid_file: that one is written before privileges drop and
+        # left behind on SIGKILL; running_pid() checks this one against the live process.
+        write_public(self._folder / PID_FILE, f"{self._proc.pid}\n".encode())
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + _READY_TIMEOUT
@@ -292,6 +368,7 @@ class MosquittoBroker:
                     proc.kill()
                     proc.wait()
             self._proc = None
+        (self._folder / PID_FILE).unlink(missing_ok=True)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -320,8 +397,10 @@ class MosquittoBroker:
             self.stop()
         self.start()
 
-    def reload(self, *, acl: str | None = None, passwords: str | None = None) -> None:
-        """Replace the ACL and/or password file and make Mosquitto re-read them (SIGHUP).
+    def reload(
+        self, *, acl: str | None = None, passwords: str | None = None, crl: bytes | None = None
+    ) -> None:
+        """Replace the ACL, password file and/or CRL and make Mosquitto re-read them (SIGHUP).
 
         Raises:
             BrokerError: the broker is not running.
@@ -330,14 +409,15 @@ class MosquittoBroker:
         if proc is None or proc.poll() is not None:
             msg = "broker not running"
             raise BrokerError(msg)
-        account = self._account()
-        for name, text in (("acl", acl), ("passwords", passwords)):
-            if text is None:
-                continue
-            path = self._folder / name
-            write_private(path, text.encode())
-            if account is not None:
-                os.chown(path, *account)
+        update_files(self._folder, acl=acl, passwords=passwords, crl=crl)
+        # A later start() rewrites every file from the material: keep what was reloaded.
+        material = self._material
+        self._material = replace(
+            material,
+            acl=material.acl if acl is None else acl,
+            passwords=material.passwords if passwords is None else passwords,
+            crl=material.crl if crl is None else crl,
+        )
         proc.send_signal(signal.SIGHUP)
 
     def __enter__(self) -> Self:

@@ -19,9 +19,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from storage import atomic_write
 
 __all__ = [
+    "cert_serial",
     "issue_client_cert",
     "issue_server_cert",
     "make_ca",
+    "make_crl",
     "write_private",
     "write_public",
 ]
@@ -29,6 +31,9 @@ __all__ = [
 _CA_DAYS = 3650
 _LEAF_DAYS = 825  # the longest validity common TLS clients still accept for leaf certs
 _BACKDATE = dt.timedelta(minutes=5)  # tolerate clock skew between issuer and verifier
+# OpenSSL refuses *every* client certificate once the CRL's nextUpdate has passed, so the
+# CRL lives as long as the CA; a revocation rewrites it anyway.
+_CRL_DAYS = _CA_DAYS
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -170,6 +175,40 @@ def issue_client_cert(
         usage=ExtendedKeyUsageOID.CLIENT_AUTH,
         sans=[],
     )
+
+
+def cert_serial(cert_pem: bytes) -> int:
+    """The serial number of a PEM certificate (what a CRL names).
+
+    Raises:
+        ValueError: ``cert_pem`` is not a PEM certificate.
+    """
+    return x509.load_pem_x509_certificate(cert_pem).serial_number
+
+
+def make_crl(ca_key_pem: bytes, ca_cert_pem: bytes, revoked: Iterable[int] = ()) -> bytes:
+    """A PEM certificate revocation list, signed by the CA, naming the ``revoked`` serials.
+
+    The broker's devices listener loads it (``crlfile``): a listed certificate can no
+    longer connect. An empty list is valid and needed, since the listener always loads one.
+    """
+    ca_key, ca_cert = _load_ca(ca_key_pem, ca_cert_pem)
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - _BACKDATE)
+        .next_update(now + dt.timedelta(days=_CRL_DAYS))
+    )
+    for serial in sorted(set(revoked)):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(now - _BACKDATE)
+            .build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    return crl.public_bytes(serialization.Encoding.PEM)
 
 
 def write_private(path: Path, data: bytes) -> None:

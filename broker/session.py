@@ -21,6 +21,11 @@ the remembered subscriptions are sent again (paho does not), unacknowledged QoS 
 are resent by paho, and :meth:`Session.connections` yields so owners can re-assert their
 retained topics.
 
+Leaving the ``async with`` normally sends a plain DISCONNECT: the broker discards the Last
+Will. Leaving it by an exception (a crash, a cancellation) sends DISCONNECT with reason
+code 0x04, "Disconnect with Will Message": the broker publishes the Will, so a process that
+dies of an error reads ``offline`` exactly like one that was killed.
+
 Incoming QoS 1 messages are acknowledged when the consumer takes them from
 :meth:`Session.messages`, not when they arrive, and the CONNECT announces a Receive Maximum:
 a slow consumer therefore holds the broker back (which queues for us) instead of losing
@@ -70,6 +75,7 @@ _RECONNECT_MIN = 0.2
 _RECONNECT_MAX = 5
 _STOP_GRACE = 2.0  # seconds a clean DISCONNECT may take before we cut the socket
 _MAX_RECEIVE = 65535
+_DISCONNECT_WITH_WILL = 0x04
 
 
 # -- value objects ------------------------------------------------------------------------
@@ -330,18 +336,21 @@ class Session:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Send DISCONNECT (the broker then drops the Will) and stop the network thread."""
-        await self._shutdown()
+        """Send DISCONNECT and stop the network thread. On a normal exit the broker then
+        discards the Will; on an exit by an exception it publishes it (reason code 0x04)."""
+        await self._shutdown(with_will=exc_type is not None)
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, *, with_will: bool = False) -> None:
         if self._closed:
             return
         self._closed = True
         client = self._client
         if client is not None:
-            # A clean DISCONNECT: the broker discards the Will.
+            reason = None
+            if with_will:
+                reason = ReasonCode(PacketTypes.DISCONNECT, identifier=_DISCONNECT_WITH_WILL)
             with contextlib.suppress(Exception):
-                client.disconnect()
+                client.disconnect(reasoncode=reason)
             if not await self._stop_thread(client, _STOP_GRACE):
                 # The broker is unresponsive: cut the socket so the loop errors out.
                 self._cut_socket(client)

@@ -22,7 +22,14 @@ from typing import Self
 from broker.acl import Accounts, DeviceGrant, render_acl, render_password_file
 from broker.config import BrokerPorts
 from broker.launcher import BrokerMaterial, MosquittoBroker
-from broker.pki import issue_client_cert, issue_server_cert, make_ca, write_private, write_public
+from broker.pki import (
+    issue_client_cert,
+    issue_server_cert,
+    make_ca,
+    make_crl,
+    write_private,
+    write_public,
+)
 from broker.session import Endpoint
 
 __all__ = ["FleetPKI", "LocalFleet", "broker_tempdir"]
@@ -63,6 +70,10 @@ class FleetPKI:
         """Issue a client certificate (``key_pem, cert_pem``) with CN ``common_name``."""
         return issue_client_cert(self.ca_key, self.ca_cert, common_name)
 
+    def crl(self, revoked: Sequence[int] = ()) -> bytes:
+        """A CRL of this CA naming the ``revoked`` certificate serials."""
+        return make_crl(self.ca_key, self.ca_cert, revoked)
+
 
 class LocalFleet:
     """A broker in ``folder`` with the fleet's ACL, accounts and client credentials.
@@ -93,6 +104,7 @@ class LocalFleet:
             server_cert=self.pki.server_cert,
             acl=render_acl(self.devices, self.accounts),
             passwords=render_password_file(self.passwords),
+            crl=self.pki.crl(),
         )
         self.broker = MosquittoBroker(
             folder=folder / "broker", material=material, ports=ports, run_as=run_as

@@ -7,16 +7,19 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from agent import AgentConfig
 from broker.launcher import BrokerError, MosquittoBroker
 from broker.session import Session, TransportError
-from coordinator import Coordinator
+from coordinator import serve
 from coordinator.operator import (
     next_generation,
     read_spec,
@@ -26,15 +29,19 @@ from coordinator.operator import (
 )
 from coordinator.profiles import DEFAULT_PROFILES, PRECISIONS, load_profiles
 from edgefleet.demo import run_demo
-from edgefleet.home import OPERATOR, Home
+from edgefleet.home import ACCOUNT_ROLES, OPERATOR, WATCHER, Home
 from edgefleet.modeltools import optimize_for_classes, validate_model
 from edgefleet.runner import SOURCES, coordinator_config, make_agent, start_rollout
 from models import build_demo_models
 from models.datafile import load_dataset
 from models.gate import format_report
 from schemas import Desired, EdgefleetError, Role, RolloutStatus
+from schemas.topics import check_name
 
 __all__ = ["main"]
+
+_ERROR_CHARS = 300
+"""An input error is reported as one line of at most this many characters."""
 
 
 def _home(args: argparse.Namespace) -> Home:
@@ -47,9 +54,53 @@ def _keys_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _applied(home: Home, reloaded: bool) -> str:
+    if reloaded:
+        return "the running broker reloaded its ACL, passwords and CRL"
+    return f"no broker runs from {home.broker_folder}; it applies at its next start"
+
+
 def _enroll(args: argparse.Namespace) -> int:
-    folder = _home(args).enroll(args.device_id, args.hw_class)
+    home = _home(args)
+    folder = home.enroll(
+        args.device_id, args.hw_class, classes=tuple(load_profiles(Path(args.classes)))
+    )
+    membership = home.apply_membership()
     print(folder)
+    print(_applied(home, membership.reloaded), file=sys.stderr)
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    home = _home(args)
+    # Idempotent: revoking again retries what a broker that was down could not do.
+    if not home.is_revoked(args.device_id):
+        home.revoke(args.device_id)
+    membership = asyncio.run(home.evict(args.device_id))
+    print(f"revoked {args.device_id}: {_applied(home, membership.reloaded)}")
+    if membership.evicted:
+        print(f"{args.device_id}: disconnected, retained topics cleared")
+    else:
+        print(
+            f"{args.device_id}: retained topics not cleared; run this again while the broker"
+            " runs from the home"
+        )
+    return 0
+
+
+def _account_add(args: argparse.Namespace) -> int:
+    home = _home(args)
+    home.add_account(args.name, args.role)
+    print(
+        f"added {args.role} account {args.name}: {_applied(home, home.apply_membership().reloaded)}"
+    )
+    return 0
+
+
+def _device_list(args: argparse.Namespace) -> int:
+    for enrollment in _home(args).enrollments():
+        state = "revoked" if enrollment.revoked else "enrolled"
+        print(f"{enrollment.device_id}\t{enrollment.hw_class}\t{state}")
     return 0
 
 
@@ -57,7 +108,7 @@ def _broker_up(args: argparse.Namespace) -> int:
     home = _home(args)
     _, ports = home.broker()
     broker = MosquittoBroker(
-        folder=home.root / "broker",
+        folder=home.broker_folder,
         material=home.broker_material(),
         ports=ports,
         host=args.bind,
@@ -80,11 +131,11 @@ def _coordinator_run(args: argparse.Namespace) -> int:
     home = _home(args)
     config = coordinator_config(
         home,
-        Path(args.data),
+        Path(args.data) if args.data else home.root / "coordinator-data",
         Path(args.classes),
         datasets_dir=Path(args.datasets) if args.datasets else None,
     )
-    asyncio.run(Coordinator(config).run())
+    asyncio.run(serve(config))
     return 0
 
 
@@ -96,17 +147,26 @@ def _agent_run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _operator(home: Home) -> Session:
-    return Session(home.service_endpoint(OPERATOR), client_id=f"operator-{os.getpid()}")
+def _operator(home: Home) -> Session:
+    """The operator's account; the broker makes its client id the account name."""
+    return Session(home.service_endpoint(OPERATOR), client_id=OPERATOR)
+
+
+def _watcher(home: Home) -> Session:
+    """A read-only account, so reading a status never displaces the operator's session."""
+    return Session(home.service_endpoint(WATCHER), client_id=WATCHER)
 
 
 def _rollout_start(args: argparse.Namespace) -> int:
     home = _home(args)
     model = Path(args.model)
-    rollout_id = args.id or f"{args.name or model.stem}-{int(time.time())}"
+    rollout_id = check_name(
+        args.id or f"{args.name or model.stem}-{int(time.time())}", "rollout id"
+    )
+    waves = tuple(float(w) for w in args.waves.split(","))
 
     async def go() -> None:
-        async with await _operator(home) as session:
+        async with _operator(home) as session:
             await start_rollout(
                 session,
                 home,
@@ -115,7 +175,7 @@ def _rollout_start(args: argparse.Namespace) -> int:
                 name=args.name,
                 profiles=load_profiles(Path(args.classes)),
                 classes=tuple(args.hw_class),
-                waves=tuple(float(w) for w in args.waves.split(",")),
+                waves=waves,
                 canaries=tuple(args.canary),
                 success_ratio=args.success_ratio,
                 max_failure_ratio=args.max_failure_ratio,
@@ -143,9 +203,10 @@ def _status_line(status: RolloutStatus) -> str:
 
 def _rollout_status(args: argparse.Namespace) -> int:
     home = _home(args)
+    check_name(args.rollout_id, "rollout id")
 
     async def go() -> int:
-        async with await _operator(home) as session:
+        async with _watcher(home) as session:
             if not args.watch:
                 status = await read_status(session, args.rollout_id)
                 if status is None:
@@ -172,9 +233,10 @@ def _rollout_status(args: argparse.Namespace) -> int:
 def _rollout_change(desired: Desired) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         home = _home(args)
+        check_name(args.rollout_id, "rollout id")
 
         async def go() -> int:
-            async with await _operator(home) as session:
+            async with _operator(home) as session:
                 spec = await read_spec(session, args.rollout_id)
                 if spec is None:
                     print(f"no rollout {args.rollout_id}", file=sys.stderr)
@@ -250,10 +312,35 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_keys_init)
 
     device = sub.add_parser("device", help="devices").add_subparsers(required=True)
-    p = device.add_parser("enroll", help="issue a device certificate and bundle")
+    p = device.add_parser(
+        "enroll", help="issue a device certificate and bundle; a running broker reloads"
+    )
     p.add_argument("device_id")
     p.add_argument("--class", dest="hw_class", required=True)
+    p.add_argument(
+        "--classes", default=str(DEFAULT_PROFILES), help="class profiles the class must be in"
+    )
     p.set_defaults(func=_enroll)
+    p = device.add_parser(
+        "revoke", help="revoke a device: refused by the broker, disconnected, topics cleared"
+    )
+    p.add_argument("device_id")
+    p.set_defaults(func=_revoke)
+    p = device.add_parser("list", help="every enrolled device, its class, and if revoked")
+    p.set_defaults(func=_device_list)
+
+    account = sub.add_parser("account", help="broker accounts").add_subparsers(required=True)
+    p = account.add_parser(
+        "add", help="add a password account (one session each: one per concurrent process)"
+    )
+    p.add_argument("name")
+    p.add_argument(
+        "--role",
+        required=True,
+        choices=ACCOUNT_ROLES,
+        help="admin: the coordinator's rights; operator: staging and specs; dashboard: read",
+    )
+    p.set_defaults(func=_account_add)
 
     broker = sub.add_parser("broker", help="the MQTT broker").add_subparsers(required=True)
     p = broker.add_parser("up", help="run Mosquitto for development")
@@ -263,7 +350,7 @@ def _parser() -> argparse.ArgumentParser:
     coord = sub.add_parser("coordinator", help="the cloud side").add_subparsers(required=True)
     p = coord.add_parser("run", help="run the coordinator")
     p.add_argument("--classes", default=str(DEFAULT_PROFILES), help="hardware class profiles")
-    p.add_argument("--data", default=".edgefleet/coordinator-data")
+    p.add_argument("--data", help="the coordinator's store (default: HOME/coordinator-data)")
     p.add_argument(
         "--datasets", help="folder of held-out data sets (<name>.npz) for the accuracy gates"
     )
@@ -379,9 +466,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (EdgefleetError, BrokerError, TransportError, OSError, ValueError) as exc:
-        print(f"edgefleet: {exc}", file=sys.stderr)
+        # ValueError covers pydantic's ValidationError, check_name and malformed files.
+        print(f"edgefleet: {_one_line(exc)}", file=sys.stderr)
         return 2
     return code
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error as one bounded line: pydantic's first complaint, not its whole dump."""
+    if isinstance(exc, ValidationError) and exc.errors():
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or exc.title
+        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        text = f"invalid {where}: {first['msg']}{more}"
+    else:
+        text = str(exc) or type(exc).__name__
+    text = re.sub(r"\s+", " ", text).strip()
+    return text if len(text) <= _ERROR_CHARS else text[: _ERROR_CHARS - 1] + "…"
 
 
 if __name__ == "__main__":

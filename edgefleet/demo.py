@@ -18,6 +18,7 @@ from typing import TextIO
 
 from broker.session import Session
 from coordinator import ClassProfile, load_profiles
+from edgefleet.home import WATCHER
 from edgefleet.modeltools import optimize_for_classes
 from edgefleet.runner import Fleet, start_rollout
 from models import DemoModel, build_demo_models
@@ -234,8 +235,11 @@ async def _run(workdir: Path, devices_per_class: int, out: TextIO) -> bool:
             fleet.start_coordinator(tg)
             for device_id in fleet.home.devices():
                 fleet.start_agent(tg, device_id)
-            async with fleet.operator() as dashboard:
-                follower = tg.create_task(watch.follow(dashboard))
+            # Read-only and an account of its own: one account holds one session, and the
+            # scenario publishes as the operator meanwhile.
+            watcher = Session(fleet.home.service_endpoint(WATCHER), client_id=WATCHER)
+            async with watcher:
+                follower = tg.create_task(watch.follow(watcher))
                 try:
                     ok = await _scenario(fleet, demo_models, watch)
                 finally:

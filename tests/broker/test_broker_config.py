@@ -57,10 +57,41 @@ def test_acl_gives_each_device_only_its_own_rights() -> None:
         "topic read fleet/v1/trust",
         "topic read fleet/v1/classes/cls-a/manifest",
         "topic read fleet/v1/artifacts/#",
-        "topic readwrite fleet/v1/devices/cam-1/#",
+        "topic readwrite fleet/v1/devices/cam-1/presence",
+        "topic readwrite fleet/v1/devices/cam-1/state",
+        "topic readwrite fleet/v1/devices/cam-1/health",
+        "topic readwrite fleet/v1/devices/cam-1/telemetry",
+        "topic readwrite fleet/v1/devices/cam-1/events",
     ]
     assert all("write" not in line for line in blocks["user dashboard"])
     assert "pattern" not in acl
+    assert "#" not in "".join(line for line in acl.splitlines() if "devices/" in line)
+
+
+def test_acl_operator_writes_staging_and_specs_but_not_artifacts() -> None:
+    acl = render_acl([], Accounts(admins=("standby",), revoking=("cam-9",)))
+    blocks = {b.splitlines()[0]: b.splitlines()[1:] for b in acl.split("\n\n") if "user" in b}
+    assert blocks["user operator"] == [
+        "topic read fleet/v1/#",
+        "topic write fleet/v1/staging/#",
+        "topic write fleet/v1/rollouts/+/spec",
+    ]
+    assert blocks["user standby"] == ["topic readwrite fleet/v1/#"]
+    # A revoking account may only clear the device's channels.
+    assert all(
+        line.startswith("topic write fleet/v1/devices/cam-9/") for line in blocks["user cam-9"]
+    )
+    assert len(blocks["user cam-9"]) == 5
+
+
+def test_production_config_binds_client_ids_and_loads_a_crl() -> None:
+    text = default_template()
+    lines = text.splitlines()
+    assert lines.count("use_username_as_clientid true") == 3
+    assert lines.count("max_qos 1") == 3
+    devices = text[text.index("listener 8883") : text.index("listener 8884")]
+    assert "crlfile /var/lib/edgefleet/broker/crl.pem" in devices
+    assert "use_identity_as_username true" in devices
 
 
 @pytest.mark.parametrize(
@@ -75,6 +106,8 @@ def test_acl_gives_each_device_only_its_own_rights() -> None:
         ([DeviceGrant("d", "c"), DeviceGrant("d", "c2")], Accounts()),
         ([], Accounts(operators=("coordinator",))),
         ([], Accounts(dashboards=("dash board",))),
+        ([], Accounts(admins=("operator",))),
+        ([DeviceGrant("cam-9", "c")], Accounts(revoking=("cam-9",))),
     ],
 )
 def test_acl_rejects_malformed_or_colliding_names(

@@ -14,7 +14,7 @@ import pytest
 from broker.launcher import which_mosquitto
 from edgefleet.runner import Fleet
 from models import DemoModel, build_demo_models
-from tests.integration.fleetkit import AGENT_CONFIG, TEST_PROFILES, MakeFleet
+from tests.integration.fleetkit import AGENT_CONFIG, TEST_PROFILES, MakeFleet, add_test_accounts
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +31,8 @@ def demo_models(request: pytest.FixtureRequest) -> dict[str, DemoModel]:
 @pytest.fixture
 def make_fleet() -> Iterator[MakeFleet]:
     """``make_fleet({class: devices})``: a set-up fleet with its broker running, on the
-    test profiles; brokers stopped and folders removed afterwards."""
+    test profiles, with the tests' own accounts (``fleetkit.ADMIN_ACCOUNTS`` and
+    ``WIRE_ACCOUNTS``); brokers stopped and folders removed afterwards."""
     which_mosquitto()
     made: list[Fleet] = []
 
@@ -45,6 +46,7 @@ def make_fleet() -> Iterator[MakeFleet]:
         )
         made.append(fleet)
         fleet.setup()
+        add_test_accounts(fleet)
         return fleet
 
     yield make

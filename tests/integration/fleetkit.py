@@ -13,7 +13,6 @@ import contextlib
 import re
 import sqlite3
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,16 +20,17 @@ from typing import Any, Final, TypeVar
 
 from agent import Agent, AgentConfig
 from agent.lifecycle import Stage
-from broker.session import Message, Session
+from broker.session import ConnectRefused, Message, Session
 from coordinator.profiles import ClassProfile
 from coordinator.store import CoordinatorStore
 from coordinator.validate import ModelFacts
-from edgefleet.home import COORDINATOR, OPERATOR, Home
+from edgefleet.home import OPERATOR, Home
 from edgefleet.runner import Fleet, make_agent, start_rollout
 from models import DemoModel
 from schemas import (
     MANIFEST_KIND,
     ROLLOUT_SPEC_KIND,
+    ArtifactMeta,
     ArtifactRef,
     Candidate,
     Desired,
@@ -51,8 +51,10 @@ from schemas import (
     decode,
     encode,
     seal,
+    split_artifact,
     topics,
 )
+from schemas.artifact import DEFAULT_CHUNK_BYTES
 from schemas.envelope import Envelope
 from schemas.topics import DeviceChannel, TopicKind
 
@@ -91,6 +93,16 @@ ROLLOUT_TIMEOUT_S: Final = 90.0
 """A guard against a hang; a rollout of these tests takes a few seconds per wave."""
 
 MakeFleet = Callable[[dict[str, int]], Fleet]
+
+# The broker binds every client id to its account, so two sessions of one account at once
+# replace each other. The tests' own sessions therefore get accounts of their own, never
+# those of the coordinator or the operator running beside them.
+ADMIN_ACCOUNTS: Final = ("it-coordinator", "it-artifact-watcher")
+"""Accounts with the coordinator's rights (forged manifests, watching artifacts)."""
+WIRE_ACCOUNTS: Final = ("it-wire-1", "it-wire-2", "it-wire-3")
+"""Read-everything accounts (operator role) for :class:`Wire`, one per open wire."""
+_wires_open: set[tuple[Path, str]] = set()
+"""(home, account) of every open wire: a test may hold several at once."""
 _PROMOTION = re.compile(r"wave (\d+): (\d+) of (\d+) devices healthy")
 
 
@@ -274,9 +286,50 @@ def sign(doc: Manifest, *keys: KeyPair) -> bytes:
     return seal(MANIFEST_KIND, encode(doc), list(keys))
 
 
-def coordinator_session(home: Home, client_id: str = "it-coordinator-account") -> Session:
-    """A session on the coordinator's account, the one that may write manifests."""
-    return Session(home.service_endpoint(COORDINATOR), client_id=client_id)
+def add_test_accounts(fleet: Fleet) -> None:
+    """Give a set-up fleet the tests' accounts and wait until its broker accepts them."""
+    for name in ADMIN_ACCOUNTS:
+        fleet.home.add_account(name, "admin")
+    for name in WIRE_ACCOUNTS:
+        fleet.home.add_account(name, "operator")
+    material = fleet.home.broker_material()
+    fleet.broker.reload(acl=material.acl, passwords=material.passwords, crl=material.crl)
+    run(_await_login(fleet.home, WIRE_ACCOUNTS[-1]))
+
+
+async def _await_login(home: Home, account: str) -> None:
+    """SIGHUP is asynchronous: retry until the reloaded password file accepts ``account``."""
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                async with Session(home.service_endpoint(account), client_id=account):
+                    return
+            except ConnectRefused:
+                await asyncio.sleep(0.05)
+
+
+def coordinator_session(home: Home, account: str = ADMIN_ACCOUNTS[0]) -> Session:
+    """A session with the coordinator's rights (it may write manifests) on an account of
+    its own (one of ``ADMIN_ACCOUNTS``), so the running coordinator keeps its session."""
+    assert account in ADMIN_ACCOUNTS, f"{account} is not a test admin account"
+    return Session(home.service_endpoint(account), client_id=account)
+
+
+async def publish_fetchable(
+    cloud: Session, data: bytes, *, name: str, chunk_size: int = DEFAULT_CHUNK_BYTES
+) -> ArtifactMeta:
+    """Publish an artifact where devices fetch it (``artifacts/``), chunks then meta, as
+    the coordinator does after admission: for tests that run agents without one.
+    ``cloud`` is a :func:`coordinator_session` (operators may only write ``staging/``)."""
+    meta, chunks = split_artifact(data, name=name, chunk_size=chunk_size)
+    await asyncio.gather(
+        *(
+            cloud.publish(topics.artifact_chunk(meta.sha256, i), chunk, retain=True)
+            for i, chunk in enumerate(chunks)
+        )
+    )
+    await cloud.publish(topics.artifact_meta(meta.sha256), encode(meta), retain=True)
+    return meta
 
 
 async def publish_manifest(session: Session, hw_class: str, payload: bytes) -> None:
@@ -335,26 +388,31 @@ class Wire:
         cls,
         home: Home,
         *,
-        account: str = OPERATOR,
         filters: tuple[str, ...] = DEFAULT_FILTERS,
         persistent: bool = False,
     ) -> AsyncIterator[Wire]:
+        """Follow ``filters`` on the first of ``WIRE_ACCOUNTS`` no open wire uses."""
+        account = next(a for a in WIRE_ACCOUNTS if (home.root, a) not in _wires_open)
         wire = cls(home)
         session = Session(
             home.service_endpoint(account),
-            client_id=f"it-wire-{uuid.uuid4().hex[:8]}",
+            client_id=account,
             clean_start=not persistent,
             session_expiry=600 if persistent else 0,
         )
-        async with session:
-            await session.subscribe(*filters)
-            task = wire._task = asyncio.create_task(wire._follow(session))
-            try:
-                yield wire
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        _wires_open.add((home.root, account))
+        try:
+            async with session:
+                await session.subscribe(*filters)
+                task = wire._task = asyncio.create_task(wire._follow(session))
+                try:
+                    yield wire
+                finally:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        finally:
+            _wires_open.discard((home.root, account))
 
     async def _follow(self, session: Session) -> None:
         async for message in session.messages():

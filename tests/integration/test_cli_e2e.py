@@ -116,3 +116,43 @@ def test_rollout_commands_drive_a_live_fleet(
 
         assert _cli(fleet, "rollout", "status", "nothing-here") == 1
         assert "no status for nothing-here" in capsys.readouterr().err
+
+
+def _one_clear_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert len(lines[0]) <= 320
+    return lines[0]
+
+
+def test_input_errors_are_one_line_and_a_non_zero_exit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home_dir = str(tmp_path / "home")
+    assert main(["--home", home_dir, "keys", "init"]) == 0
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not read: the id is refused first")
+    start = ["--home", home_dir, "rollout", "start", "--class", JETSON, "--model", str(model)]
+
+    assert main([*start, "--id", "a+b"]) == 2
+    assert "invalid rollout id 'a+b'" in _one_clear_line(capsys.readouterr().err)
+    assert main([*start, "--id", "ok", "--waves", "10,abc"]) == 2
+    assert "abc" in _one_clear_line(capsys.readouterr().err)
+    assert main(["--home", home_dir, "rollout", "status", "a+b"]) == 2
+    assert "rollout id" in _one_clear_line(capsys.readouterr().err)
+
+    # A damaged enrollment bundle: pydantic's complaint, reduced to its first line.
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "bundle.json").write_text('{"device_id": "a+b"}')
+    assert main(["--home", home_dir, "agent", "run", "--bundle", str(bundle)]) == 2
+    line = _one_clear_line(capsys.readouterr().err)
+    assert line.startswith("edgefleet: invalid device_id:"), line
+    assert "more)" in line  # the other missing fields are counted, not dumped
+
+    # A missing file and a broker that is not there.
+    assert main(["--home", str(tmp_path / "nowhere"), "device", "list"]) == 2
+    assert "devices.json" in _one_clear_line(capsys.readouterr().err)
+    assert main(["--home", home_dir, "rollout", "status", "r1"]) == 2
+    assert "cannot connect" in _one_clear_line(capsys.readouterr().err)

@@ -8,7 +8,6 @@ import pytest
 
 from agent import Bundle
 from broker.session import Endpoint, PublishRefused, Session
-from edgefleet.home import COORDINATOR
 from edgefleet.runner import Fleet
 from schemas import topics
 from schemas.topics import DeviceChannel
@@ -48,7 +47,7 @@ async def _acl(fleet: Fleet) -> None:
     ]
     own = topics.device(device, DeviceChannel.EVENTS)
     async with (
-        Wire.open(fleet.home, account=COORDINATOR, filters=(f"{topics.PREFIX}/#",)) as wire,
+        Wire.open(fleet.home, filters=(f"{topics.PREFIX}/#",)) as wire,
         Session(_device_endpoint(fleet, device), client_id=device) as session,
     ):
         for topic in forbidden:

@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 
 from agent.lifecycle import Stage
-from coordinator.operator import publish_artifact
 from edgefleet.runner import Fleet
 from models import DemoModel
 from schemas import (
@@ -35,6 +34,7 @@ from tests.integration.fleetkit import (
     live,
     manifest,
     profiles,
+    publish_fetchable,
     publish_manifest,
     release_for,
     run,
@@ -105,11 +105,10 @@ async def _attack(fleet: Fleet, model: DemoModel) -> None:
     async with (
         live(fleet, coordinator=False),
         Wire.open(fleet.home) as wire,
-        fleet.operator() as operator,
         coordinator_session(fleet.home) as cloud,
     ):
         agent = fleet.agents[device_id]
-        await publish_artifact(operator, model.path.read_bytes(), name=model.name)
+        await publish_fetchable(cloud, model.path.read_bytes(), name=model.name)
         await cloud.publish(topics.trust(), fleet.home.trust(), retain=True)
         key = fleet.home.key(Role.MANIFEST)
         await publish_manifest(cloud, JETSON, sign(manifest(JETSON, APPLIED, v1), key))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 from agent.lifecycle import Stage
-from coordinator.operator import publish_artifact
 from edgefleet.runner import Fleet
 from models import DemoModel
 from schemas import TelemetrySummary, decode, topics
@@ -21,6 +20,7 @@ from tests.integration.fleetkit import (
     manifest_key,
     outbox_rows,
     profiles,
+    publish_fetchable,
     publish_manifest,
     release_for,
     run,
@@ -46,8 +46,8 @@ async def _offline(fleet: Fleet, model: DemoModel) -> None:
         Wire.open(fleet.home, persistent=True) as wire,
     ):
         agent = fleet.agents[device_id]
-        async with fleet.operator() as operator, coordinator_session(fleet.home) as cloud:
-            await publish_artifact(operator, model.path.read_bytes(), name=model.name)
+        async with coordinator_session(fleet.home) as cloud:
+            await publish_fetchable(cloud, model.path.read_bytes(), name=model.name)
             await cloud.publish(topics.trust(), fleet.home.trust(), retain=True)
             signed = sign(manifest(INTEL, 1, v1), manifest_key(fleet.home))
             await publish_manifest(cloud, INTEL, signed)
