@@ -14,12 +14,14 @@ resumes. Every method blocks (hashing, fsync): the agent calls them from a threa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 from enum import StrEnum
 from pathlib import Path
 from typing import Final
 
+from agent.store import DamagedFileError
 from schemas import ArtifactError, ArtifactMeta, ArtifactRef
 from schemas.artifact import check_whole
 from storage import atomic_write
@@ -51,12 +53,12 @@ def _sha256_file(path: Path) -> str:
 
 
 class ArtifactStore:
+    """Constructing it touches no disk: folders are made by the first write (the data
+    folder may be read-only at start; the device serves on and fetches later)."""
+
     def __init__(self, root: Path) -> None:
         self._root = root
         self._partial = root / "partial"
-        for folder, _ in _LAYOUT.values():
-            (root / folder).mkdir(parents=True, exist_ok=True)
-        self._partial.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha256: str, kind: ArtifactKind) -> Path:
         """Where the verified file of artifact ``sha256`` lives (or will)."""
@@ -66,16 +68,21 @@ class ArtifactStore:
     def verified(self, ref: ArtifactRef, kind: ArtifactKind) -> Path | None:
         """The whole file for ``ref`` if present and intact, else None.
 
-        A file that is present but does not hash right (disk corruption, tampering)
-        is removed so it is fetched again.
+        Raises:
+            DamagedFileError: the file is present but does not hash right (disk
+                corruption, tampering); it was deleted so that it is fetched again
+                (when the folder is read-only it stays, and is checked again next time).
         """
         path = self.path(ref.sha256, kind)
         if not path.exists():
             return None
-        if path.stat().st_size == ref.size and _sha256_file(path) == ref.sha256:
+        size = path.stat().st_size
+        if size == ref.size and _sha256_file(path) == ref.sha256:
             return path
-        path.unlink()
-        return None
+        with contextlib.suppress(OSError):
+            path.unlink()
+        why = f"{size} B" if size != ref.size else "wrong sha256"
+        raise DamagedFileError(path, f"{why}, not the {kind} the manifest names; deleted")
 
     def keep_chunks(self, sha256: str, chunks: list[tuple[int, bytes]]) -> None:
         """Keep chunks already checked against the meta (by a ``ChunkCollector``)."""
@@ -89,12 +96,35 @@ class ArtifactStore:
             return set()
         return {int(p.name) for p in folder.iterdir() if p.name.isdigit()}
 
+    def kept_chunk(self, sha256: str, index: int) -> bytes | None:
+        """A kept chunk's bytes, to be checked again before use (the disk, or someone
+        with access to it, may have changed them since); None when gone."""
+        try:
+            return (self._partial / sha256 / str(index)).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def drop_chunk(self, sha256: str, index: int) -> None:
+        """Forget a kept chunk that failed its check."""
+        (self._partial / sha256 / str(index)).unlink(missing_ok=True)
+
+    def probe(self) -> None:
+        """Write and remove a small file, to learn whether the store is writable again.
+
+        Raises:
+            OSError: it is not (full, or read-only).
+        """
+        probe = self._root / ".probe"
+        atomic_write(probe, bytes(4096))
+        probe.unlink()
+
     def assemble(self, meta: ArtifactMeta, kind: ArtifactKind) -> Path:
         """Join the chunks, check the whole file, and publish it where ``kind`` goes.
 
         Raises:
             ArtifactError: ARTIFACT_MISMATCH when the whole does not hash right (the
                 partial chunks are dropped, so the next fetch starts clean).
+            OSError: the store cannot be written (a full or read-only disk).
         """
         folder = self._partial / meta.sha256
         data = b"".join((folder / str(i)).read_bytes() for i in range(len(meta.chunks)))

@@ -14,21 +14,28 @@ A row handed to the MQTT client and not acknowledged (a PUBACK that timed out) i
 ``sent``: the client may still deliver its original bytes after a reconnect, so it is
 never merged nor dropped, only sent again as it is. Merging a queued window into it
 would get the merged row dropped as a duplicate (it keeps the first row's summary_id).
-Methods block; the agent calls them from a thread.
+Storage may fail under it. The file is opened by the first call, and again by the
+first call after a storage error (SQLite keeps a connection opened on a read-only
+folder read-only for good). A file that is empty or damaged (SQLITE_CORRUPT,
+SQLITE_NOTADB, a failed ``quick_check``) is moved aside to ``outbox.sqlite.damaged-<UTC>``
+and replaced by a fresh one holding whatever rows of it still read; :meth:`Outbox.take_damage`
+says so, for the agent to report. Methods block; the agent calls them from a thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from agent.store import set_aside
 from schemas import TelemetrySummary, decode, encode, merge_summaries
 
-__all__ = ["EVENT", "TELEMETRY", "Outbox", "OutboxItem"]
+__all__ = ["EVENT", "TELEMETRY", "Outbox", "OutboxItem", "is_contention"]
 
 TELEMETRY: Final = "telemetry"
 EVENT: Final = "event"
@@ -62,20 +69,18 @@ class Outbox:
         if max_events < 1:
             msg = "max_events must be at least 1"
             raise ValueError(msg)
+        self._path = path
         self._max_items = max_items
         self._max_events = max_events
         self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: an append that returned survives a power cut, which is the point.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
-        if "dropped" not in columns:  # an outbox written before events had a cap
-            self._db.execute("ALTER TABLE outbox ADD COLUMN dropped INTEGER NOT NULL DEFAULT 0")
-        if "sent" not in columns:  # an outbox written before unacked rows were marked
-            self._db.execute("ALTER TABLE outbox ADD COLUMN sent INTEGER NOT NULL DEFAULT 0")
+        self._conn: sqlite3.Connection | None = None
+        """Opened by the first call, and again by the first call after a storage error:
+        a connection SQLite opened read-only (a read-only folder) stays read-only, so a
+        failed connection is dropped rather than kept."""
+        self._damage: list[str] = []
+        self._file = 0
+        """Bumped whenever a damaged file is replaced: row ids start over."""
+        self._leased_from = 0
         self.coarsened = 0
         """How many merges the cap has forced since this outbox was opened."""
         self._leased_upto = 0
@@ -84,13 +89,142 @@ class Outbox:
         # merging a queued window into one of them would have its PUBACK delete the
         # window unsent.
 
+    # -- the connection, its failures and damage ----------------------------------------
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        """The open connection (opening it first); call with the lock held.
+
+        Raises:
+            sqlite3.Error, OSError: the file cannot be opened, or is damaged beyond repair.
+        """
+        if self._conn is None:
+            self._conn = self._open()
+        return self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        path = self._path
+        if path.exists() and path.stat().st_size == 0:
+            # SQLite would take it for a new database; ours always has its header (WAL
+            # mode writes it), so an empty file lost everything it held.
+            self._recover("empty file", salvage=False)
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as exc:
+            if not _is_damage(exc):
+                raise
+            self._recover(str(exc), salvage=True)
+            return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            # FULL: an append that returned survives a power cut, which is the point.
+            db.execute("PRAGMA synchronous=FULL")
+            problems = [r[0] for r in db.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(str(p) for p in problems[:3]))
+            db.execute(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+            if "dropped" not in columns:  # an outbox written before events had a cap
+                db.execute("ALTER TABLE outbox ADD COLUMN dropped INTEGER NOT NULL DEFAULT 0")
+            if "sent" not in columns:  # an outbox written before unacked rows were marked
+                db.execute("ALTER TABLE outbox ADD COLUMN sent INTEGER NOT NULL DEFAULT 0")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _recover(self, why: str, *, salvage: bool) -> None:
+        """Move the damaged file aside, start a fresh one with whatever rows of the old
+        one still read, and note what happened for :meth:`take_damage`.
+
+        Raises:
+            OSError: the file cannot be moved (a read-only folder).
+        """
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+        aside = set_aside(self._path)
+        self._file += 1
+        rows = _salvage(aside, self._max_items + self._max_events) if salvage else []
+        fresh = self._connect()
+        try:
+            fresh.execute("BEGIN IMMEDIATE")
+            fresh.executemany(
+                "INSERT INTO outbox (kind, topic, payload, dropped) VALUES (?, ?, ?, ?)", rows
+            )
+            fresh.execute("COMMIT")
+        finally:
+            fresh.close()
+        why = why if len(why) <= 200 else why[:199] + "…"
+        kept = (
+            f"{len(rows)} queued messages recovered, any others lost"
+            if salvage
+            else "the telemetry windows and events queued in it are lost"
+        )
+        self._damage.append(f"{self._path.name} damaged ({why}): moved to {aside.name}; {kept}")
+        self._leased_upto = 0
+
+    def take_damage(self) -> list[str]:
+        """What damaged files were replaced since the last call (one text each)."""
+        with self._lock:
+            damage, self._damage = self._damage, []
+        return damage
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[sqlite3.Connection]:
+        """The connection, for one operation under the lock. A storage error drops the
+        connection so the next call opens it anew; damage found on the way is recovered
+        from before the error is raised (the caller's next call finds a fresh file)."""
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.DatabaseError as exc:
+                if _is_damage(exc):
+                    try:
+                        self._recover(str(exc), salvage=True)
+                    except (sqlite3.Error, OSError):
+                        self._drop()  # not movable now: tried again on the next call
+                elif not is_contention(exc):
+                    self._drop()
+                raise
+            except OSError:
+                self._drop()
+                raise
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+        self._leased_upto = 0
+
+    def probe(self) -> None:
+        """Write to the file once (its header's user version), to learn whether storage
+        works again.
+
+        Raises:
+            sqlite3.Error, OSError: it does not.
+        """
+        with self._guard() as db:
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            db.execute(f"PRAGMA user_version = {(int(version) + 1) % 1_000_000}")
+
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._drop()
 
     def __len__(self) -> int:
-        with self._lock:
-            (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        with self._guard() as db:
+            (count,) = db.execute("SELECT COUNT(*) FROM outbox").fetchone()
             return int(count)
 
     def append(self, kind: str, topic: str, payload: bytes) -> None:
@@ -109,49 +243,48 @@ class Outbox:
         return self._append(EVENT, topic, build)
 
     def _append(self, kind: str, topic: str, build: Callable[[int], bytes]) -> int:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")  # waits out another writer, or raises
+        with self._guard() as db:
+            db.execute("BEGIN IMMEDIATE")  # waits out another writer, or raises
             try:
-                dropped = self._make_room_for_event() if kind == EVENT else 0
+                dropped = self._make_room_for_event(db) if kind == EVENT else 0
                 merges = 0
-                (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+                (count,) = db.execute("SELECT COUNT(*) FROM outbox").fetchone()
                 if count >= self._max_items:
-                    merges = self._coarsen()
-                self._db.execute(
+                    merges = self._coarsen(db)
+                db.execute(
                     "INSERT INTO outbox (kind, topic, payload, dropped) VALUES (?, ?, ?, ?)",
                     (kind, topic, build(dropped), dropped),
                 )
-                self._db.execute("COMMIT")
+                db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                _rollback(db)
                 raise
             self.coarsened += merges
             return dropped
 
-    def _make_room_for_event(self) -> int:
+    def _make_room_for_event(self, db: sqlite3.Connection) -> int:
         """Drop the oldest events beyond the cap (never rows in flight or sent); how many
         went, counting those that the dropped ones reported."""
-        (count,) = self._db.execute(
-            "SELECT COUNT(*) FROM outbox WHERE kind = ?", (EVENT,)
-        ).fetchone()
+        (count,) = db.execute("SELECT COUNT(*) FROM outbox WHERE kind = ?", (EVENT,)).fetchone()
         excess = count - self._max_events + 1
         if excess <= 0:
             return 0
-        rows = self._db.execute(
+        rows = db.execute(
             "SELECT id, dropped FROM outbox WHERE kind = ? AND sent = 0 AND id > ? "
             "ORDER BY id LIMIT ?",
             (EVENT, self._leased_upto, excess),
         ).fetchall()
-        self._db.executemany("DELETE FROM outbox WHERE id = ?", [(r[0],) for r in rows])
+        db.executemany("DELETE FROM outbox WHERE id = ?", [(r[0],) for r in rows])
         return sum(1 + int(r[1]) for r in rows)
 
     def peek(self, limit: int) -> list[OutboxItem]:
         """The oldest ``limit`` messages, oldest first."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._guard() as db:
+            rows = db.execute(
                 "SELECT id, kind, topic, payload FROM outbox ORDER BY id LIMIT ?", (limit,)
             ).fetchall()
             self._leased_upto = rows[-1][0] if rows else 0
+            self._leased_from = self._file
         return [OutboxItem(id=r[0], kind=r[1], topic=r[2], payload=bytes(r[3])) for r in rows]
 
     def settle(self, acked: list[int], unacked: list[int]) -> None:
@@ -159,23 +292,26 @@ class Outbox:
         acknowledged, and mark those handed to the client but not acknowledged as sent
         (the client may still deliver them as they are: they are never merged nor
         dropped from now on, only sent again)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._guard() as db:
+            if self._leased_from != self._file:
+                # The batch came from a file since replaced (damaged): its ids name other
+                # rows now. What it recovered is sent again; duplicates are dropped.
+                self._leased_upto = 0
+                return
+            db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
-                    "UPDATE outbox SET sent = 1 WHERE id = ?", [(i,) for i in unacked]
-                )
-                self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in acked])
-                self._db.execute("COMMIT")
+                db.executemany("UPDATE outbox SET sent = 1 WHERE id = ?", [(i,) for i in unacked])
+                db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in acked])
+                db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                _rollback(db)
                 raise
             self._leased_upto = 0  # settled: what was not acked is re-peeked
 
-    def _coarsen(self) -> int:
+    def _coarsen(self, db: sqlite3.Connection) -> int:
         """Merge the oldest half of the telemetry rows pairwise (inside the caller's
         transaction); returns how many merges."""
-        rows = self._db.execute(
+        rows = db.execute(
             "SELECT id, topic, payload FROM outbox WHERE kind = ? AND sent = 0 AND id > ? "
             "ORDER BY id LIMIT ?",
             (TELEMETRY, self._leased_upto, max(2, self._max_items // 2)),
@@ -189,10 +325,58 @@ class Outbox:
             merged = merge_summaries(
                 decode(bytes(pay_a), TelemetrySummary), decode(bytes(pay_b), TelemetrySummary)
             )
-            self._db.execute(
+            db.execute(
                 "UPDATE outbox SET payload = ?, topic = ? WHERE id = ?",
                 (encode(merged), topic, id_a),
             )
-            self._db.execute("DELETE FROM outbox WHERE id = ?", (id_b,))
+            db.execute("DELETE FROM outbox WHERE id = ?", (id_b,))
             merges += 1
         return merges
+
+
+# SQLite's primary result codes (sqlite3.h) that the outbox tells apart.
+_BUSY: Final = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: another writer, wait it out
+_DAMAGE: Final = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
+
+
+def _is_damage(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:  # raised by _connect for a failed quick_check
+        return type(exc) is sqlite3.DatabaseError
+    return code & 0xFF in _DAMAGE
+
+
+def is_contention(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` is another writer holding the database (wait it out), rather
+    than storage failing."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _BUSY
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    # SQLite may have rolled back already (a full disk does that): nothing to undo.
+    with contextlib.suppress(sqlite3.Error):
+        db.execute("ROLLBACK")
+
+
+def _salvage(path: Path, limit: int) -> list[tuple[str, str, bytes, int]]:
+    """The rows of a damaged outbox that still read, oldest first, up to ``limit``."""
+    rows: list[tuple[str, str, bytes, int]] = []
+    try:
+        db = sqlite3.connect(path, isolation_level=None)
+    except sqlite3.Error:
+        return rows
+    try:
+        cursor = db.execute("SELECT kind, topic, payload, dropped FROM outbox ORDER BY id")
+        while len(rows) < limit:
+            row = cursor.fetchone()
+            if row is None:
+                break
+            kind, topic, payload, dropped = row
+            if kind in (TELEMETRY, EVENT) and isinstance(topic, str) and isinstance(payload, bytes):
+                rows.append((kind, topic, payload, int(dropped or 0)))
+    except (sqlite3.Error, ValueError, TypeError):
+        pass  # the damage: what was read before it is kept
+    finally:
+        db.close()
+    return rows

@@ -11,6 +11,18 @@ and events go through the durable outbox and leave it only on PUBACK. On every
 Nothing but cancellation stops inference: every support task (telemetry, updates, the
 link) runs under a supervisor that logs what killed it and restarts it after a backoff;
 an update that fails by an error of the agent itself is a failed update, retried later.
+
+Storage is allowed to fail. A damaged file (state, outbox, a kept chunk, a stored model)
+is moved aside or deleted and reported in a ``storage_damaged`` event; the device then
+rebuilds from the retained topics and its model store. A full or read-only data folder
+puts the device in ``degraded`` with the reason in its retained state (the one channel
+that needs no disk) while inference goes on; a storage task retries every few seconds
+and the device heals by itself (``storage_recovered``). Bytes fetched for an artifact
+(meta, chunks, the joined file) that do not match are dropped and fetched again later,
+never a verdict: they are unsigned, and anyone able to write them could otherwise roll a
+rollout back. :meth:`Agent.request_stop` (SIGTERM, SIGINT through
+:meth:`Agent.run_until_signalled`) commits the open telemetry window, sends what it can
+for a moment, and says ``offline``.
 """
 
 from __future__ import annotations
@@ -19,22 +31,24 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import signal
 import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from agent.artifacts import ArtifactKind, ArtifactStore
 from agent.bundle import Bundle
 from agent.health import SoakStats, judge
 from agent.lifecycle import IN_FLIGHT, Stage, Step, advance
-from agent.outbox import Outbox
+from agent.outbox import Outbox, is_contention
 from agent.runtime import Feed, InferenceResult, ModelSlot, read_golden
-from agent.store import AgentStore, PersistedState
+from agent.store import AgentStore, DamagedFileError, PersistedState, set_aside
 from agent.telemetry import TelemetryWindow
 from broker.session import Endpoint, Message, Session, TransportError, Will
 from schemas import (
@@ -47,6 +61,7 @@ from schemas import (
     EventKind,
     HealthReport,
     Manifest,
+    Mode,
     Reason,
     RejectedError,
     Rejection,
@@ -58,12 +73,15 @@ from schemas import (
     merge_summaries,
     topics,
 )
-from schemas.artifact import ChunkCollector
+from schemas.artifact import MAX_CHUNK_BYTES, MAX_CHUNKS, ChunkCollector
+from schemas.device import MAX_REASON_CHARS
 from schemas.topics import DeviceChannel, TopicKind
 
 __all__ = ["Agent", "AgentConfig", "InputSource"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 class InputSource(Protocol):
@@ -87,6 +105,8 @@ class AgentConfig:
     """First wait before a failed support task restarts or a fetch that timed out is
     retried; it doubles on every consecutive failure, up to ``retry_max_s``."""
     retry_max_s: float = 600.0
+    stop_flush_s: float = 3.0
+    """How long a requested stop waits for the outbox to reach the broker."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +143,34 @@ def _digest(payload: bytes) -> bytes:
     return hashlib.sha256(payload).digest()
 
 
+def _bounded(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters: texts built from input are bounded where
+    they are built, so a schema's length limit can never refuse a report."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _indexes(indexes: set[int]) -> str:
+    shown = sorted(indexes)
+    more = f" and {len(shown) - 8} more" if len(shown) > 8 else ""
+    return ", ".join(str(i) for i in shown[:8]) + more
+
+
+class _Refetch(Exception):  # noqa: N818 (not an error of the agent: a cue to fetch again)
+    """Fetched bytes that do not match (a bad meta, corrupt chunks, a joined file of the
+    wrong digest): dropped, and fetched again after a backoff. Never a verdict: the meta
+    and chunks are unsigned, and whoever can write them must not decide a rollout."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        detail = _bounded(detail, 500)
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class _Stopped(Exception):  # noqa: N818 (the end of a requested stop, not an error)
+    """Raised inside the task group once a requested stop has committed and sent."""
+
+
 def _only_transport(exc: BaseException) -> bool:
     """Whether ``exc`` (or every leaf of an exception group) is a lost connection."""
     if isinstance(exc, BaseExceptionGroup):
@@ -155,11 +203,23 @@ class Agent:
             key_file=bundle_dir / bundle.key_file,
         )
         self._trusted = TrustedState(bundle.root_public_keys())
-        # Opened by run(), in a thread: they touch the disk.
-        self._artifacts: ArtifactStore
+        data = config.data_dir
+        # None of these touches the disk before it is used (the folder may be read-only).
+        self._artifacts = ArtifactStore(data / "artifacts")
         self._store: AgentStore | None = None
-        self._outbox: Outbox
-        self._outbox_open = False
+        self._outbox = Outbox(
+            data / "outbox.sqlite",
+            max_items=config.outbox_max_items,
+            max_events=config.outbox_max_events,
+        )
+        self._trouble: dict[str, str] = {}
+        """Storage that fails now (state, outbox, artifacts) -> why; makes the device
+        degraded, with the reason in its state, until a write there works again."""
+        self._trouble_since: dict[str, float] = {}
+        self._damage: list[str] = []
+        """Damaged files found and set aside, told in events once the outbox takes them."""
+        self._stop = asyncio.Event()
+        self._window_lock = asyncio.Lock()
         self._store_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{self.device_id}-store")
         """Store writes run here, one at a time and in order, even when the coroutine
         that asked for one was cancelled meanwhile (TinyDB is not thread-safe)."""
@@ -206,39 +266,82 @@ class Agent:
     def applied_seq(self) -> int:
         return self._persisted.applied_seq
 
+    @property
+    def storage_trouble(self) -> dict[str, str]:
+        """What storage fails now, and why (empty when it all works)."""
+        return dict(self._trouble)
+
     # -- lifecycle ---------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve until cancelled.
+        """Serve until cancelled or stopped (:meth:`request_stop`). A full, read-only or
+        damaged data folder does not stop it (see the module's docstring).
 
         Raises:
-            OSError, ValueError: the data folder or bundle is unusable.
+            Exception: an error of the agent itself ends it by raising (so that its
+                session leaves the Last Will), never as a clean exit.
         """
         try:
             await asyncio.to_thread(self._open_stores)
             await self._restore()
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._supervise("inference", self._inference_loop))
-                tg.create_task(self._supervise("telemetry", self._telemetry_loop))
-                tg.create_task(self._supervise("update", self._update_loop))
-                tg.create_task(self._supervise("link", self._link_loop))
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._supervise("inference", self._inference_loop))
+                    tg.create_task(self._supervise("telemetry", self._telemetry_loop))
+                    tg.create_task(self._supervise("update", self._update_loop))
+                    tg.create_task(self._supervise("storage", self._storage_loop))
+                    tg.create_task(self._supervise("link", self._link_loop))
+                    tg.create_task(self._stopper())
+            except* _Stopped:
+                log.info("%s: stopped", self.device_id)
         finally:
+            # Cancelled or stopped: what was counted since the last window is kept.
+            with contextlib.suppress(sqlite3.Error, OSError):
+                await self._commit_window()
             await asyncio.to_thread(self._close_stores)
 
+    def request_stop(self) -> None:
+        """Stop cleanly: commit the open telemetry window, send the outbox for up to
+        ``stop_flush_s``, publish ``offline`` and return from :meth:`run`. Callable from
+        a signal handler on the loop."""
+        self._stop.set()
+
+    async def run_until_signalled(self) -> None:
+        """:meth:`run`, with SIGTERM and SIGINT asking for a clean stop: the entry point
+        of a device's process (one agent per process: the handlers are the loop's)."""
+        loop = asyncio.get_running_loop()
+        stops = (signal.SIGTERM, signal.SIGINT)
+        for sig in stops:
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.run()
+        finally:
+            for sig in stops:
+                loop.remove_signal_handler(sig)
+
+    async def _stopper(self) -> None:
+        await self._stop.wait()
+        log.info("%s: stopping", self.device_id)
+        with contextlib.suppress(sqlite3.Error, OSError):
+            await self._commit_window()
+        self._outbox_ready.set()
+        # Give the flush a moment to deliver what is queued; what it cannot send stays
+        # in the outbox for the next start.
+        with contextlib.suppress(TimeoutError, sqlite3.Error, OSError):
+            async with asyncio.timeout(self._config.stop_flush_s):
+                while self._session is not None and self._session.connected:
+                    if not await asyncio.to_thread(len, self._outbox):
+                        break
+                    await asyncio.sleep(0.05)
+        raise _Stopped
+
     def _open_stores(self) -> None:
-        data = self._config.data_dir
-        self._artifacts = ArtifactStore(data / "artifacts")
-        self._outbox = Outbox(
-            data / "outbox.sqlite",
-            max_items=self._config.outbox_max_items,
-            max_events=self._config.outbox_max_events,
-        )
-        self._outbox_open = True
-        self._store = self._store_thread.submit(AgentStore, data / "state.json").result()
+        self._store = self._store_thread.submit(
+            AgentStore, self._config.data_dir / "state.json"
+        ).result()
 
     def _close_stores(self) -> None:
-        if self._outbox_open:
-            self._outbox.close()
+        self._outbox.close()
         store = self._store
         if store is not None:
             self._store_thread.submit(store.close).result()
@@ -264,11 +367,30 @@ class Agent:
             backoff = min(backoff * 2, self._config.retry_max_s)
 
     async def _restore(self) -> None:
-        """Rebuild from the local store: trust, manifest, and the model being served."""
+        """Rebuild from the local store: trust, manifest, and the model being served. A
+        damaged state file is set aside; the retained trust and manifest and the model
+        store then bring the device back (the manifest's seq and target come with the
+        retained manifest, the model from the store, checked against its sha256)."""
         assert self._store is not None
         loop = asyncio.get_running_loop()
-        state = await loop.run_in_executor(self._store_thread, self._store.load)
-        self._persisted = self._written = state
+        try:
+            state = await loop.run_in_executor(self._store_thread, self._store.load)
+        except DamagedFileError as exc:
+            state = PersistedState()
+            self._written = None  # so that the next write replaces the damaged file
+            await self._damaged(
+                exc,
+                "lost: the trust, applied manifest seq, active release, known-good and "
+                "failed releases and last health report it held; rebuilding them from the "
+                "retained trust and manifest and the model store",
+                set_aside_file=True,
+            )
+        except OSError as exc:
+            state = PersistedState()
+            await self._storage_failed("state", exc)
+        else:
+            self._written = state
+        self._persisted = state
         now = self._clock()
         if state.trust is not None:
             try:
@@ -276,9 +398,7 @@ class Agent:
             except RejectedError as exc:
                 log.warning("%s: stored trust no longer valid: %s", self.device_id, exc)
         if state.active is not None:
-            path = await asyncio.to_thread(
-                self._artifacts.verified, state.active.artifact, ArtifactKind.MODEL
-            )
+            path = await self._stored_file(state.active.artifact, ArtifactKind.MODEL)
             if path is not None:
                 try:
                     slot = await asyncio.to_thread(ModelSlot, state.active, path)
@@ -292,6 +412,111 @@ class Agent:
             manifest = self._stored_manifest(state.manifest)
             if manifest is not None:
                 self._set_target(manifest)
+        # Open the outbox now, so that damage it finds is told at once.
+        with contextlib.suppress(sqlite3.Error, OSError):
+            await self._outbox_do(partial(len, self._outbox))
+        await self._tell_damage()
+
+    async def _stored_file(self, ref: ArtifactRef, kind: ArtifactKind) -> Path | None:
+        """The verified file in the store, or None; a damaged one is deleted and told."""
+        try:
+            return await asyncio.to_thread(self._artifacts.verified, ref, kind)
+        except DamagedFileError as exc:
+            await self._damaged(exc, "fetched again", set_aside_file=False)
+        except OSError as exc:
+            log.error("%s: %s store unreadable: %s", self.device_id, kind, exc)
+        return None
+
+    async def _damaged(self, exc: DamagedFileError, lost: str, *, set_aside_file: bool) -> None:
+        """Tell of a damaged file (moving it aside first when asked): logged now, and an
+        event as soon as the outbox takes it."""
+        note = f"{exc.path} was damaged ({exc.why})"
+        if set_aside_file:
+            try:
+                aside = await asyncio.to_thread(set_aside, exc.path)
+            except OSError as move:
+                note += f", not moved aside ({move.strerror})"
+            else:
+                note += f", moved to {aside.name}"
+        note += f"; {lost}"
+        log.error("%s: %s", self.device_id, note)
+        self._damage.append(_bounded(note, 2000))
+        await self._tell_damage()
+
+    async def _tell_damage(self) -> None:
+        """Queue an event for each damaged file found (by the agent or the outbox)."""
+        with contextlib.suppress(sqlite3.Error, OSError):  # told with the next one
+            self._damage += await asyncio.to_thread(self._outbox.take_damage)
+        while self._damage:
+            note = self._damage.pop(0)
+            if not await self._emit(EventKind.STORAGE_DAMAGED, None, note, None):
+                self._damage.insert(0, note)  # the outbox fails too: told once it works
+                return
+
+    # -- storage trouble ---------------------------------------------------------------
+
+    async def _storage_failed(self, part: str, exc: BaseException) -> None:
+        """``part`` of storage failed: the device is degraded, with the reason in its
+        retained state, until a write there works again (:meth:`_storage_ok`)."""
+        why = _bounded(f"{part}: {exc}", 200)
+        first = part not in self._trouble
+        self._trouble[part] = why
+        if first:
+            self._trouble_since[part] = time.monotonic()
+            log.error("%s: storage failing, %s", self.device_id, why)
+            self._publish_state_soon()
+
+    async def _storage_ok(self, part: str) -> None:
+        why = self._trouble.pop(part, None)
+        if why is None:
+            return
+        lasted = time.monotonic() - self._trouble_since.pop(part, time.monotonic())
+        log.warning("%s: storage works again (%s, for %.0f s)", self.device_id, why, lasted)
+        self._publish_state_soon()
+        await self._emit(
+            EventKind.STORAGE_RECOVERED, None, f"{why} (for {lasted:.0f} s); works again", None
+        )
+
+    async def _outbox_do(self, call: Callable[[], _T]) -> _T:
+        """One outbox call in a thread, its success or failure told to the storage
+        bookkeeping (a locked database is another writer, not a storage failure).
+
+        Raises:
+            sqlite3.Error, OSError: the call failed.
+        """
+        try:
+            result = await asyncio.to_thread(call)
+        except sqlite3.Error as exc:
+            if not is_contention(exc):
+                await self._storage_failed("outbox", exc)
+            raise
+        except OSError as exc:
+            await self._storage_failed("outbox", exc)
+            raise
+        await self._storage_ok("outbox")
+        return result
+
+    async def _storage_loop(self) -> None:
+        """Retry failing storage every few seconds, so the device heals by itself once
+        space or write access is back, whether or not anything else writes meanwhile."""
+        while True:
+            await asyncio.sleep(self._config.state_interval_s)
+            if "state" in self._trouble:
+                async with self._store_lock:
+                    self._written = None  # write again, even if nothing changed
+                await self._write()
+            if "outbox" in self._trouble:
+                with contextlib.suppress(sqlite3.Error, OSError):
+                    await self._outbox_do(self._outbox.probe)
+            if "artifacts" in self._trouble:
+                try:
+                    await asyncio.to_thread(self._artifacts.probe)
+                except OSError as exc:
+                    await self._storage_failed("artifacts", exc)
+                else:
+                    await self._storage_ok("artifacts")
+                    self._target_changed.set()  # an update waiting for space goes on now
+            await self._tell_damage()
 
     def _stored_manifest(self, data: bytes) -> Manifest | None:
         """Re-verify the manifest applied before a restart (its seq is the one below)."""
@@ -325,8 +550,10 @@ class Agent:
                 await loop.run_in_executor(self._store_thread, store.save, state)
             except OSError as exc:
                 log.error("%s: state not saved (kept in memory): %s", self.device_id, exc)
+                await self._storage_failed("state", exc)
                 return
             self._written = state
+        await self._storage_ok("state")
 
     async def _save(self, **changes: object) -> None:
         self._remember(**changes)
@@ -370,19 +597,13 @@ class Agent:
                 soak.done.set()
 
     async def _telemetry_loop(self) -> None:
-        topic = topics.device(self.device_id, DeviceChannel.TELEMETRY)
         while True:
             await asyncio.sleep(self._config.telemetry_window_s)
-            summary = self._window.close(self._clock())
-            held, self._held_summary = self._held_summary, None
-            if held is not None:
-                summary = merge_summaries(held, summary)
-            if summary.count == 0:
+            try:
+                await self._commit_window()
+            except (sqlite3.Error, OSError) as exc:
+                log.warning("%s: telemetry held for the next window: %s", self.device_id, exc)
                 continue
-            self._held_summary = summary  # until the outbox has it: nothing is lost
-            await asyncio.to_thread(self._outbox.append_summary, topic, summary)
-            self._held_summary = None
-            self._outbox_ready.set()
             coarsened = self._outbox.coarsened
             if coarsened > self._coarsened_reported:
                 merges = coarsened - self._coarsened_reported
@@ -394,6 +615,39 @@ class Agent:
                     "(counts kept, time resolution lower)",
                     None,
                 )
+
+    async def _commit_window(self) -> None:
+        """Close the open window and append it to the outbox (merged with one the
+        outbox could not take before). One at a time: a stop may commit while the
+        telemetry task does.
+
+        Raises:
+            sqlite3.Error, OSError: the outbox failed; the summary is held for the next.
+        """
+        async with self._window_lock:
+            summary = self._window.close(self._clock())
+            held, self._held_summary = self._held_summary, None
+            if held is not None:
+                summary = merge_summaries(held, summary)
+            if summary.count == 0:
+                return
+            self._held_summary = summary  # until the outbox has it: nothing is lost
+            topic = topics.device(self.device_id, DeviceChannel.TELEMETRY)
+            append = asyncio.ensure_future(
+                self._outbox_do(partial(self._outbox.append_summary, topic, summary))
+            )
+            try:
+                await asyncio.shield(append)
+            except asyncio.CancelledError:
+                # The thread goes on regardless: learn whether the row was stored, or
+                # the summary would be appended twice (held, then committed again).
+                with contextlib.suppress(Exception):
+                    await append
+                if append.done() and not append.cancelled() and append.exception() is None:
+                    self._held_summary = None
+                raise
+            self._held_summary = None
+            self._outbox_ready.set()
 
     # -- updates -----------------------------------------------------------------------
 
@@ -518,13 +772,22 @@ class Agent:
         except TimeoutError as exc:
             # Transient (the broker or the artifact is not there yet): not a verdict.
             self._step(Step.FAILED)
-            detail = f"{exc}; retrying"
+            detail = _bounded(f"{exc}; retrying", 1000)
             self._last_rejection = Rejection(
                 reason=Reason.FETCH_TIMEOUT.value, detail=detail, at=self._clock()
             )
             await self._emit(
                 EventKind.ARTIFACT_REJECTED, Reason.FETCH_TIMEOUT.value, detail, target
             )
+            return True
+        except _Refetch as exc:
+            # Bytes that do not match are dropped and fetched again: not a verdict.
+            self._step(Step.FAILED)
+            detail = _bounded(f"{exc.detail}; dropped, fetching again", 1000)
+            self._last_rejection = Rejection(
+                reason=exc.reason.value, detail=detail, at=self._clock()
+            )
+            await self._emit(EventKind.ARTIFACT_RETRY, exc.reason.value, detail, target)
             return True
         except RejectedError as exc:
             self._step(Step.FAILED)
@@ -582,7 +845,9 @@ class Agent:
 
     async def _fail(self, target: _Target, reason: Reason, detail: str, kind: EventKind) -> None:
         await self._save(failed=(*self._persisted.failed[-31:], target.failed_key))
-        self._last_rejection = Rejection(reason=reason.value, detail=detail, at=self._clock())
+        self._last_rejection = Rejection(
+            reason=reason.value, detail=_bounded(detail, 1000), at=self._clock()
+        )
         await self._report(target, Verdict.UNHEALTHY, (reason.value,), None)
         await self._emit(kind, reason.value, detail, target)
 
@@ -615,13 +880,17 @@ class Agent:
         """The verified file for ``ref``, fetched over MQTT when missing.
 
         Raises:
-            ArtifactError, MalformedPayloadError: a bad meta, chunk or whole file.
+            _Refetch: a bad meta, corrupt chunks, or a joined file of the wrong digest.
             TimeoutError: the artifact did not arrive within the fetch timeout.
+            OSError: the store cannot be written (a full or read-only disk).
         """
-        path = await asyncio.to_thread(self._artifacts.verified, ref, kind)
+        path = await self._stored_file(ref, kind)
         if path is not None:
             return path
-        queue: asyncio.Queue[Message] = asyncio.Queue()
+        # Room for every chunk of the largest artifact and its meta: a flood of junk on
+        # the artifact's topics beyond that is dropped (what is retained comes again on
+        # the next attempt), so it cannot grow the agent's memory without bound.
+        queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=MAX_CHUNKS + 16)
         self._fetches[ref.sha256] = queue
         subscribed: Session | None = None
         try:
@@ -652,25 +921,125 @@ class Agent:
     async def _collect(
         self, ref: ArtifactRef, kind: ArtifactKind, queue: asyncio.Queue[Message]
     ) -> Path:
-        """Checked chunks to disk as they come, resuming from those kept before; the
-        whole file once none is missing. Hashing runs in a thread."""
-        have = await asyncio.to_thread(self._artifacts.stored_chunks, ref.sha256)
-        collector = ChunkCollector(ref.sha256, ref.size, have=have)
+        """Checked chunks to disk as they come, resuming from those kept before (each
+        checked again against the meta: the disk may have changed them); the whole file
+        once none is missing. Hashing runs in a thread.
+
+        A corrupt chunk is dropped and the rest collected: once every chunk was seen and
+        some are still missing, the attempt ends (:class:`_Refetch`) so that a later one
+        fetches them again; so does a meta that does not describe ``ref``.
+
+        Raises:
+            _Refetch: see above; or the joined file does not hash right.
+            OSError: the store cannot be written.
+        """
+        collector = ChunkCollector(ref.sha256, ref.size)
+        # Chunks that come before the meta wait here, bounded like the artifact itself
+        # (the collector's own holding would refuse the whole fetch past its bound).
+        early: dict[int, bytes] = {}
+        early_bytes = 0
+        # No meta has more chunks than this (its smallest chunk size is 1 KiB): a chunk
+        # published beyond is junk, ignored rather than let it spoil the fetch.
+        most_chunks = min(-(-ref.size // 1024), MAX_CHUNKS)
+        seen: set[int] = set()
+        """Indexes whose chunk came (good or not), or that were kept good before."""
+        corrupt: set[int] = set()
+
+        async def offer(index: int, data: bytes) -> None:
+            meta = collector.meta
+            if meta is not None and index >= len(meta.chunks):
+                return  # junk past the artifact's end: not a chunk of it
+            try:
+                accepted = await asyncio.to_thread(collector.add_chunk, index, data)
+            except RejectedError:
+                corrupt.add(index)
+                return
+            corrupt.discard(index)
+            await self._keep(ref.sha256, accepted)
+
         while True:
             message = await queue.get()
             parsed = topics.parse(message.topic)
             if parsed.kind is TopicKind.ARTIFACT_META:
-                accepted = await asyncio.to_thread(collector.add_meta, message.payload)
-            elif parsed.index is not None:
-                accepted = await asyncio.to_thread(
-                    collector.add_chunk, parsed.index, message.payload
-                )
-            else:
+                try:
+                    await asyncio.to_thread(collector.add_meta, message.payload)
+                except RejectedError as exc:
+                    raise _Refetch(exc.reason, f"meta of {ref.sha256[:12]}: {exc.detail}") from exc
+                seen |= await self._recheck_kept(collector)
+                held, early = early, {}
+                for index, data in sorted(held.items()):
+                    await offer(index, data)
+            elif parsed.index is not None and parsed.index < most_chunks:
+                seen.add(parsed.index)
+                if collector.meta is not None:
+                    await offer(parsed.index, message.payload)
+                else:
+                    # The latest publish wins, as it does in the broker's retained store.
+                    size = early_bytes - len(early.get(parsed.index, b"")) + len(message.payload)
+                    if size <= ref.size + MAX_CHUNK_BYTES:
+                        early[parsed.index] = message.payload
+                        early_bytes = size
+            meta = collector.meta
+            if meta is None:
                 continue
-            if accepted:
-                await asyncio.to_thread(self._artifacts.keep_chunks, ref.sha256, accepted)
-            if collector.complete and collector.meta is not None:
-                return await asyncio.to_thread(self._artifacts.assemble, collector.meta, kind)
+            if collector.complete:
+                try:
+                    path = await asyncio.to_thread(self._artifacts.assemble, meta, kind)
+                except ArtifactError as exc:
+                    raise _Refetch(exc.reason, exc.detail) from exc
+                except OSError as exc:
+                    await self._storage_failed("artifacts", exc)
+                    raise
+                await self._storage_ok("artifacts")
+                return path
+            if corrupt and seen.issuperset(range(len(meta.chunks))):
+                raise _Refetch(
+                    Reason.CHUNK_CORRUPT,
+                    f"chunks {_indexes(corrupt)} of {ref.sha256[:12]} fail their sha256",
+                )
+
+    async def _keep(self, sha256: str, chunks: list[tuple[int, bytes]]) -> None:
+        if not chunks:
+            return
+        try:
+            await asyncio.to_thread(self._artifacts.keep_chunks, sha256, chunks)
+        except OSError as exc:
+            await self._storage_failed("artifacts", exc)
+            raise
+        await self._storage_ok("artifacts")
+
+    async def _recheck_kept(self, collector: ChunkCollector) -> set[int]:
+        """Check the chunks kept by an earlier fetch against the meta just accepted, and
+        hand the good ones to ``collector`` (returns their indexes); one that changed on
+        disk is deleted (and told), so it is fetched again in this very attempt."""
+        meta = collector.meta
+        assert meta is not None
+
+        def recheck() -> tuple[set[int], set[int]]:
+            good: set[int] = set()
+            bad: set[int] = set()
+            for index in sorted(self._artifacts.stored_chunks(meta.sha256)):
+                data = self._artifacts.kept_chunk(meta.sha256, index)
+                if data is None:
+                    continue
+                try:
+                    collector.add_chunk(index, data)
+                except RejectedError:
+                    bad.add(index)
+                    self._artifacts.drop_chunk(meta.sha256, index)
+                else:
+                    good.add(index)
+            return good, bad
+
+        good, bad = await asyncio.to_thread(recheck)
+        if bad:
+            folder = self._artifacts.path(meta.sha256, ArtifactKind.MODEL).parent.parent
+            exc = DamagedFileError(
+                folder / "partial" / meta.sha256,
+                f"kept chunks {_indexes(bad)} fail their sha256 (changed on disk)",
+            )
+            await self._damaged(exc, "deleted, fetched again", set_aside_file=False)
+        return good
 
     # -- MQTT link ---------------------------------------------------------------------
 
@@ -757,7 +1126,8 @@ class Agent:
         elif parsed.kind in (TopicKind.ARTIFACT_META, TopicKind.ARTIFACT_CHUNK):
             queue = self._fetches.get(parsed.name or "")
             if queue is not None:
-                queue.put_nowait(message)
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.put_nowait(message)
 
     async def _on_trust(self, payload: bytes) -> None:
         if payload == self._persisted.trust or _digest(payload) == self._rejected_trust:
@@ -814,9 +1184,10 @@ class Agent:
 
     async def _emit(
         self, kind: EventKind, reason: str | None, detail: str, target: _Target | None
-    ) -> None:
-        """Queue an event. Events the outbox had to drop (its event cap) or could not
-        store (a disk or database error, logged) are counted in the next one stored."""
+    ) -> bool:
+        """Queue an event; False when the outbox could not store it. Events the outbox
+        had to drop (its event cap) or could not store (a disk or database error,
+        logged) are counted in the next one stored."""
         at = self._clock()
         lost, self._events_lost = self._events_lost, 0  # taken: a concurrent _emit sees 0
 
@@ -826,8 +1197,8 @@ class Agent:
                     event_id=uuid.uuid4().hex,
                     device_id=self.device_id,
                     kind=kind,
-                    reason=reason,
-                    detail=detail[:2000],
+                    reason=None if reason is None else _bounded(reason, 64),
+                    detail=_bounded(detail, 2000),
                     dropped_before=dropped + lost,
                     manifest_seq=None if target is None else target.seq,
                     release=(
@@ -841,24 +1212,32 @@ class Agent:
 
         topic = topics.device(self.device_id, DeviceChannel.EVENTS)
         try:
-            await asyncio.to_thread(self._outbox.append_event, topic, build)
+            await self._outbox_do(partial(self._outbox.append_event, topic, build))
         except (sqlite3.Error, OSError) as exc:
             self._events_lost += lost + 1
             log.error("%s: %s event not stored (%s): %s", self.device_id, kind.value, exc, detail)
-            return
+            return False
         except BaseException:
             self._events_lost += lost  # not told: the next event tells them
             raise
         self._outbox_ready.set()
+        return True
 
     async def _flush_loop(self, session: Session) -> None:
         """Send the outbox in order; delete only what the broker acknowledged, and mark
         the rest sent (the client may still deliver it: it must not be merged)."""
+        limit = self._config.flush_batch
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             while session.connected:
-                items = await asyncio.to_thread(self._outbox.peek, self._config.flush_batch)
+                try:
+                    items = await self._outbox_do(partial(self._outbox.peek, limit))
+                except (sqlite3.Error, OSError) as exc:
+                    # Storage trouble (in the state) or another writer: try again later.
+                    log.info("%s: outbox not readable, retrying: %s", self.device_id, exc)
+                    await asyncio.sleep(self._config.retry_s)
+                    continue
                 if not items:
                     break
                 results = await asyncio.gather(
@@ -867,7 +1246,13 @@ class Agent:
                 )
                 acked = [i.id for i, r in zip(items, results, strict=True) if r is None]
                 unacked = [i.id for i, r in zip(items, results, strict=True) if r is not None]
-                await asyncio.to_thread(self._outbox.settle, acked, unacked)
+                try:
+                    await self._outbox_do(partial(self._outbox.settle, acked, unacked))
+                except (sqlite3.Error, OSError) as exc:
+                    # Acked rows stay and go again: duplicates, which consumers drop.
+                    log.info("%s: outbox not settled, retrying: %s", self.device_id, exc)
+                    await asyncio.sleep(self._config.retry_s)
+                    continue
                 failures = [r for r in results if isinstance(r, BaseException)]
                 if failures:
                     log.info(
@@ -888,12 +1273,17 @@ class Agent:
         self._state_changed.set()
 
     async def _publish_state(self) -> None:
+        await self._publish_retained(DeviceChannel.STATE, encode(self.state()))
+
+    def state(self) -> DeviceState:
+        """The device's state as published (retained) on every change."""
         active = self._active
         target = self._desired.release
-        state = DeviceState(
+        trouble = "; ".join(self._trouble[k] for k in sorted(self._trouble))
+        return DeviceState(
             device_id=self.device_id,
             hw_class=self.bundle.hw_class,
-            mode=self._stage.mode,
+            mode=Mode.DEGRADED if trouble else self._stage.mode,
             active_release=None if active is None else active.release.release_id,
             active_sha256=None if active is None else active.release.artifact.sha256,
             target_release=None if target is None else target.release_id,
@@ -904,8 +1294,8 @@ class Agent:
             last_inference_at=self._last_inference_at,
             last_rejection=self._last_rejection,
             updated_at=self._clock(),
+            degraded_reason=_bounded(trouble, MAX_REASON_CHARS) if trouble else None,
         )
-        await self._publish_retained(DeviceChannel.STATE, encode(state))
 
     async def _publish_retained(self, channel: DeviceChannel, payload: bytes) -> None:
         session = self._session

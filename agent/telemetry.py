@@ -8,7 +8,7 @@ from collections import Counter
 
 from agent.runtime import InferenceResult
 from schemas import LogHistogram, TelemetrySummary
-from schemas.telemetry import CONFIDENCE_BINS, confidence_bin, latency_bucket
+from schemas.telemetry import CONFIDENCE_BINS, bound_labels, confidence_bin, latency_bucket
 
 __all__ = ["TelemetryWindow"]
 
@@ -53,7 +53,7 @@ class TelemetryWindow:
             errors=self._errors,
             latency_ms=LogHistogram.from_counts(self._latency),
             confidence=tuple(self._confidence),
-            labels=dict(self._labels),
+            labels=bound_labels(self._labels),
             max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         )
         self._reset(now, self._release)

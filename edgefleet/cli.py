@@ -143,7 +143,7 @@ def _agent_run(args: argparse.Namespace) -> int:
     bundle = Path(args.bundle)
     data = Path(args.data) if args.data else bundle / "data"
     agent = make_agent(bundle, AgentConfig(data_dir=data), seed=0, source=args.source)
-    asyncio.run(agent.run())
+    asyncio.run(agent.run_until_signalled())
     return 0
 
 

@@ -10,6 +10,7 @@ from pydantic import Field
 from schemas.codec import WireModel
 
 __all__ = [
+    "MAX_REASON_CHARS",
     "OFFLINE",
     "ONLINE",
     "DeviceState",
@@ -23,6 +24,8 @@ __all__ = [
 
 ONLINE: Final = b"online"
 OFFLINE: Final = b"offline"
+MAX_REASON_CHARS: Final = 500
+"""Bound of ``DeviceState.degraded_reason``; builders cut their text to it."""
 
 
 class Mode(StrEnum):
@@ -32,11 +35,12 @@ class Mode(StrEnum):
     UPDATING = "updating"
     """Serving the previous model while a new one is fetched, loaded or soaked."""
     DEGRADED = "degraded"
-    """Serving, but the last update failed and was rolled back."""
+    """Serving, but the last update failed and was rolled back, or the device's storage
+    is failing (then ``DeviceState.degraded_reason`` says how)."""
 
 
 class Rejection(WireModel):
-    reason: str
+    reason: str = Field(max_length=64)
     detail: str = Field(max_length=1000)
     at: float
 
@@ -55,6 +59,9 @@ class DeviceState(WireModel):
     last_inference_at: float | None
     last_rejection: Rejection | None
     updated_at: float
+    degraded_reason: str | None = Field(default=None, max_length=MAX_REASON_CHARS)
+    """Why storage is failing (a full or read-only data folder), e.g. ``outbox: database
+    or disk is full``; None when it works. Storage trouble makes ``mode`` degraded."""
 
 
 class Verdict(StrEnum):
@@ -84,13 +91,21 @@ class EventKind(StrEnum):
     UPDATE_APPLIED = "update_applied"
     ROLLBACK = "rollback"
     TELEMETRY_COARSENED = "telemetry_coarsened"
+    ARTIFACT_RETRY = "artifact_retry"
+    """A chunk, meta or assembled file did not match: dropped and fetched again (no
+    verdict: the meta and chunks are unsigned, their writer may be wrong)."""
+    STORAGE_DAMAGED = "storage_damaged"
+    """A damaged file on the device was moved aside (or deleted); the detail names the
+    file and what was lost or recovered."""
+    STORAGE_RECOVERED = "storage_recovered"
+    """Storage works again after failing (full or read-only); the detail says what failed."""
 
 
 class Event(WireModel):
     event_id: str
     device_id: str
     kind: EventKind
-    reason: str | None = None
+    reason: str | None = Field(default=None, max_length=64)
     detail: str = Field(default="", max_length=2000)
     manifest_seq: int | None = None
     release: str | None = None

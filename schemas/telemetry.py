@@ -13,7 +13,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 from itertools import pairwise
-from typing import Final
+from typing import Annotated, Final
 
 from pydantic import Field, field_validator
 
@@ -22,8 +22,12 @@ from schemas.codec import WireModel
 __all__ = [
     "CONFIDENCE_BINS",
     "LATENCY_GAMMA",
+    "MAX_LABELS",
+    "MAX_LABEL_CHARS",
+    "OTHER_LABEL",
     "LogHistogram",
     "TelemetrySummary",
+    "bound_labels",
     "confidence_bin",
     "latency_bucket",
     "merge_summaries",
@@ -32,12 +36,31 @@ __all__ = [
 LATENCY_GAMMA: Final = 1.1
 """Ratio between successive latency bucket bounds: quantiles are within 10%."""
 CONFIDENCE_BINS: Final = 10
+MAX_LABELS: Final = 256
+"""Distinct predicted labels a summary counts; the rarest beyond go to ``OTHER_LABEL``."""
+MAX_LABEL_CHARS: Final = 64
+OTHER_LABEL: Final = "…other"
 _MIN_MS: Final = 1e-3
 
 
 def latency_bucket(ms: float) -> int:
     """Index of the bucket ``(GAMMA**(i-1), GAMMA**i]`` holding ``ms``."""
     return math.ceil(math.log(max(ms, _MIN_MS)) / math.log(LATENCY_GAMMA))
+
+
+def bound_labels(counts: Counter[str]) -> dict[str, int]:
+    """Label counts within the schema's bounds, every count kept: labels come from a
+    model's output, so they are cut to ``MAX_LABEL_CHARS`` and the rarest beyond
+    ``MAX_LABELS`` are counted together under ``OTHER_LABEL``."""
+    cut: Counter[str] = Counter()
+    for label, n in counts.items():
+        cut[label[:MAX_LABEL_CHARS]] += n
+    if len(cut) <= MAX_LABELS:
+        return dict(cut)
+    other = cut.pop(OTHER_LABEL, 0)  # from an earlier bound: stays the catch-all
+    kept = dict(cut.most_common(MAX_LABELS - 1))
+    kept[OTHER_LABEL] = other + sum(cut.values()) - sum(kept.values())
+    return kept
 
 
 def confidence_bin(p: float) -> int:
@@ -102,7 +125,9 @@ class TelemetrySummary(WireModel):
     errors: int = Field(ge=0)
     latency_ms: LogHistogram
     confidence: tuple[int, ...] = Field(min_length=CONFIDENCE_BINS, max_length=CONFIDENCE_BINS)
-    labels: dict[str, int] = Field(default_factory=dict)
+    labels: dict[Annotated[str, Field(max_length=MAX_LABEL_CHARS)], int] = Field(
+        default_factory=dict, max_length=MAX_LABELS
+    )
     max_rss_bytes: int = 0
 
 
@@ -124,6 +149,6 @@ def merge_summaries(first: TelemetrySummary, second: TelemetrySummary) -> Teleme
         errors=first.errors + second.errors,
         latency_ms=first.latency_ms.merge(second.latency_ms),
         confidence=tuple(a + b for a, b in zip(first.confidence, second.confidence, strict=True)),
-        labels=dict(labels),
+        labels=bound_labels(labels),
         max_rss_bytes=max(first.max_rss_bytes, second.max_rss_bytes),
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.artifacts import ArtifactKind, ArtifactStore
+from agent.store import DamagedFileError
 from models import DemoModel, DigitsSplit
 from schemas import ArtifactError, ArtifactMeta, ArtifactRef, Reason, encode, split_artifact
 from schemas.artifact import ChunkCollector
@@ -60,7 +61,7 @@ def test_chunked_artifact_assembles_to_the_exact_bytes_and_only_then_appears(
     for index in reversed(range(len(chunks))):  # arrival order does not matter
         _keep(store, meta, {index: chunks[index]})
         assert store.verified(_ref(meta), MODEL) is None
-        assert list((tmp_path / "models").iterdir()) == []
+        assert not list((tmp_path / "models").glob("*"))
     assert _missing(store, meta) == []
 
     path = store.assemble(meta, MODEL)
@@ -131,8 +132,11 @@ def test_model_file_corrupted_on_disk_is_detected_and_removed(
     data = path.read_bytes()
     path.write_bytes(_flip(data, len(data) // 2) if damage == "bit flip" else data[:-10])
 
-    assert store.verified(_ref(meta), MODEL) is None
+    with pytest.raises(DamagedFileError) as caught:
+        store.verified(_ref(meta), MODEL)
+    assert caught.value.path == path  # named, for the event
     assert not path.exists()
+    assert store.verified(_ref(meta), MODEL) is None  # fetched again from now on
 
 
 def test_golden_set_lands_in_its_own_folder_and_models_keep_their_layout(
@@ -160,3 +164,27 @@ def test_golden_set_lands_in_its_own_folder_and_models_keep_their_layout(
     # The kind is part of the name: a golden set is never taken for a model.
     assert store.verified(_ref(golden_meta), MODEL) is None
     assert golden.exists()
+
+
+def test_constructing_the_store_touches_no_disk_and_a_probe_says_whether_it_writes(
+    tmp_path: Path,
+) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    assert not (tmp_path / "artifacts").exists()  # a read-only data folder is no obstacle
+    store.probe()
+    assert list((tmp_path / "artifacts").iterdir()) == []
+    (tmp_path / "blocked").write_bytes(b"")
+    with pytest.raises(OSError):  # noqa: PT011 (any OSError: the disk said no)
+        ArtifactStore(tmp_path / "blocked" / "artifacts").probe()
+
+
+def test_kept_chunks_are_read_back_for_a_check_and_dropped_when_bad(
+    tmp_path: Path, split: tuple[ArtifactMeta, list[bytes]]
+) -> None:
+    meta, chunks = split
+    store = ArtifactStore(tmp_path)
+    _keep(store, meta, {0: chunks[0]})
+    assert store.kept_chunk(meta.sha256, 0) == chunks[0]
+    assert store.kept_chunk(meta.sha256, 1) is None
+    store.drop_chunk(meta.sha256, 0)
+    assert store.stored_chunks(meta.sha256) == set()

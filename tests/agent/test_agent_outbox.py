@@ -99,7 +99,9 @@ def test_settle_forgets_only_the_acked_ids(tmp_path: Path) -> None:
 
 def test_outbox_database_is_in_wal_mode(tmp_path: Path) -> None:
     path = tmp_path / "outbox.sqlite"
-    Outbox(path).close()
+    box = Outbox(path)
+    assert len(box) == 0  # the first call opens the file
+    box.close()
     with sqlite3.connect(path) as db:
         (mode,) = db.execute("PRAGMA journal_mode").fetchone()
     assert mode == "wal"

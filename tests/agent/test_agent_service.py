@@ -192,12 +192,16 @@ async def running(agent: Agent) -> AsyncIterator[asyncio.Task[None]]:
 
 
 def events(data_dir: Path) -> list[Event]:
-    db = sqlite3.connect(f"file:{data_dir / 'outbox.sqlite'}?mode=ro", uri=True)
+    """The events queued in the agent's outbox (none before the agent created it)."""
     try:
-        rows = db.execute("SELECT payload FROM outbox WHERE kind = ? ORDER BY id", (EVENT,))
-        return [decode(bytes(r[0]), Event) for r in rows.fetchall()]
-    finally:
-        db.close()
+        db = sqlite3.connect(f"file:{data_dir / 'outbox.sqlite'}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT payload FROM outbox WHERE kind = ? ORDER BY id", (EVENT,))
+            return [decode(bytes(r[0]), Event) for r in rows.fetchall()]
+        finally:
+            db.close()
+    except sqlite3.OperationalError:
+        return []  # not there yet, or its table is being made: the caller polls
 
 
 async def serving(agent: Agent, task: asyncio.Task[None], release: Release) -> None:
@@ -389,6 +393,7 @@ def stock_golden(data_dir: Path, payload: bytes) -> ArtifactRef:
     """Put a golden set's bytes in the agent's store, as an earlier fetch would have."""
     ref = golden_ref(payload)
     path = ArtifactStore(data_dir / "artifacts").path(ref.sha256, ArtifactKind.GOLDEN)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(payload)
     return ref
 
@@ -757,7 +762,7 @@ def test_events_dropped_for_the_cap_are_counted_in_the_events_kept(
 
 
 def test_concurrent_events_on_a_failing_outbox_never_count_below_zero(
-    home: Home, tmp_path: Path
+    home: Home, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Events the outbox could not store are counted in the next one stored, even when
     several are emitted at once while the outbox fails and recovers: none is counted
@@ -768,11 +773,22 @@ def test_concurrent_events_on_a_failing_outbox_never_count_below_zero(
     async def scenario() -> None:
         nonlocal emitted
         await asyncio.to_thread(agent._open_stores)
-        outbox = agent._outbox
+        await asyncio.to_thread(len, agent._outbox)  # the file exists from here on
 
         def writable(yes: bool) -> None:
-            with outbox._lock:  # a real SQLite failure: "attempt to write a readonly database"
-                outbox._db.execute(f"PRAGMA query_only={0 if yes else 1}")
+            # A real SQLite failure that outlives the outbox reopening its connection
+            # (which it does after a failure): a trigger refusing every insert.
+            other = sqlite3.connect(tmp_path / "outbox.sqlite", isolation_level=None)
+            try:
+                if yes:
+                    other.execute("DROP TRIGGER IF EXISTS refuse")
+                else:
+                    other.execute(
+                        "CREATE TRIGGER IF NOT EXISTS refuse BEFORE INSERT ON outbox "
+                        "BEGIN SELECT RAISE(FAIL, 'the disk said no'); END"
+                    )
+            finally:
+                other.close()
 
         async def burst(n: int) -> None:
             nonlocal emitted
@@ -784,8 +800,12 @@ def test_concurrent_events_on_a_failing_outbox_never_count_below_zero(
                 )
             )
 
+        calm = asyncio.Event()
+
         async def flapping() -> None:
-            while True:
+            # Ends by itself rather than by cancellation: a cancelled to_thread call
+            # would still run its thread and could put the trigger back afterwards.
+            while not calm.is_set():
                 for yes in (False, True):
                     await asyncio.to_thread(writable, yes)
                     await asyncio.sleep(0.001)
@@ -801,8 +821,8 @@ def test_concurrent_events_on_a_failing_outbox_never_count_below_zero(
             for _ in range(5):
                 await burst(8)
                 assert agent._events_lost >= 0
-            flap.cancel()
-            await asyncio.wait({flap})
+            calm.set()
+            await flap
             writable(True)
             await burst(1)
             assert agent._events_lost == 0
@@ -810,6 +830,9 @@ def test_concurrent_events_on_a_failing_outbox_never_count_below_zero(
             await asyncio.to_thread(agent._close_stores)
 
     asyncio.run(scenario())
+    # Each recovery of the outbox is told by one more event (storage_recovered).
+    recoveries = sum("storage works again" in r.getMessage() for r in caplog.records)
+    assert recoveries > 0
     stored = events(tmp_path)
     assert all(e.dropped_before >= 0 for e in stored)
-    assert len(stored) + sum(e.dropped_before for e in stored) == emitted
+    assert len(stored) + sum(e.dropped_before for e in stored) == emitted + recoveries

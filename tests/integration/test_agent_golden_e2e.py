@@ -2,8 +2,8 @@
 set beside the model, and swaps the model in only when it reproduces them.
 
 No coordinator runs: the test publishes the artifacts (model and golden set, chunked
-like any artifact) on the operator's account and the signed manifests on the
-coordinator's, as the coordinator would after admitting a rollout.
+like any artifact, under ``artifacts/``) and the signed manifests on an account with the
+coordinator's rights, as the coordinator does after admitting a rollout.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import numpy as np
 from agent import Agent
 from agent.lifecycle import Stage
 from broker.session import Session
-from coordinator.operator import publish_artifact
 from edgefleet.runner import Fleet
 from models import DemoModel, load_digits_split
 from models.export import LABEL_OUTPUT
@@ -46,6 +45,7 @@ from tests.integration.fleetkit import (
     manifest,
     manifest_key,
     profiles,
+    publish_fetchable,
     publish_manifest,
     release_for,
     run,
@@ -67,8 +67,9 @@ class Scene:
     v2: Release
 
     async def publish_golden(self, golden: GoldenSet) -> ArtifactRef:
-        """Publish a golden set as the operator publishes any artifact."""
-        meta = await publish_artifact(self.operator, encode(golden), name="digits-v2-golden")
+        """Publish a golden set where devices fetch it, as the coordinator does after
+        admission (no coordinator runs here)."""
+        meta = await publish_fetchable(self.cloud, encode(golden), name="digits-v2-golden")
         return ArtifactRef(sha256=meta.sha256, size=meta.size)
 
     async def offer(self, candidate: Release) -> None:
@@ -118,7 +119,7 @@ async def serving_v1(fleet: Fleet, models: dict[str, DemoModel]) -> AsyncIterato
         coordinator_session(fleet.home) as cloud,
     ):
         for model in (models["digits-v1"], models["digits-v2"]):
-            await publish_artifact(operator, model.path.read_bytes(), name=model.name)
+            await publish_fetchable(cloud, model.path.read_bytes(), name=model.name)
         await cloud.publish(topics.trust(), fleet.home.trust(), retain=True)
         await publish_manifest(
             cloud, JETSON, sign(manifest(JETSON, 1, v1), manifest_key(fleet.home))

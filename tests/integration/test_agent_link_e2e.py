@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 
 from agent.lifecycle import Stage
-from coordinator.operator import publish_artifact
 from edgefleet.runner import Fleet
 from models import DemoModel
 from schemas import OFFLINE, ONLINE, EventKind, Reason, topics
@@ -20,6 +19,7 @@ from tests.integration.fleetkit import (
     manifest,
     manifest_key,
     profiles,
+    publish_fetchable,
     publish_manifest,
     release_for,
     run,
@@ -43,11 +43,10 @@ async def _flap(fleet: Fleet, model: DemoModel) -> None:
     async with (
         live(fleet, coordinator=False),
         Wire.open(fleet.home) as wire,
-        fleet.operator() as operator,
         coordinator_session(fleet.home) as cloud,
     ):
         agent = fleet.agents[device_id]
-        await publish_artifact(operator, model.path.read_bytes(), name=model.name)
+        await publish_fetchable(cloud, model.path.read_bytes(), name=model.name)
         await cloud.publish(topics.trust(), fleet.home.trust(), retain=True)
         await publish_manifest(cloud, JETSON, sign(manifest(JETSON, 1, v1), key))
         await wire.until(
