@@ -9,8 +9,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -53,6 +52,7 @@ from tests.agent.test_agent_service import (
 )
 from tests.agent.test_agent_service import home as home  # noqa: PLC0414 (the fixture)
 from tests.agent.test_agent_service import v1 as v1  # noqa: PLC0414 (the fixture)
+from tests.diskfaults import fill, remount, tmpfs
 
 
 def _empty(data: bytes) -> bytes:
@@ -365,40 +365,6 @@ def test_texts_built_from_input_are_bounded_where_built(home: Home, tmp_path: Pa
 
 
 # -- rule 7: a full or read-only data folder ---------------------------------------------
-
-
-@contextlib.contextmanager
-def tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def remount(where: Path, options: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{options}", str(where)], check=True)
-
-
-def fill(folder: Path) -> Path:
-    """Fill the file system of ``folder`` to the last byte."""
-    ballast = folder / "ballast"
-    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for block in (64 * 1024, 1):
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(fd, bytes(block))
-    finally:
-        os.close(fd)
-    return ballast
 
 
 def test_full_disk_degrades_with_the_reason_and_heals_losing_no_inference(

@@ -17,12 +17,10 @@ runs: what the agent does with the bytes is the point, not who re-asserts them).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,6 +42,7 @@ from schemas import (
     encode,
     topics,
 )
+from tests.diskfaults import fill, remount, tmpfs
 from tests.integration.fleetkit import (
     JETSON,
     MakeFleet,
@@ -243,39 +242,6 @@ async def _damaged_outbox(fleet: Fleet, model: DemoModel, how: str) -> None:
 # -- rule 7: a full or read-only data folder, seen remotely, healed --------------------
 
 
-@contextlib.contextmanager
-def _tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def _remount(where: Path, options: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{options}", str(where)], check=True)
-
-
-def _fill(folder: Path) -> Path:
-    ballast = folder / "ballast"
-    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for block in (64 * 1024, 1):
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(fd, bytes(block))
-    finally:
-        os.close(fd)
-    return ballast
-
-
 def _counted(wire: Wire, device_id: str) -> int:
     return sum(s.count for s in wire.telemetry.values() if s.device_id == device_id)
 
@@ -285,7 +251,7 @@ def test_full_disk_is_seen_remotely_and_heals(
 ) -> None:
     fleet = make_fleet({JETSON: 1})
     (device_id,) = fleet.home.devices()
-    with _tmpfs(_data(fleet, device_id), "8m") as data:
+    with tmpfs(_data(fleet, device_id), "8m") as data:
         run(_full_disk(fleet, demo_models["digits-v1"], data))
 
 
@@ -299,7 +265,7 @@ async def _full_disk(fleet: Fleet, model: DemoModel, data: Path) -> None:
         agent = start_agent_with(fleet, tg, device_id, **FAST)
         v1 = await _publish_v1(cloud, fleet, model)
         await wire.until(lambda: _serves(agent, v1), what="v1 served")
-        ballast = await asyncio.to_thread(_fill, data)
+        ballast = await asyncio.to_thread(fill, data)
         state = await wire.until(
             lambda: _state(wire, device_id, lambda s: s.mode is Mode.DEGRADED),
             what="the device degraded",
@@ -330,11 +296,11 @@ def test_read_only_data_folder_is_seen_remotely_and_telemetry_heals(
 ) -> None:
     fleet = make_fleet({JETSON: 1})
     (device_id,) = fleet.home.devices()
-    with _tmpfs(_data(fleet, device_id), "32m") as data:
+    with tmpfs(_data(fleet, device_id), "32m") as data:
         try:
             run(_read_only(fleet, demo_models["digits-v1"], data))
         finally:
-            _remount(data, "rw")
+            remount(data, "rw")
 
 
 async def _read_only(fleet: Fleet, model: DemoModel, data: Path) -> None:
@@ -348,7 +314,7 @@ async def _read_only(fleet: Fleet, model: DemoModel, data: Path) -> None:
         v1 = await _publish_v1(cloud, fleet, model)
         await wire.until(lambda: _serves(first, v1), what="v1 served")
         await fleet.stop_agent(device_id)
-        await asyncio.to_thread(_remount, data, "ro")
+        await asyncio.to_thread(remount, data, "ro")
         wire.states.pop(device_id, None)
         agent = start_agent_with(fleet, tg, device_id, **FAST)
         state = await wire.until(
@@ -359,7 +325,7 @@ async def _read_only(fleet: Fleet, model: DemoModel, data: Path) -> None:
         assert "outbox" in state.degraded_reason
         assert _serves(agent, v1)  # inference from the store it can still read
         served = agent.inferences_total
-        await asyncio.to_thread(_remount, data, "rw")
+        await asyncio.to_thread(remount, data, "rw")
         await wire.until(
             lambda: _state(wire, device_id, lambda s: s.mode is Mode.SERVING),
             what="the device healed",
