@@ -137,6 +137,10 @@ class CoordinatorConfig:
 _RECONNECT_MAX_S = 10.0
 _PUBLISH_WINDOW = 32
 _NOTED_LIMIT = 10_000
+_REFUSALS_KEPT = 256
+"""Refused spec ids kept (stored, with a retained ``rejected`` status). Beyond it the
+oldest is forgotten and its spec and status are cleared from the broker, so an account
+that floods ``rollouts/+/spec`` with junk costs neither the store nor the broker more."""
 _STOP_PUBLISH_S = 2.0
 """On a clean stop, how long the ``offline`` presence may take to be acknowledged."""
 _ARTIFACT_KINDS = frozenset({TopicKind.ARTIFACT_META, TopicKind.ARTIFACT_CHUNK})
@@ -286,7 +290,9 @@ class Coordinator:
         # What the broker's cache holds now, as last seen (retained or live).
         self._retained_trust: bytes | None = None
         self._retained_manifests: dict[str, bytes] = {}
-        self._retained_specs: dict[str, bytes] = {}
+        self._retained_specs: dict[str, str] = {}
+        """Rollout id -> sha256 of its retained spec: digests, since an operator account
+        may retain any number of specs of up to 1 MiB each."""
         self._retained_statuses: dict[str, bytes] = {}
         self._artifacts_seen: dict[str, _Retained] = {}
         self._since: dict[tuple[bool, str], float] = {}
@@ -428,7 +434,7 @@ class Coordinator:
             if record is not None and self._retained_manifests.get(name) != record.manifest:
                 await self._publish_manifest(name)
         for rollout in list(self._rollouts.values()):
-            if self._retained_specs.get(rollout.id) != rollout.spec:
+            if self._retained_specs.get(rollout.id) != _digest(rollout.spec):
                 await self._publish(topics.rollout_spec(rollout.id), rollout.spec)
         for rollout_id in {*self._rollouts, *self._refusals}:
             if self._retained_statuses.get(rollout_id) != self._status_payload(rollout_id):
@@ -919,7 +925,10 @@ class Coordinator:
             case TopicKind.DEVICE if parsed.name is not None:
                 self._on_device(parsed.name, parsed.channel, payload)
             case TopicKind.ROLLOUT_SPEC if parsed.name is not None:
-                self._retained_specs[parsed.name] = payload
+                if payload:
+                    self._retained_specs[parsed.name] = _digest(payload)
+                else:
+                    self._retained_specs.pop(parsed.name, None)
                 record = self._rollouts.get(parsed.name)
                 if record is not None and payload == record.spec:
                     return  # our own (re-asserted) bytes
@@ -1118,6 +1127,16 @@ class Coordinator:
         self._refusals[rollout_id] = refusal
         await self._audit("spec_rejected", rollout_id, reason)
         await self._publish_status(rollout_id)
+        while len(self._refusals) > _REFUSALS_KEPT:
+            await self._forget_refusal(min(self._refusals.values(), key=lambda r: r.at).id)
+
+    async def _forget_refusal(self, rollout_id: str) -> None:
+        """Drop the oldest refusal, and its junk spec and status from the broker."""
+        del self._refusals[rollout_id]
+        await self._write(self._store.remove_refusal, rollout_id)
+        log.info("coordinator: forgetting refused spec %s (keeping %d)", rollout_id, _REFUSALS_KEPT)
+        await self._publish(topics.rollout_status(rollout_id), b"")
+        await self._publish(topics.rollout_spec(rollout_id), b"")
 
     async def _record_finished(self, spec: RolloutSpec, payload: bytes, now: float) -> bool:
         """A spec the store does not know whose retained status says its generation

@@ -124,6 +124,9 @@ class CoordinatorStore:
             {"id": refusal.id, "json": refusal.model_dump_json()}, Query().id == refusal.id
         )
 
+    def remove_refusal(self, rollout_id: str) -> None:
+        self._refusals.remove(Query().id == rollout_id)
+
     def audit(self, entry: dict[str, Any]) -> None:
         self._audit.insert(entry)
 

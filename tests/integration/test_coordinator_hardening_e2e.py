@@ -10,6 +10,9 @@ import time
 import uuid
 from collections.abc import Callable
 
+import pytest
+
+import coordinator.service
 from coordinator.operator import publish_artifact
 from coordinator.rollout import RolloutRecord
 from coordinator.store import CoordinatorStore
@@ -251,6 +254,46 @@ async def _refused(fleet: Fleet, v2: DemoModel) -> None:
                 what="the coordinator back",
             )
             await asyncio.sleep(1.5)
+
+
+def test_a_flood_of_junk_specs_costs_a_bounded_store_and_broker(
+    make_fleet: MakeFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(coordinator.service, "_REFUSALS_KEPT", 2)
+    fleet = make_fleet({JETSON: 1})
+    run(_flood(fleet))
+    store = CoordinatorStore(fleet.workdir / "coordinator" / "coordinator.json")
+    try:
+        assert sorted(store.refusals()) == ["junk-2", "junk-3"]
+    finally:
+        store.close()
+
+
+async def _flood(fleet: Fleet) -> None:
+    ids = [f"junk-{i}" for i in range(4)]
+    filters = (topics.all_rollout_specs(), topics.all_rollout_statuses())
+    async with live(fleet, agents=()), fleet.operator() as operator:
+        async with Wire.open(fleet.home, filters=filters) as wire:
+            for rollout_id in ids:
+                await operator.publish(topics.rollout_spec(rollout_id), b"junk", retain=True)
+                await wire.until(_rejected(wire, rollout_id), what=rollout_id)
+            # The oldest refusals are forgotten, their junk spec and status cleared.
+            await wire.until(
+                lambda: all(
+                    any(m.topic == t and not m.payload for m in wire.raw)
+                    for i in ids[:2]
+                    for t in (topics.rollout_spec(i), topics.rollout_status(i))
+                ),
+                what="the oldest refusals cleared",
+            )
+        async with Wire.open(fleet.home, filters=filters) as wire:
+            kept = {f"rollouts/{i}/{t}" for i in ids[2:] for t in ("spec", "status")}
+
+            def retained() -> set[str] | None:
+                seen = {m.topic.removeprefix(topics.PREFIX + "/") for m in wire.raw if m.retain}
+                return seen if seen >= kept else None
+
+            assert await wire.until(retained, what="the kept refusals") == kept
 
 
 # -- rule 5(b): the broker's cache is watched ------------------------------------------
