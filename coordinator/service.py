@@ -63,6 +63,7 @@ from coordinator.rollout import Action, RolloutRecord, apply, cutoff_bp, decide
 from coordinator.store import ClassRecord, CoordinatorStore, Refusal
 from schemas import (
     MANIFEST_KIND,
+    MAX_SEQ,
     OFFLINE,
     ONLINE,
     ArtifactError,
@@ -511,6 +512,16 @@ class Coordinator:
                     continue  # not ours: the re-assert below replaces it
                 current = self._classes.get(name, ClassRecord(name=name))
                 if retained.hw_class != name or retained.seq <= current.seq:
+                    continue
+                if retained.seq >= MAX_SEQ:
+                    # Signed with the manifest key at the last seq: nothing can follow
+                    # it. Devices that took it wait for a rotated manifest key.
+                    log.error(
+                        "coordinator: the broker holds %s manifest seq %d, the last there is: "
+                        "not continuing above it; rotate the manifest key (a new TrustDoc)",
+                        name,
+                        retained.seq,
+                    )
                     continue
                 log.warning(
                     "coordinator: the broker holds %s manifest seq %d, the store only seq %d "

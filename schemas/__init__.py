@@ -30,6 +30,7 @@ from schemas.errors import (
 from schemas.golden import GoldenCase, GoldenSet, Tensor, Tolerance, golden_mismatches
 from schemas.manifest import (
     MANIFEST_KIND,
+    MAX_SEQ,
     ArtifactRef,
     HealthBudget,
     Manifest,
@@ -57,6 +58,7 @@ from schemas.verify import TrustedState
 __all__ = [
     "MANIFEST_KIND",
     "MAX_MESSAGE_BYTES",
+    "MAX_SEQ",
     "OFFLINE",
     "ONLINE",
     "ROLLOUT_SPEC_KIND",

@@ -22,6 +22,7 @@ from schemas.topics import NAME_PATTERN
 __all__ = [
     "BUCKETS",
     "MANIFEST_KIND",
+    "MAX_SEQ",
     "ArtifactRef",
     "HealthBudget",
     "Manifest",
@@ -35,6 +36,10 @@ __all__ = [
 ]
 
 MANIFEST_KIND: Final = "manifest"
+MAX_SEQ: Final = 2**53 - 1
+"""The highest manifest seq: exact in every JSON and JavaScript reader, and far from the
+msgpack limit, so ``seq + 1`` always encodes (a signed seq of 2**64-1 would leave its
+class no seq to continue with)."""
 BUCKETS: Final = 10_000
 
 
@@ -111,7 +116,7 @@ class RolloutCohort(WireModel):
 
 class Manifest(WireModel):
     hw_class: str = Field(pattern=NAME_PATTERN)
-    seq: int = Field(ge=1)
+    seq: int = Field(ge=1, le=MAX_SEQ)
     issued_at: float
     expires_at: float
     stable: Release | None

@@ -17,18 +17,23 @@ import pytest
 from coordinator.operator import publish_artifact
 from edgefleet.runner import Fleet
 from models import DemoModel
-from schemas import OFFLINE, ONLINE, Phase, topics
+from schemas import MAX_SEQ, OFFLINE, ONLINE, Phase, Reason, topics
 from tests.integration.fleetkit import (
     JETSON,
     MakeFleet,
     SeenManifest,
     Wire,
     audit_log,
+    coordinator_session,
     live,
+    manifest,
+    manifest_key,
+    publish_manifest,
     publish_spec,
     release_id,
     roll_out,
     run,
+    sign,
     spec_for,
     stop_coordinator,
 )
@@ -172,3 +177,40 @@ async def _lost_mid_rollout(fleet: Fleet, v2: DemoModel) -> None:
         assert seen.verified.rollout is not None
         assert seen.verified.rollout.cutoff_bp == 10000  # the last wave's, not the first's
         assert wire.statuses["r"][-1].wave == 2
+
+
+def test_a_retained_manifest_at_the_last_seq_is_not_continued_above(
+    demo_models: dict[str, DemoModel], make_fleet: MakeFleet
+) -> None:
+    fleet = make_fleet({JETSON: 1})
+    run(_last_seq(fleet, demo_models["digits-v1"]))
+
+
+async def _last_seq(fleet: Fleet, v1: DemoModel) -> None:
+    async with live(fleet) as tg, Wire.open(fleet.home) as wire, fleet.operator() as operator:
+        await roll_out(operator, fleet, wire, v1, rollout_id="install")
+        await stop_coordinator(fleet)
+        ours = wire.verified_manifests(JETSON)[-1]
+        # Signed with the manifest key at the last seq there is, while the coordinator
+        # is down: nothing can follow it, so the coordinator keeps its own seq.
+        last = sign(manifest(JETSON, MAX_SEQ, ours.stable), manifest_key(fleet.home))
+        async with coordinator_session(fleet.home) as intruder:
+            await publish_manifest(intruder, JETSON, last)
+        await wire.until(
+            lambda: any(m.payload == last for m in wire.manifests[JETSON]), what="the last seq"
+        )
+        fleet.start_coordinator(tg)
+
+        def put_back() -> SeenManifest | None:
+            seen = [m.payload for m in wire.manifests[JETSON]]
+            after = wire.manifests[JETSON][seen.index(last) + 1 :]
+            return after[-1] if after else None
+
+        restored = await wire.until(put_back, what="the coordinator's own manifest put back")
+        # A device that took the last seq refuses it as replayed: the coordinator did not
+        # try to go above a seq that leaves no room.
+        assert restored.rejected is not None
+        assert restored.rejected.reason is Reason.REPLAYED
+        await asyncio.sleep(1.0)
+        assert fleet.coordinator_task is not None
+        assert not fleet.coordinator_task.done()

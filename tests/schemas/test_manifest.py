@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from schemas import Manifest, Release, RolloutCohort, bucket
-from schemas.manifest import BUCKETS
+from schemas.manifest import BUCKETS, MAX_SEQ
 
 DEVICES = [f"dev-{i:05d}" for i in range(10_000)]
 SALT = "rollout-42-salt"
@@ -104,3 +104,10 @@ def test_cutoff_outside_the_bucket_range_is_refused(manifest: Manifest, cutoff: 
     assert manifest.rollout is not None
     with pytest.raises(ValueError, match="cutoff_bp"):
         RolloutCohort.model_validate({**manifest.rollout.model_dump(), "cutoff_bp": cutoff})
+
+
+@pytest.mark.parametrize("seq", [0, MAX_SEQ + 1, 2**64 - 1])
+def test_seq_outside_what_can_be_continued_is_refused(manifest: Manifest, seq: int) -> None:
+    with pytest.raises(ValueError, match="seq"):
+        Manifest.model_validate({**manifest.model_dump(), "seq": seq})
+    assert Manifest.model_validate({**manifest.model_dump(), "seq": MAX_SEQ}).seq == MAX_SEQ
