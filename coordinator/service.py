@@ -971,6 +971,14 @@ class Coordinator:
                     echo = self._echoes.pop(0)
                     if not echo.done():
                         echo.set_result(None)
+                elif ready and payload != ONLINE:
+                    # Someone else's word on our presence (we say offline only after
+                    # this dispatch has stopped): dashboards must not read us as gone.
+                    self._spawn(
+                        tg,
+                        "presence re-assert",
+                        self._publish(topics.coordinator_presence(), ONLINE),
+                    )
             case (
                 TopicKind.ARTIFACT_META
                 | TopicKind.ARTIFACT_CHUNK

@@ -317,6 +317,7 @@ async def _tampered(fleet: Fleet, v2: DemoModel) -> None:
         topics.rollout_status("r"),
         topics.artifact_chunk(v2.sha256, 1),
         topics.artifact_meta(v2.sha256),
+        topics.coordinator_presence(),
     )
     emptied = topics.artifact_chunk(v2.sha256, 2)
     async with live(fleet, agents=()):
