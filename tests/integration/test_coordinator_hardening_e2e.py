@@ -347,6 +347,32 @@ async def _tampered(fleet: Fleet, v2: DemoModel) -> None:
         assert len(meta.chunks) > 2
 
 
+def test_chunks_tampered_after_admission_neither_judge_nor_stop_the_rollout(
+    demo_models: dict[str, DemoModel], make_fleet: MakeFleet
+) -> None:
+    fleet = make_fleet({JETSON: 3})
+    run(_tampered_mid_rollout(fleet, demo_models["digits-v2"]))
+
+
+async def _tampered_mid_rollout(fleet: Fleet, v2: DemoModel) -> None:
+    meta, _ = split_artifact(v2.path.read_bytes(), name=v2.name, chunk_size=4096)
+    async with live(fleet), Wire.open(fleet.home) as wire:
+        await _admitted(fleet, v2)
+        # While the devices fetch, someone with write access overwrites every chunk,
+        # again and again: the coordinator puts them back, devices fetch again.
+        async with coordinator_session(fleet.home) as intruder:
+            for _ in range(5):
+                for index in range(len(meta.chunks)):
+                    await intruder.publish(
+                        topics.artifact_chunk(v2.sha256, index), b"\x00tampered", retain=True
+                    )
+                await asyncio.sleep(0.2)
+        final = await wire.until(lambda: wire.final_status("r"), what="the rollout to end")
+        assert final.phase is Phase.COMPLETED, final.reason
+        assert final.counts.unhealthy == 0
+        assert all(r.verdict is Verdict.HEALTHY for r in wire.health.values())
+
+
 # -- rule 6: artifacts no manifest names are cleared -------------------------------------
 
 
