@@ -1,21 +1,29 @@
 """The coordinator's own crash-safe store: the source of truth for seq numbers,
-stable releases, rollout records and the audit log. The broker's retained topics are
-only a cache of it. Blocking: the coordinator calls it from a thread."""
+stable releases and rollout records, a few documents written rarely (TinyDB behind
+atomic file replacement), and beside it the append-only audit log
+(:mod:`coordinator.audit`). The broker's retained topics are only a cache of it.
+Blocking: the coordinator calls it from a thread."""
 
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from tinydb import Query
 
+from coordinator.audit import DEFAULT_MAX_ENTRIES, AuditLog
 from coordinator.rollout import RolloutRecord
 from schemas import Release, UsageError
 from storage import atomic_write, open_docstore
 
 __all__ = ["ClassRecord", "CoordinatorStore", "Refusal", "StoreDamagedError"]
+
+log = logging.getLogger(__name__)
 
 
 class StoreDamagedError(UsageError):
@@ -58,7 +66,7 @@ class Refusal(BaseModel):
 
 
 class CoordinatorStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, max_audit_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         """Open the store, checking every record in it.
 
         Raises:
@@ -80,20 +88,26 @@ class CoordinatorStore:
         self._classes = self._db.table("classes")
         self._rollouts = self._db.table("rollouts")
         self._refusals = self._db.table("refusals")
-        self._audit = self._db.table("audit")
+        self._audit = _open_audit(path.with_name("audit.sqlite"), max_audit_entries)
         if not self.fresh:
             try:
                 self.classes()
                 self.rollouts()
                 self.refusals()
             except (KeyError, TypeError, ValidationError) as exc:
-                self._db.close()
+                self.close()
                 raise StoreDamagedError(
                     path, f"a record does not validate: {type(exc).__name__}"
                 ) from None
+        # A store written before the audit log had its own file kept it in a table.
+        if "audit" in self._db.tables():
+            for row in self._db.table("audit").all():
+                self._audit.append(dict(row))
+            self._db.drop_table("audit")
 
     def close(self) -> None:
         self._db.close()
+        self._audit.close()
 
     def classes(self) -> dict[str, ClassRecord]:
         return {
@@ -128,7 +142,7 @@ class CoordinatorStore:
         self._refusals.remove(Query().id == rollout_id)
 
     def audit(self, entry: dict[str, Any]) -> None:
-        self._audit.insert(entry)
+        self._audit.append(entry)
 
     def heartbeat(self) -> float | None:
         """When the coordinator last had a live view of the fleet (None: never)."""
@@ -142,7 +156,20 @@ class CoordinatorStore:
         atomic_write(self._heartbeat, repr(at).encode("ascii"), mode=0o600)
 
     def audit_log(self) -> list[dict[str, Any]]:
-        return [dict(row) for row in self._audit.all()]
+        return self._audit.entries()
+
+
+def _open_audit(path: Path, max_entries: int) -> AuditLog:
+    """The audit log at ``path``; a damaged one is moved aside and a new one begun (it
+    records decisions, it does not make them: the store is the state)."""
+    try:
+        return AuditLog(path, max_entries=max_entries)
+    except sqlite3.DatabaseError as exc:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = path.with_name(f"{path.name}.damaged-{stamp}")
+        path.replace(aside)
+        log.warning("coordinator: audit log %s is damaged (%s); moved to %s", path, exc, aside)
+        return AuditLog(path, max_entries=max_entries)
 
 
 def _check(path: Path) -> None:
