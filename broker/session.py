@@ -78,6 +78,13 @@ _MAX_RECEIVE = 65535
 _DISCONNECT_WITH_WILL = 0x04
 
 
+def _no_delay(_client: mqtt.Client, _userdata: object, sock: Any) -> None:
+    """MQTT packets are small (a PUBACK, a presence): they must not wait for Nagle and the
+    peer's delayed ACK (tens of ms per publish). Called by paho on every new socket."""
+    with contextlib.suppress(AttributeError, OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 # -- value objects ------------------------------------------------------------------------
 
 
@@ -271,6 +278,7 @@ class Session:
         client.on_subscribe = self._cb_subscribe
         client.on_unsubscribe = self._cb_unsubscribe
         client.on_message = self._cb_message
+        client.on_socket_open = _no_delay
         return client
 
     def _connect_properties(self) -> Properties:

@@ -10,7 +10,7 @@ import pytest
 
 from broker.acl import DeviceGrant
 from broker.launcher import which_mosquitto
-from broker.testing import FleetPKI, LocalFleet, broker_tempdir
+from tests.broker.localfleet import FleetPKI, LocalFleet, broker_tempdir
 
 DEVICES = (
     DeviceGrant("cam-001", "jetson-vision-standard"),

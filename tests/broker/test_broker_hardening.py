@@ -12,8 +12,8 @@ import pytest
 from broker.acl import Accounts, render_acl
 from broker.pki import cert_serial
 from broker.session import Endpoint, Message, PublishRefused, Session, TransportError, Will
-from broker.testing import FleetPKI, LocalFleet, broker_tempdir
 from tests.broker.conftest import DEVICES
+from tests.broker.localfleet import FleetPKI, LocalFleet, broker_tempdir
 from tests.broker.test_broker_session import NOT_AUTHORIZED, P, collect_until, run
 
 ACCOUNTS = Accounts(

@@ -23,7 +23,7 @@ from broker.session import (
     TransportError,
     Will,
 )
-from broker.testing import FleetPKI, LocalFleet
+from tests.broker.localfleet import FleetPKI, LocalFleet
 
 T = TypeVar("T")
 P = "fleet/v1"
@@ -326,3 +326,18 @@ def test_refused_subscriber_gets_nothing_but_subscribe_is_acknowledged(
             return await collect_until(dev, f"{P}/devices/cam-002/events")
 
     assert [m.payload for m in run(scenario())] == [b"fence"]
+
+
+def test_every_session_socket_sends_without_nagle_delay(fleet: LocalFleet) -> None:
+    async def scenario() -> list[int]:
+        device_id = fleet.devices[0].device_id
+        async with coordinator(fleet) as coord, device(fleet, device_id) as dev:
+            # The socket paho holds (private: the session exposes no socket by design).
+            socks = [s._client.socket() for s in (coord, dev) if s._client is not None]
+            return [
+                s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                for s in socks
+                if isinstance(s, socket.socket)  # an ssl.SSLSocket is one
+            ]
+
+    assert run(scenario()) == [1, 1]

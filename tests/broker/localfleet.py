@@ -1,4 +1,4 @@
-"""Building blocks for tests that need a real broker (plain classes, no pytest import).
+"""Building blocks for tests that need a real broker (plain classes, no pytest import; test-only).
 
 Other packages' fixtures build on these: a :class:`LocalFleet` holds the PKI, the accounts,
 a :class:`~broker.launcher.MosquittoBroker` on free ports and ready-made
