@@ -34,6 +34,7 @@ from typing import Final
 
 from agent.store import set_aside
 from schemas import TelemetrySummary, decode, encode, merge_summaries
+from schemas.errors import bound_text
 
 __all__ = ["EVENT", "TELEMETRY", "Outbox", "OutboxItem", "is_contention"]
 
@@ -164,7 +165,7 @@ class Outbox:
             fresh.execute("COMMIT")
         finally:
             fresh.close()
-        why = why if len(why) <= 200 else why[:199] + "…"
+        why = bound_text(why, 200)
         kept = (
             f"{len(rows)} queued messages recovered, any others lost"
             if salvage
@@ -366,7 +367,8 @@ def _salvage(path: Path, limit: int) -> list[tuple[str, str, bytes, int]]:
         db = sqlite3.connect(path, isolation_level=None)
     except sqlite3.Error:
         return rows
-    try:
+    # Reading stops at the damage; what was read before it is kept.
+    with contextlib.closing(db), contextlib.suppress(sqlite3.Error, ValueError, TypeError):
         cursor = db.execute("SELECT kind, topic, payload, dropped FROM outbox ORDER BY id")
         while len(rows) < limit:
             row = cursor.fetchone()
@@ -375,8 +377,4 @@ def _salvage(path: Path, limit: int) -> list[tuple[str, str, bytes, int]]:
             kind, topic, payload, dropped = row
             if kind in (TELEMETRY, EVENT) and isinstance(topic, str) and isinstance(payload, bytes):
                 rows.append((kind, topic, payload, int(dropped or 0)))
-    except (sqlite3.Error, ValueError, TypeError):
-        pass  # the damage: what was read before it is kept
-    finally:
-        db.close()
     return rows

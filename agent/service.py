@@ -75,6 +75,7 @@ from schemas import (
 )
 from schemas.artifact import MAX_CHUNK_BYTES, MAX_CHUNKS, ChunkCollector
 from schemas.device import MAX_REASON_CHARS
+from schemas.errors import bound_text
 from schemas.topics import DeviceChannel, TopicKind
 
 __all__ = ["Agent", "AgentConfig", "InputSource"]
@@ -143,12 +144,6 @@ def _digest(payload: bytes) -> bytes:
     return hashlib.sha256(payload).digest()
 
 
-def _bounded(text: str, limit: int) -> str:
-    """``text`` cut to ``limit`` characters: texts built from input are bounded where
-    they are built, so a schema's length limit can never refuse a report."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _indexes(indexes: set[int]) -> str:
     shown = sorted(indexes)
     more = f" and {len(shown) - 8} more" if len(shown) > 8 else ""
@@ -161,7 +156,7 @@ class _Refetch(Exception):  # noqa: N818 (not an error of the agent: a cue to fe
     and chunks are unsigned, and whoever can write them must not decide a rollout."""
 
     def __init__(self, reason: Reason, detail: str) -> None:
-        detail = _bounded(detail, 500)
+        detail = bound_text(detail, 500)
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -440,7 +435,7 @@ class Agent:
                 note += f", moved to {aside.name}"
         note += f"; {lost}"
         log.error("%s: %s", self.device_id, note)
-        self._damage.append(_bounded(note, 2000))
+        self._damage.append(bound_text(note, 2000))
         await self._tell_damage()
 
     async def _tell_damage(self) -> None:
@@ -458,7 +453,7 @@ class Agent:
     async def _storage_failed(self, part: str, exc: BaseException) -> None:
         """``part`` of storage failed: the device is degraded, with the reason in its
         retained state, until a write there works again (:meth:`_storage_ok`)."""
-        why = _bounded(f"{part}: {exc}", 200)
+        why = bound_text(f"{part}: {exc}", 200)
         first = part not in self._trouble
         self._trouble[part] = why
         if first:
@@ -772,7 +767,7 @@ class Agent:
         except TimeoutError as exc:
             # Transient (the broker or the artifact is not there yet): not a verdict.
             self._step(Step.FAILED)
-            detail = _bounded(f"{exc}; retrying", 1000)
+            detail = bound_text(f"{exc}; retrying", 1000)
             self._last_rejection = Rejection(
                 reason=Reason.FETCH_TIMEOUT.value, detail=detail, at=self._clock()
             )
@@ -783,7 +778,7 @@ class Agent:
         except _Refetch as exc:
             # Bytes that do not match are dropped and fetched again: not a verdict.
             self._step(Step.FAILED)
-            detail = _bounded(f"{exc.detail}; dropped, fetching again", 1000)
+            detail = bound_text(f"{exc.detail}; dropped, fetching again", 1000)
             self._last_rejection = Rejection(
                 reason=exc.reason.value, detail=detail, at=self._clock()
             )
@@ -846,7 +841,7 @@ class Agent:
     async def _fail(self, target: _Target, reason: Reason, detail: str, kind: EventKind) -> None:
         await self._save(failed=(*self._persisted.failed[-31:], target.failed_key))
         self._last_rejection = Rejection(
-            reason=reason.value, detail=_bounded(detail, 1000), at=self._clock()
+            reason=reason.value, detail=bound_text(detail, 1000), at=self._clock()
         )
         await self._report(target, Verdict.UNHEALTHY, (reason.value,), None)
         await self._emit(kind, reason.value, detail, target)
@@ -1197,8 +1192,8 @@ class Agent:
                     event_id=uuid.uuid4().hex,
                     device_id=self.device_id,
                     kind=kind,
-                    reason=None if reason is None else _bounded(reason, 64),
-                    detail=_bounded(detail, 2000),
+                    reason=None if reason is None else bound_text(reason, 64),
+                    detail=bound_text(detail, 2000),
                     dropped_before=dropped + lost,
                     manifest_seq=None if target is None else target.seq,
                     release=(
@@ -1294,7 +1289,7 @@ class Agent:
             last_inference_at=self._last_inference_at,
             last_rejection=self._last_rejection,
             updated_at=self._clock(),
-            degraded_reason=_bounded(trouble, MAX_REASON_CHARS) if trouble else None,
+            degraded_reason=bound_text(trouble, MAX_REASON_CHARS) if trouble else None,
         )
 
     async def _publish_retained(self, channel: DeviceChannel, payload: bytes) -> None:

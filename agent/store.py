@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from schemas import HealthReport, Release
+from schemas.errors import bound_text
 from storage import atomic_write
 
 __all__ = ["AgentStore", "DamagedFileError", "PersistedState", "set_aside"]
@@ -35,7 +36,7 @@ class DamagedFileError(Exception):
     """
 
     def __init__(self, path: Path, why: str) -> None:
-        why = why if len(why) <= 200 else why[:199] + "…"
+        why = bound_text(why, 200)
         super().__init__(f"{path} is damaged: {why}")
         self.path = path
         self.why = why

@@ -36,6 +36,7 @@ from models import build_demo_models
 from models.datafile import load_dataset
 from models.gate import format_report
 from schemas import Desired, EdgefleetError, Role, RolloutStatus
+from schemas.errors import bound_text
 from schemas.topics import check_name
 
 __all__ = ["main"]
@@ -482,7 +483,7 @@ def _one_line(exc: BaseException) -> str:
     else:
         text = str(exc) or type(exc).__name__
     text = re.sub(r"\s+", " ", text).strip()
-    return text if len(text) <= _ERROR_CHARS else text[: _ERROR_CHARS - 1] + "…"
+    return bound_text(text, _ERROR_CHARS)
 
 
 if __name__ == "__main__":

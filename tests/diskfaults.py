@@ -1,7 +1,7 @@
 """Real storage faults for tests: a small tmpfs to fill up, remounted read-only at will.
 
-Test-only. Mounting needs root (CI runs as root); where it is refused the test is skipped
-with the reason, never passed.
+Test-only. Mounting needs root (CI runs as root, as does the README's set-up); where it is
+refused the test fails with the reason rather than pass unseen.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def tmpfs(where: Path, size: str) -> Iterator[Path]:
         check=False,
     )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        # A failure, not a skip: a storage check that did not run must not pass unseen.
+        pytest.fail(f"cannot mount a tmpfs (the tests run as root): {done.stderr.decode().strip()}")
     try:
         yield where
     finally:

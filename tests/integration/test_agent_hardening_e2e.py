@@ -17,10 +17,11 @@ runs: what the agent does with the bytes is the point, not who re-asserts them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ from schemas import (
     OFFLINE,
     ONLINE,
     DeviceState,
+    Event,
     EventKind,
     Mode,
     Reason,
@@ -176,23 +178,7 @@ def test_damaged_state_file_device_rebuilds_from_retained_topics(
 async def _damaged_state(fleet: Fleet, model: DemoModel, how: str) -> None:
     (device_id,) = fleet.home.devices()
     state_file = _data(fleet, device_id) / "state.json"
-    async with (
-        live(fleet, coordinator=False) as tg,
-        Wire.open(fleet.home) as wire,
-        coordinator_session(fleet.home) as cloud,
-    ):
-        v1 = await _publish_v1(cloud, fleet, model, seq=4)
-        await wire.until(lambda: _serves(fleet.agents[device_id], v1), what="v1 served")
-        await fleet.stop_agent(device_id)
-        data = state_file.read_bytes()
-        state_file.write_bytes(
-            {"empty": b"", "truncated": data[: len(data) // 2], "garbage": os.urandom(300)}[how]
-        )
-        agent = start_agent_with(fleet, tg, device_id, **FAST)
-        told = await wire.until(
-            lambda: next((e for e in wire.events if e.kind is EventKind.STORAGE_DAMAGED), None),
-            what="the damaged state file told",
-        )
+    async with _damaged(fleet, model, state_file, how, seq=4) as (wire, agent, v1, told):
         assert str(state_file) in told.detail
         await wire.until(lambda: _serves(agent, v1), what="v1 served again")
         state = await wire.until(
@@ -214,29 +200,43 @@ def test_damaged_outbox_device_serves_on_tells_and_reports_again(
 async def _damaged_outbox(fleet: Fleet, model: DemoModel, how: str) -> None:
     (device_id,) = fleet.home.devices()
     outbox = _data(fleet, device_id) / "outbox.sqlite"
-    async with (
-        live(fleet, coordinator=False) as tg,
-        Wire.open(fleet.home) as wire,
-        coordinator_session(fleet.home) as cloud,
-    ):
-        v1 = await _publish_v1(cloud, fleet, model)
-        await wire.until(lambda: _serves(fleet.agents[device_id], v1), what="v1 served")
-        await fleet.stop_agent(device_id)
-        data = outbox.read_bytes()
-        outbox.write_bytes(
-            {"empty": b"", "truncated": data[: len(data) // 2], "garbage": os.urandom(8192)}[how]
-        )
-        agent = start_agent_with(fleet, tg, device_id, **FAST)
-        told = await wire.until(
-            lambda: next((e for e in wire.events if e.kind is EventKind.STORAGE_DAMAGED), None),
-            what="the damaged outbox told",
-        )
+    async with _damaged(fleet, model, outbox, how) as (wire, agent, v1, told):
         assert str(outbox.name) in told.detail
         assert "lost" in told.detail
         await wire.until(lambda: _serves(agent, v1), what="v1 served again")
         before = _counted(wire, device_id)
         await wire.until(lambda: _counted(wire, device_id) > before, what="telemetry flowing again")
     assert list(outbox.parent.glob("outbox.sqlite.damaged-*"))
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    damage = {"empty": b"", "truncated": data[: len(data) // 2], "garbage": os.urandom(8192)}
+    path.write_bytes(damage[how])
+
+
+@contextlib.asynccontextmanager
+async def _damaged(
+    fleet: Fleet, model: DemoModel, path: Path, how: str, seq: int = 1
+) -> AsyncIterator[tuple[Wire, Agent, Release, Event]]:
+    """The one device serving ``model``, stopped, ``path`` damaged (empty, truncated or
+    garbage), started again: yields once it told of the damage."""
+    (device_id,) = fleet.home.devices()
+    async with (
+        live(fleet, coordinator=False) as tg,
+        Wire.open(fleet.home) as wire,
+        coordinator_session(fleet.home) as cloud,
+    ):
+        v1 = await _publish_v1(cloud, fleet, model, seq=seq)
+        await wire.until(lambda: _serves(fleet.agents[device_id], v1), what="v1 served")
+        await fleet.stop_agent(device_id)
+        await asyncio.to_thread(_damage, path, how)
+        agent = start_agent_with(fleet, tg, device_id, **FAST)
+        told = await wire.until(
+            lambda: next((e for e in wire.events if e.kind is EventKind.STORAGE_DAMAGED), None),
+            what=f"the damaged {path.name} told",
+        )
+        yield wire, agent, v1, told
 
 
 # -- rule 7: a full or read-only data folder, seen remotely, healed --------------------
