@@ -33,7 +33,6 @@ from schemas import (
     KeyPair,
     PolicyError,
     Reason,
-    RejectedError,
     RolloutSpec,
     RolloutStatus,
     UsageError,
@@ -116,16 +115,14 @@ async def publish_artifact(
     session: Session, data: bytes, *, name: str, chunk_size: int = DEFAULT_CHUNK_BYTES
 ) -> ArtifactMeta:
     """Upload an artifact for the coordinator to check: chunks (retained) to
-    ``staging/{sha256}/``, then the meta, so a meta implies its chunks. Nothing is sent
-    when ``artifacts/`` already retains this very meta (a release rolled out again).
+    ``staging/{sha256}/``, then the meta, so a meta implies its chunks. Always sent, even
+    when ``artifacts/`` retains it: the coordinator may be clearing that copy (no manifest
+    names it) by the time the spec arrives, and then staging is where it finds the bytes.
 
     Raises:
         TransportError, PublishRefused: the broker refused or could not be reached.
     """
     meta, chunks = split_artifact(data, name=name, chunk_size=chunk_size)
-    if await _retained_meta(session, meta.sha256) == meta:
-        log.info("artifact %s (%s) is already published", meta.sha256[:12], name)
-        return meta
     for start in range(0, len(chunks), _PUBLISH_WINDOW):
         batch = range(start, min(start + _PUBLISH_WINDOW, len(chunks)))
         await asyncio.gather(
@@ -136,17 +133,6 @@ async def publish_artifact(
         )
     await session.publish(topics.staging_meta(meta.sha256), encode(meta), retain=True)
     return meta
-
-
-async def _retained_meta(session: Session, sha256: str) -> ArtifactMeta | None:
-    topic = topics.artifact_meta(sha256)
-    payload = (await _retained(session, topic)).get(topic)
-    if payload is None:
-        return None
-    try:
-        return decode(payload, ArtifactMeta)
-    except RejectedError:  # not a meta we can trust to stand for ours: upload
-        return None
 
 
 @dataclass(frozen=True)

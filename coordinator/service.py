@@ -1364,7 +1364,7 @@ class Coordinator:
                 for name, stable in gated
             }
         except (RejectedError, TimeoutError) as exc:
-            return Selection({}, (f"artifact: {exc or 'not found in time'}",), ())
+            return Selection({}, (f"artifact: {str(exc) or 'not found in time'}",), ())
         return await asyncio.to_thread(
             select_releases,
             spec,

@@ -48,7 +48,7 @@ async def _drain(stream: AsyncIterator[Message], seconds: float) -> list[Message
     return seen
 
 
-def test_an_upload_goes_to_staging_and_one_already_published_is_not_sent_again(
+def test_an_upload_goes_to_staging_even_when_artifacts_retains_it(
     make_fleet: MakeFleet, demo_models: dict[str, DemoModel]
 ) -> None:
     fleet = make_fleet({JETSON: 1})
@@ -70,8 +70,9 @@ def test_an_upload_goes_to_staging_and_one_already_published_is_not_sent_again(
             }
             assert got[-1].topic == topics.staging_meta(meta.sha256), "meta before a chunk"
 
-            # v1 as the coordinator publishes an admitted artifact: the operator's
-            # upload of the same file (a rollout again) sends nothing.
+            # v1 as the coordinator publishes an admitted artifact: a rollout of the same
+            # file again still uploads it, since the coordinator may be clearing that
+            # copy (no manifest names it) by the time the spec arrives.
             data = v1.path.read_bytes()
             published, chunks = split_artifact(data, name=v1.name)
             for i, chunk in enumerate(chunks):
@@ -83,9 +84,6 @@ def test_an_upload_goes_to_staging_and_one_already_published_is_not_sent_again(
             )
             await _drain(stream, 0.5)
             assert await publish_artifact(operator, data, name=v1.name) == published
-            assert await _drain(stream, 1.0) == [], "uploaded what artifacts/ retains"
-            # Under another name the meta differs: the coordinator decides, so it is sent.
-            await publish_artifact(operator, data, name="renamed")
             resent = {m.topic for m in await _drain(stream, 1.0)}
             assert topics.staging_meta(published.sha256) in resent
 
