@@ -45,9 +45,8 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -55,6 +54,17 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from broker.transport import (
+    ConnectRefused,
+    Endpoint,
+    IncomingOverflow,
+    Message,
+    PublishRefused,
+    SubscribeRefused,
+    TransportError,
+    Will,
+)
 
 __all__ = [
     "ConnectRefused",
@@ -83,84 +93,6 @@ def _no_delay(_client: mqtt.Client, _userdata: object, sock: Any) -> None:
     peer's delayed ACK (tens of ms per publish). Called by paho on every new socket."""
     with contextlib.suppress(AttributeError, OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-# -- value objects ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class Endpoint:
-    """Where and how to connect. Mutual TLS when ``cert_file``/``key_file`` are given."""
-
-    host: str
-    port: int
-    ca_file: Path
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    username: str | None = None
-    password: str | None = None
-    transport: Literal["tcp", "websockets"] = "tcp"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Will:
-    """Last Will, published by the broker when the connection ends without DISCONNECT."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
-
-
-@dataclass(frozen=True, kw_only=True)
-class Message:
-    """An incoming PUBLISH."""
-
-    topic: str
-    payload: bytes
-    retain: bool
-    qos: int
-
-
-# -- errors -------------------------------------------------------------------------------
-
-
-class TransportError(Exception):
-    """The broker could not be reached or the session failed; wraps paho/socket errors."""
-
-
-class ConnectRefused(TransportError):  # noqa: N818 (names of the API contract)
-    """The broker answered CONNECT with a failure reason code (e.g. 0x86 bad credentials)."""
-
-    def __init__(self, reason_code: int, reason: str = "") -> None:
-        super().__init__(f"connection refused: 0x{reason_code:02x} {reason}".rstrip())
-        self.reason_code = reason_code
-
-
-class PublishRefused(TransportError):  # noqa: N818 (names of the API contract)
-    """The broker answered PUBLISH with a failure reason code (e.g. 0x87 not authorized)."""
-
-    def __init__(self, topic: str, reason_code: int) -> None:
-        super().__init__(f"publish to {topic!r} refused: 0x{reason_code:02x}")
-        self.topic = topic
-        self.reason_code = reason_code
-
-
-class SubscribeRefused(TransportError):  # noqa: N818 (names of the API contract)
-    """The broker answered SUBSCRIBE with a failure reason code for ``topic_filter``."""
-
-    def __init__(self, topic_filter: str, reason_code: int) -> None:
-        super().__init__(f"subscription to {topic_filter!r} refused: 0x{reason_code:02x}")
-        self.topic_filter = topic_filter
-        self.reason_code = reason_code
-
-
-class IncomingOverflow(TransportError):  # noqa: N818 (names of the API contract)
-    """QoS 0 messages were dropped because the consumer fell ``incoming_limit`` behind."""
-
-    def __init__(self, dropped: int) -> None:
-        super().__init__(f"{dropped} QoS 0 message(s) dropped: consumer too slow")
-        self.dropped = dropped
 
 
 # -- session ------------------------------------------------------------------------------
