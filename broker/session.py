@@ -2,49 +2,58 @@
 
 Theory of operation
 -------------------
-paho runs its network loop in its own thread (``loop_start``). Every paho callback does
-nothing but hand its arguments to the event loop with ``call_soon_threadsafe``; all state
-that coroutines look at (futures, the incoming queue, the connection counter) is only
-touched on the event loop thread, so it needs no locks. The two exceptions are written by
-the paho thread and guarded or atomic: the set of remembered subscriptions (a lock) and the
-connection generation used to tag incoming messages (an int).
+paho is driven from the event loop through its socket callbacks, as its own asyncio
+example and aiomqtt do: no network thread per session and no ``select()`` (which fails
+for descriptors numbered 1024 and above), so one process holds thousands of sessions.
+The socket is watched with ``add_reader`` (paho's ``loop_read``) and, while paho has bytes
+to send, ``add_writer`` (``loop_write``); a task per session calls ``loop_misc`` about once
+a second for keepalive pings and timeouts. Every paho callback therefore runs on the event
+loop thread, and the state needs no locks.
 
-A request (PUBLISH QoS>0, SUBSCRIBE, UNSUBSCRIBE) is handed to paho and its packet id
-registered in the same synchronous step on the event loop thread; the acknowledgement
-callback is queued to that same thread, so it can never run before the registration.
+What the session may believe about its link (pending packet ids, acks by connection,
+"up only after the re-SUBACKs", the remembered subscriptions, the incoming queue) lives in
+the sans-IO :class:`broker.link.LinkState`; this module feeds it paho's events and carries
+out what it answers.
+
+Opening a connection (TCP connect, TLS handshake, websocket upgrade, all blocking in paho)
+runs on the event loop's default executor, a small bounded pool shared by every session;
+paho's CONNECT is then written by the loop. Reconnecting is ours: after a drop the session
+waits a delay of :data:`broker.backoff.RECONNECT` (with jitter, so a fleet that lost its
+broker does not come back in lockstep) and tries again; every connection that cannot be
+made is logged at WARNING with its cause (the first of a run of failures, then at most one
+line per ``_WARN_EVERY`` seconds). Every socket sends with ``TCP_NODELAY``.
+
+After every reconnect without a session present, the remembered subscriptions are sent
+again; unacknowledged QoS 1 publishes are resent by paho; :meth:`Session.connections`
+yields once the re-subscriptions are acknowledged, so owners can re-assert their retained
+topics. A SUBSCRIBE or UNSUBSCRIBE cut off by a drop is sent again on the next connection.
 
 Why not aiomqtt: it ignores PUBACK reason codes, so a publish refused by the broker's ACL
 (0x87) looks like a success. Here a failure reason code raises :class:`PublishRefused`.
 
-Reconnection is paho's (backoff 0.2..5 s). After every reconnect without a session present,
-the remembered subscriptions are sent again (paho does not), unacknowledged QoS 1 publishes
-are resent by paho, and :meth:`Session.connections` yields so owners can re-assert their
-retained topics.
-
 Leaving the ``async with`` normally sends a plain DISCONNECT: the broker discards the Last
 Will. Leaving it by an exception (a crash, a cancellation) sends DISCONNECT with reason
 code 0x04, "Disconnect with Will Message": the broker publishes the Will, so a process that
-dies of an error reads ``offline`` exactly like one that was killed.
+dies of an error reads ``offline`` exactly like one that was killed. A broker that does not
+take the DISCONNECT within ``_STOP_GRACE`` seconds has the socket cut.
 
 Incoming QoS 1 messages are acknowledged when the consumer takes them from
-:meth:`Session.messages`, not when they arrive, and the CONNECT announces a Receive Maximum:
-a slow consumer therefore holds the broker back (which queues for us) instead of losing
-messages. QoS 0 messages beyond ``incoming_limit`` are dropped and reported by
-:class:`IncomingOverflow` from the iterator: never silently.
+:meth:`Session.messages`, not when they arrive, and only on the connection they came on;
+the CONNECT announces a Receive Maximum: a slow consumer therefore holds the broker back
+(which queues for us) instead of losing messages. QoS 0 messages beyond
+``incoming_limit`` are dropped and reported by :class:`IncomingOverflow` from the iterator:
+never silently.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import os
 import socket
 import ssl
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
@@ -55,6 +64,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from broker.backoff import RECONNECT, Retry
+from broker.link import LinkState, Settled
 from broker.transport import (
     ConnectRefused,
     Endpoint,
@@ -81,32 +92,40 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 _FAILURE = 0x80  # MQTT 5: reason codes >= 0x80 are failures (0x10 "no subscribers" is not)
-_RECONNECT_MIN = 0.2
-_RECONNECT_MAX = 5
 _STOP_GRACE = 2.0  # seconds a clean DISCONNECT may take before we cut the socket
+_MISC_EVERY = 1.0  # seconds between loop_misc calls (keepalive, ping timeout)
+_WARN_EVERY = 30.0  # seconds between two warnings of one run of failed reconnects
 _MAX_RECEIVE = 65535
 _DISCONNECT_WITH_WILL = 0x04
+
+_Codes = tuple[int, ...] | None
 
 
 def _no_delay(_client: mqtt.Client, _userdata: object, sock: Any) -> None:
     """MQTT packets are small (a PUBACK, a presence): they must not wait for Nagle and the
-    peer's delayed ACK (tens of ms per publish). Called by paho on every new socket."""
+    peer's delayed ACK (tens of ms per publish). Set through the descriptor, so it reaches
+    the TCP socket under a TLS or websocket wrapper too. Called by paho on every socket."""
     with contextlib.suppress(AttributeError, OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        dup = socket.socket(fileno=os.dup(sock.fileno()))
+        try:
+            dup.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        finally:
+            dup.close()
 
 
-# -- session ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Incoming:
-    message: Message
-    mid: int
-    generation: int  # connection the message arrived on; acks are only valid there
+def _shut_down(sock: Any) -> None:
+    """End the connection under every holder of ``sock`` without closing their descriptor:
+    ``shutdown()`` on a dup works for TLS and websocket wrappers alike. No DISCONNECT."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        dup = socket.socket(fileno=os.dup(sock.fileno()))
+        try:
+            dup.shutdown(socket.SHUT_RDWR)
+        finally:
+            dup.close()
 
 
 class Session:
-    """One MQTT v5 connection, kept up by paho, driven from asyncio. Async context manager."""
+    """One MQTT v5 connection, kept up and driven from asyncio. Async context manager."""
 
     def __init__(
         self,
@@ -135,39 +154,32 @@ class Session:
         self._connect_timeout = connect_timeout
         self._incoming_limit = incoming_limit
 
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._link = LinkState(incoming_limit=incoming_limit)
         self._client: mqtt.Client | None = None
-        self._closed = False
-        # Event-loop-thread state.
-        self._first: asyncio.Future[None] | None = None
-        self._connected = False
-        self._generation = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sock: Any = None  # the socket registered with the loop
+        self._waiters: dict[int, asyncio.Future[_Codes]] = {}
+        self._up: asyncio.Future[None] | None = None  # the connection being opened
+        self._lost = asyncio.Event()  # the registered socket closed
         self._changed = asyncio.Event()
-        self._pub_pending: dict[int, asyncio.Future[int]] = {}
-        self._req_pending: dict[int, asyncio.Future[list[int] | None]] = {}
-        self._incoming: collections.deque[_Incoming] = collections.deque()
         self._incoming_event = asyncio.Event()
-        self._dropped = 0
+        self._opening: asyncio.Future[MQTTErrorCode] | None = None  # reconnect() in the pool
+        self._why_lost = "unknown"  # the reason paho gave for the last disconnect
+        self._keeper: asyncio.Task[None] | None = None
         self._consumer = False
-        # Shared with the paho thread.
-        self._subs_lock = threading.Lock()
-        self._subs: dict[str, int] = {}
-        self._thread_generation = 0
-        self._resubscribing: set[int] = set()
-        """Network thread only: SUBSCRIBEs re-sent on this connection, not yet acknowledged."""
+        self._entered = False
 
     # -- public state ----------------------------------------------------------------
 
     @property
     def connected(self) -> bool:
-        """Whether the session is connected right now (as last seen by the event loop)."""
-        return self._connected
+        """Whether the session is up right now (subscriptions included)."""
+        return self._link.connected
 
     @property
     def generation(self) -> int:
-        """Which connection is up: the counter ``connections()`` yields, as last seen by
-        the event loop."""
-        return self._generation
+        """Which connection is up: the counter ``connections()`` yields."""
+        return self._link.generation
 
     @property
     def client_id(self) -> str:
@@ -184,7 +196,6 @@ class Session:
             protocol=MQTTProtocolVersion.MQTTv5,
             transport=ep.transport,
             manual_ack=True,
-            reconnect_on_failure=True,
         )
         client.tls_set(
             ca_certs=str(ep.ca_file),
@@ -197,30 +208,33 @@ class Session:
         if self._will is not None:
             w = self._will
             client.will_set(w.topic, w.payload, qos=w.qos, retain=w.retain)
-        # paho annotates the delays as int but computes with floats; a short first delay
-        # matters for tests and for devices on flaky links.
-        client.reconnect_delay_set(_RECONNECT_MIN, _RECONNECT_MAX)  # type: ignore[arg-type]
         client.connect_timeout = self._connect_timeout
         # Unlimited client-side queue: publish() callers are bounded by their own timeouts.
         client.max_queued_messages_set(0)
         client.on_connect = self._cb_connect
         client.on_disconnect = self._cb_disconnect
-        client.on_connect_fail = self._cb_connect_fail
         client.on_publish = self._cb_publish
         client.on_subscribe = self._cb_subscribe
         client.on_unsubscribe = self._cb_unsubscribe
         client.on_message = self._cb_message
         client.on_socket_open = _no_delay
-        return client
-
-    def _connect_properties(self) -> Properties:
+        client.on_socket_close = self._cb_socket_close
+        client.on_socket_register_write = self._cb_register_write
+        client.on_socket_unregister_write = self._cb_unregister_write
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         if self._session_expiry:
             # Without this the broker discards the session at disconnect, whatever
             # clean_start says (MQTT 5 default expiry is 0).
             props.SessionExpiryInterval = self._session_expiry
         props.ReceiveMaximum = min(self._incoming_limit, _MAX_RECEIVE)
-        return props
+        client.connect_async(
+            ep.host,
+            ep.port,
+            keepalive=self._keepalive,
+            clean_start=self._clean_start,
+            properties=props,
+        )
+        return client
 
     async def __aenter__(self) -> Self:
         """Connect and wait for a successful CONNACK.
@@ -230,44 +244,18 @@ class Session:
             TransportError: the broker could not be reached, TLS failed, or no CONNACK came
                 within ``connect_timeout``.
         """
-        if self._client is not None or self._closed:
+        if self._entered:
             msg = "a Session can be entered only once"
             raise RuntimeError(msg)
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        self._first = loop.create_future()
-        client = self._make_client()
-        self._client = client
-        ep = self._endpoint
+        self._entered = True
+        self._loop = asyncio.get_running_loop()
+        self._client = self._make_client()
         try:
-            async with asyncio.timeout(self._connect_timeout):
-                # connect() does the TCP connect and TLS handshake synchronously; in a worker
-                # thread it cannot block the event loop and its exception keeps the detail
-                # (a failure inside loop_start would only surface as "connect failed").
-                await asyncio.to_thread(
-                    client.connect,
-                    ep.host,
-                    ep.port,
-                    keepalive=self._keepalive,
-                    clean_start=self._clean_start,
-                    properties=self._connect_properties(),
-                )
-                client.loop_start()
-                await self._first
-        except TimeoutError:
-            await self._shutdown()
-            msg = f"no CONNACK from {ep.host}:{ep.port} within {self._connect_timeout} s"
-            raise TransportError(msg) from None
-        except TransportError:
-            await self._shutdown()
-            raise
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            await self._shutdown()
-            msg = f"cannot connect to {ep.host}:{ep.port}: {exc}"
-            raise TransportError(msg) from exc
+            await self._open()
         except BaseException:
             await self._shutdown()
             raise
+        self._keeper = self._loop.create_task(self._keep_up(), name=f"mqtt-{self._client_id}")
         return self
 
     async def __aexit__(
@@ -276,99 +264,183 @@ class Session:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Send DISCONNECT and stop the network thread. On a normal exit the broker then
-        discards the Will; on an exit by an exception it publishes it (reason code 0x04)."""
+        """Send DISCONNECT and close. On a normal exit the broker then discards the Will;
+        on an exit by an exception it publishes it (reason code 0x04)."""
         await self._shutdown(with_will=exc_type is not None)
 
-    async def _shutdown(self, *, with_will: bool = False) -> None:
-        if self._closed:
+    async def _open(self) -> None:
+        """Open one connection and wait until it is up (CONNACK and re-SUBACKs).
+
+        Raises:
+            ConnectRefused: the CONNACK carried a failure reason code.
+            TransportError: no connection, or not up within ``connect_timeout``.
+        """
+        client = self._require_client()
+        loop = asyncio.get_running_loop()
+        ep = self._endpoint
+        await self._settle_opening()
+        up = self._up = loop.create_future()
+        self._lost = asyncio.Event()
+        self._why_lost = "unknown"
+        # paho's reconnect() connects and shakes hands blocking; the pool bounds how many
+        # run at once. Not cancelled with us: _opened() closes what comes too late.
+        opening = self._opening = loop.run_in_executor(None, client.reconnect)
+        opening.add_done_callback(lambda done: self._opened(done, up))
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await asyncio.shield(opening)
+                await up
+        except TimeoutError:
+            self._cut()
+            msg = f"no CONNACK from {ep.host}:{ep.port} within {self._connect_timeout} s"
+            raise TransportError(msg) from None
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            msg = f"cannot connect to {ep.host}:{ep.port}: {exc}"
+            raise TransportError(msg) from exc
+        finally:
+            if not up.done():
+                up.cancel()
+
+    async def _settle_opening(self) -> None:
+        """Wait for a reconnect() still running in the pool (bounded by paho's socket
+        timeouts): two on one client would share its state."""
+        if self._opening is not None and not self._opening.done():
+            await asyncio.wait([self._opening])
+
+    def _opened(self, opening: asyncio.Future[MQTTErrorCode], up: asyncio.Future[None]) -> None:
+        """On the loop, once paho opened a socket: watch it, or close it if nobody waits."""
+        if opening.cancelled() or opening.exception() is not None:
             return
-        self._closed = True
         client = self._client
-        if client is not None:
+        sock = None if client is None else client.socket()
+        if client is None or sock is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._sock = sock
+        loop.add_reader(sock.fileno(), self._read)
+        if up.done() or self._link.closed:
+            self._cut()
+            return
+        if client.want_write():
+            loop.add_writer(sock.fileno(), self._write)
+
+    async def _keep_up(self) -> None:
+        """Serve the connection until it is lost, then reconnect with backoff; forever."""
+        loop = asyncio.get_running_loop()
+        retry = Retry(RECONNECT)
+        while True:
+            since = loop.time()
+            await self._serve()
+            retry.linked(loop.time() - since)
+            _log.warning("%s: connection lost: %s", self._client_id, self._why_lost)
+            warned = 0.0
+            while True:
+                await asyncio.sleep(retry.next_delay())
+                try:
+                    await self._open()
+                    break
+                except TransportError as exc:
+                    if retry.failures == 1 or loop.time() - warned >= _WARN_EVERY:
+                        warned = loop.time()
+                        _log.warning(
+                            "%s: reconnect failed (%d attempt(s) so far): %s",
+                            self._client_id,
+                            retry.failures,
+                            exc,
+                        )
+            _log.info("%s: reconnected (generation %d)", self._client_id, self.generation)
+
+    async def _serve(self) -> None:
+        """Call ``loop_misc`` about once a second (pings, keepalive) until the socket closes."""
+        client = self._client
+        lost = self._lost
+        while not lost.is_set() and client is not None:
+            try:
+                async with asyncio.timeout(_MISC_EVERY):
+                    await lost.wait()
+            except TimeoutError:
+                client.loop_misc()
+
+    async def _shutdown(self, *, with_will: bool = False) -> None:
+        if self._link.closed:
+            return
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+        await self._settle_opening()
+        client = self._client
+        accepted = self._link.alive
+        for mid in self._link.close():
+            self._settle_failed(mid)
+        if client is not None and self._sock is not None and accepted:
             reason = None
             if with_will:
                 reason = ReasonCode(PacketTypes.DISCONNECT, identifier=_DISCONNECT_WITH_WILL)
             with contextlib.suppress(Exception):
-                client.disconnect(reasoncode=reason)
-            if not await self._stop_thread(client, _STOP_GRACE):
-                # The broker is unresponsive: cut the socket so the loop errors out.
-                self._cut_socket(client)
-                if not await self._stop_thread(client, _STOP_GRACE):
-                    _log.warning("paho thread of %s did not stop; abandoned", self._client_id)
-                    client = None
-            if client is not None:
-                # loop_start() opened a socketpair that paho closes only in Client.__del__;
-                # when the client dies in a reference cycle the sockets are finalised first
-                # and warn (ResourceWarning). No public API closes them, hence the private call.
-                client._reset_sockets()
-        self._connected = False
-        pending: list[asyncio.Future[Any]] = [
-            *self._pub_pending.values(),
-            *self._req_pending.values(),
-        ]
-        for fut in pending:
-            if not fut.done():
-                fut.set_exception(TransportError("session closed"))
-                # Mark retrieved: the awaiting coroutine may already be gone.
-                fut.exception()
+                client.disconnect(reasoncode=reason)  # paho closes the socket once it is sent
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_STOP_GRACE):
+                    await self._lost.wait()
+            self._cut()  # the broker is unresponsive: end it without the DISCONNECT
         self._notify_changed()
         self._incoming_event.set()
 
-    async def _stop_thread(self, client: mqtt.Client, grace: float) -> bool:
-        """Run the blocking ``loop_stop`` (a join) off the event loop; True once it returned."""
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
+    def _settle_failed(self, mid: int) -> None:
+        fut = self._waiters.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(TransportError("session closed"))
+            fut.exception()  # retrieved: the awaiting coroutine may already be gone
 
-        def _run() -> None:
-            try:
-                client.loop_stop()
-            finally:
-                with contextlib.suppress(RuntimeError):  # loop closed meanwhile
-                    loop.call_soon_threadsafe(_resolve, done)
-
-        # A daemon thread, not the default executor: asyncio.run() would wait for an
-        # executor thread forever if paho never returned.
-        threading.Thread(target=_run, name=f"stop-{self._client_id}", daemon=True).start()
-        try:
-            async with asyncio.timeout(grace):
-                await asyncio.shield(done)
-        except TimeoutError:
-            return False
-        return True
-
-    @staticmethod
-    def _cut_socket(client: mqtt.Client) -> None:
-        sock = client.socket()
-        if sock is None:
+    def _cut(self) -> None:
+        """End the connection as a network failure would: shut the socket down and let
+        paho read the end, close the socket and report the disconnect."""
+        client = self._client
+        if client is None or self._sock is None:
             return
-        with contextlib.suppress(OSError, ValueError):
-            # shutdown() on a dup of the fd ends the connection for every holder of it (the
-            # paho thread) without closing paho's descriptor under its feet, and works for
-            # TLS and websocket wrappers alike. No DISCONNECT is sent.
-            dup = socket.socket(fileno=os.dup(sock.fileno()))
-            try:
-                dup.shutdown(socket.SHUT_RDWR)
-            finally:
-                dup.close()
+        _shut_down(self._sock)
+        while self._sock is not None and client.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            pass
 
-    def drop(self) -> None:
-        """Test helper: cut the connection without DISCONNECT, so the broker fires the Will.
+    # -- the event loop drives paho ----------------------------------------------------
 
-        paho then reconnects as after any network failure.
-        """
+    def _read(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        client.loop_read()
+        # A TLS record may hold more than paho read: bytes the descriptor no longer signals.
+        while (sock := self._sock) is not None and getattr(sock, "pending", int)() > 0:
+            client.loop_read()
+
+    def _write(self) -> None:
         if self._client is not None:
-            self._cut_socket(self._client)
+            self._client.loop_write()
 
-    # -- paho thread -> event loop -----------------------------------------------------
+    def _cb_register_write(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        # Called from the pool during reconnect() too: _opened() registers that socket.
+        if sock is self._sock and self._loop is not None:
+            self._loop.add_writer(sock.fileno(), self._write)
 
-    def _post(self, fn: Callable[..., None], *args: Any) -> None:
-        loop = self._loop
-        if loop is None:
+    def _cb_unregister_write(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        if sock is self._sock and self._loop is not None:
+            self._loop.remove_writer(sock.fileno())
+
+    def _cb_socket_close(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        if sock is not self._sock or self._loop is None:
             return
-        # The loop may be closed while paho is still shutting down; nobody is listening then.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(fn, *args)
+        self._loop.remove_reader(sock.fileno())
+        self._loop.remove_writer(sock.fileno())
+        self._sock = None
+        was_up = self._link.connected
+        for settled in self._link.lost():
+            self._settle(settled)
+        self._lost.set()
+        if was_up:
+            self._notify_changed()
+
+    # -- paho's protocol callbacks (on the loop thread) ---------------------------------
 
     def _cb_connect(
         self,
@@ -379,25 +451,22 @@ class Session:
         _properties: Properties | None,
     ) -> None:
         if reason_code.is_failure:
-            self._post(self._on_refused, reason_code.value, str(reason_code))
+            if self._up is not None and not self._up.done():
+                self._up.set_exception(ConnectRefused(reason_code.value, str(reason_code)))
             return
-        self._thread_generation += 1
-        self._resubscribing = set()
-        if not flags.session_present:
-            # Paho sends nothing on its own after a clean (re)connect: re-subscribe here, in
-            # the network thread, before any message of the new connection is processed.
-            with self._subs_lock:
-                by_qos: dict[int, list[str]] = {}
-                for topic_filter, qos in self._subs.items():
-                    by_qos.setdefault(qos, []).append(topic_filter)
-            for qos, filters in by_qos.items():
-                _, mid = client.subscribe([(f, SubscribeOptions(qos=qos)) for f in filters])
-                if mid is not None:  # None: not sent, the connection is already going
-                    self._resubscribing.add(mid)
-        # The connection counts as up once its subscriptions are back: an owner that
-        # re-asserts or waits on it must not miss what is published meanwhile.
-        if not self._resubscribing:
-            self._post(self._on_connected, self._thread_generation)
+        batches = self._link.accepted(session_present=flags.session_present)
+        mids = [
+            client.subscribe([(f, SubscribeOptions(qos=b.qos)) for f in b.filters])[1]
+            for b in batches
+        ]
+        self._came_up(self._link.resubscribing(mids))
+
+    def _came_up(self, generation: int | None) -> None:
+        if generation is None:
+            return
+        if self._up is not None and not self._up.done():
+            self._up.set_result(None)
+        self._notify_changed()
 
     def _cb_disconnect(
         self,
@@ -407,10 +476,11 @@ class Session:
         reason_code: ReasonCode,
         _properties: Properties | None,
     ) -> None:
-        self._post(self._on_disconnected, str(reason_code))
-
-    def _cb_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
-        self._post(self._on_disconnected, "connect failed")
+        # paho reports the reason after the socket closed (_cb_socket_close).
+        self._why_lost = str(reason_code)
+        if self._up is not None and not self._up.done():
+            reason = f"connection closed before CONNACK: {reason_code}"
+            self._up.set_exception(TransportError(reason))
 
     def _cb_publish(
         self,
@@ -420,7 +490,7 @@ class Session:
         reason_code: ReasonCode,
         _properties: Properties | None,
     ) -> None:
-        self._post(self._on_puback, mid, reason_code.value)
+        self._settle(self._link.puback(mid, reason_code.value))
 
     def _cb_subscribe(
         self,
@@ -430,11 +500,9 @@ class Session:
         reason_codes: list[ReasonCode],
         _properties: Properties | None,
     ) -> None:
-        self._post(self._on_ack, mid, [rc.value for rc in reason_codes])
-        if mid in self._resubscribing:
-            self._resubscribing.discard(mid)
-            if not self._resubscribing:
-                self._post(self._on_connected, self._thread_generation)
+        settled, generation = self._link.suback(mid, [rc.value for rc in reason_codes])
+        self._settle(settled)
+        self._came_up(generation)
 
     def _cb_unsubscribe(
         self,
@@ -444,80 +512,52 @@ class Session:
         reason_codes: list[ReasonCode],
         _properties: Properties | None,
     ) -> None:
-        self._post(self._on_ack, mid, [rc.value for rc in reason_codes])
+        self._settle(self._link.unsuback(mid, [rc.value for rc in reason_codes]))
 
     def _cb_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         message = Message(
             topic=msg.topic, payload=bytes(msg.payload), retain=msg.retain, qos=msg.qos
         )
-        self._post(self._on_message, _Incoming(message, msg.mid, self._thread_generation))
+        self._link.arrived(message, msg.mid)
+        self._incoming_event.set()
 
-    # -- event loop side of the callbacks -------------------------------------------------
+    def _settle(self, settled: Settled | None) -> None:
+        if settled is None:
+            return
+        fut = self._waiters.pop(settled.mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(settled.codes)
 
     def _notify_changed(self) -> None:
         # Waiters hold the old event; swapping in a fresh one makes this an edge trigger.
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _on_connected(self, generation: int) -> None:
-        self._connected = True
-        self._generation = generation
-        if self._first is not None and not self._first.done():
-            self._first.set_result(None)
-        self._notify_changed()
-
-    def _on_refused(self, code: int, reason: str) -> None:
-        if self._first is not None and not self._first.done():
-            self._first.set_exception(ConnectRefused(code, reason))
-        else:
-            _log.warning("%s: reconnect refused: 0x%02x %s", self._client_id, code, reason)
-
-    def _on_disconnected(self, reason: str) -> None:
-        was_connected = self._connected
-        self._connected = False
-        if self._first is not None and not self._first.done():
-            self._first.set_exception(TransportError(f"connection closed before CONNACK: {reason}"))
-        # A SUBSCRIBE/UNSUBSCRIBE in flight may never be acknowledged now; its caller
-        # re-sends after the reconnect. (QoS 1 publishes are re-sent by paho instead.)
-        for fut in self._req_pending.values():
-            if not fut.done():
-                fut.set_result(None)
-        if was_connected:
-            _log.info("%s: disconnected: %s", self._client_id, reason)
-            self._notify_changed()
-
-    def _on_puback(self, mid: int, code: int) -> None:
-        fut = self._pub_pending.get(mid)
-        if fut is not None and not fut.done():
-            fut.set_result(code)
-
-    def _on_ack(self, mid: int, codes: list[int]) -> None:
-        fut = self._req_pending.get(mid)
-        if fut is not None and not fut.done():
-            fut.set_result(codes)
-
-    def _on_message(self, item: _Incoming) -> None:
-        if item.message.qos == 0 and len(self._incoming) >= self._incoming_limit:
-            self._dropped += 1
-        else:
-            # QoS > 0 is bounded by the Receive Maximum since we ack only on consumption.
-            self._incoming.append(item)
-        self._incoming_event.set()
-
     # -- operations ----------------------------------------------------------------------
 
     def _require_client(self) -> mqtt.Client:
-        if self._client is None or self._closed:
+        if self._client is None or self._link.closed:
             msg = "session is not open"
             raise RuntimeError(msg)
         return self._client
 
     async def _wait_connected(self) -> None:
-        while not self._connected:
-            if self._closed:
+        while not self._link.connected:
+            if self._link.closed:
                 msg = "session closed"
                 raise TransportError(msg)
             await self._changed.wait()
+
+    async def _settled(self, mid: int) -> _Codes:
+        """Wait for what the broker answers to ``mid`` (None: dropped before an answer)."""
+        fut: asyncio.Future[_Codes] = asyncio.get_running_loop().create_future()
+        self._waiters[mid] = fut
+        try:
+            return await fut
+        finally:
+            if self._waiters.get(mid) is fut:
+                del self._waiters[mid]
+                self._link.abandon(mid)
 
     async def publish(
         self,
@@ -540,30 +580,27 @@ class Session:
         """
         client = self._require_client()
         info = client.publish(topic, payload, qos=qos, retain=retain)
-        if qos == 0:
-            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                msg = f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}"
-                raise TransportError(msg)
-            return
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+        # QoS 1 waits in paho's queue while disconnected (NO_CONN); QoS 0 is lost then.
+        queued = qos > 0 and info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not queued:
             msg = f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}"
             raise TransportError(msg)
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pub_pending[info.mid] = fut
+        if qos == 0:
+            return
+        self._link.publishing(info.mid)
         try:
             async with asyncio.timeout(timeout):
-                code = await fut
+                codes = await self._settled(info.mid)
         except TimeoutError:
             msg = f"publish to {topic!r} not acknowledged within {timeout} s"
             raise TransportError(msg) from None
-        finally:
-            self._pub_pending.pop(info.mid, None)
+        code = codes[0] if codes else 0
         if code >= _FAILURE:
             raise PublishRefused(topic, code)
 
     async def _request(
         self, send: Callable[[], tuple[MQTTErrorCode, int | None]], what: str, limit: float
-    ) -> list[int]:
+    ) -> tuple[int, ...]:
         """Send SUBSCRIBE/UNSUBSCRIBE until acknowledged on a live connection."""
         try:
             async with asyncio.timeout(limit):
@@ -571,19 +608,13 @@ class Session:
                     await self._wait_connected()
                     rc, mid = send()
                     if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
-                        # Raced with a disconnect: wait for the next connection.
-                        await self._changed.wait()
+                        await self._changed.wait()  # raced with a disconnect
                         continue
                     if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
                         msg = f"{what} failed: {mqtt.error_string(rc)}"
                         raise TransportError(msg)
-                    fut: asyncio.Future[list[int] | None]
-                    fut = asyncio.get_running_loop().create_future()
-                    self._req_pending[mid] = fut
-                    try:
-                        codes = await fut
-                    finally:
-                        self._req_pending.pop(mid, None)
+                    self._link.requesting(mid)
+                    codes = await self._settled(mid)
                     if codes is not None:
                         return codes
         except TimeoutError:
@@ -607,17 +638,14 @@ class Session:
         client = self._require_client()
         if not topic_filters:
             return
-        with self._subs_lock:
-            for topic_filter in topic_filters:
-                self._subs[topic_filter] = qos
+        self._link.remember(topic_filters, qos)
         options = [(f, SubscribeOptions(qos=qos)) for f in topic_filters]
         codes = await self._request(
             lambda: client.subscribe(options), f"subscribe {topic_filters}", timeout
         )
         for topic_filter, code in zip(topic_filters, codes, strict=False):
             if code >= _FAILURE:
-                with self._subs_lock:
-                    self._subs.pop(topic_filter, None)
+                self._link.forget([topic_filter])
                 raise SubscribeRefused(topic_filter, code)
 
     async def unsubscribe(
@@ -633,9 +661,7 @@ class Session:
         client = self._require_client()
         if not topic_filters:
             return
-        with self._subs_lock:
-            for topic_filter in topic_filters:
-                self._subs.pop(topic_filter, None)
+        self._link.forget(topic_filters)
         await self._request(
             lambda: client.unsubscribe(list(topic_filters)),
             f"unsubscribe {topic_filters}",
@@ -667,42 +693,24 @@ class Session:
 
     async def _next_message(self) -> Message:
         while True:
-            if self._dropped:
-                dropped, self._dropped = self._dropped, 0
-                raise IncomingOverflow(dropped)
-            if self._incoming:
-                item = self._incoming.popleft()
-                self._ack(item)
-                return item.message
-            if self._closed:
+            taken = self._link.take()
+            if taken is not None:
+                message, ack = taken
+                if ack is not None and self._client is not None:
+                    self._client.ack(ack.mid, ack.qos)
+                return message
+            if self._link.closed:
                 raise StopAsyncIteration
             self._incoming_event.clear()
             await self._incoming_event.wait()
 
-    def _ack(self, item: _Incoming) -> None:
-        client = self._client
-        # An id from an earlier connection may now name another message: don't ack it;
-        # the broker redelivers an unacked message of a persistent session anyway.
-        if (
-            item.message.qos > 0
-            and client is not None
-            and not self._closed
-            and item.generation == self._thread_generation
-        ):
-            client.ack(item.mid, item.message.qos)
-
     async def _next_connection(self, seen: int) -> int:
         while True:
-            if self._closed:
+            if self._link.closed:
                 raise StopAsyncIteration
-            if self._connected and self._generation > seen:
-                return self._generation
+            if self._link.connected and self._link.generation > seen:
+                return self._link.generation
             await self._changed.wait()
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 class _Messages:

@@ -23,6 +23,7 @@ from broker.session import (
     TransportError,
     Will,
 )
+from tests.broker.faults import drop, restart
 from tests.broker.localfleet import FleetPKI, LocalFleet
 
 T = TypeVar("T")
@@ -186,7 +187,7 @@ def test_last_will_fires_on_drop_and_owner_reasserts_on_reconnect(fleet: LocalFl
             connections = dev.connections()
             assert await anext(connections) == 1
             await dev.publish(presence, b"online", retain=True)
-            dev.drop()
+            drop(dev)
             # The owner's duty on every connect: re-assert its retained topics.
             assert await anext(connections) == 2
             await dev.publish(presence, b"online", retain=True)
@@ -286,7 +287,7 @@ def test_retained_messages_survive_a_restart(fleet: LocalFleet) -> None:
             return await collect_until(dev, trust)
 
     run(publish())
-    fleet.broker.restart()  # SIGTERM: Mosquitto saves its database on the way out
+    restart(fleet.broker)  # SIGTERM: Mosquitto saves its database on the way out
     assert [m.payload for m in run(read())] == [b"v1"]
 
 

@@ -1,0 +1,47 @@
+"""Faults that tests stage on a real link (test-only: no product code needs them).
+
+drop(session)   # as a network failure: no DISCONNECT, so the broker fires the Will
+restart(broker) # SIGTERM (Mosquitto saves its database) or SIGKILL, then start again
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from broker.launcher import MosquittoBroker
+from broker.session import Session
+
+__all__ = ["drop", "restart"]
+
+
+def drop(session: Session) -> None:
+    """Cut the session's connection without DISCONNECT, so the broker fires the Will.
+
+    ``shutdown()`` on a dup of the descriptor ends the connection under paho without
+    closing its socket; the event loop then sees the end, and the session reconnects as
+    after any network failure.
+    """
+    client = session._client  # the session exposes no socket by design
+    sock = None if client is None else client.socket()
+    if sock is None:
+        return
+    dup = socket.socket(fileno=os.dup(sock.fileno()))
+    try:
+        dup.shutdown(socket.SHUT_RDWR)
+    finally:
+        dup.close()
+
+
+def restart(broker: MosquittoBroker, *, kill: bool = False) -> None:
+    """Stop (or kill) the broker and start it again with the same folder, ports and
+    persistence.
+
+    Raises:
+        BrokerError: the broker did not come back.
+    """
+    if kill:
+        broker.kill()
+    else:
+        broker.stop()
+    broker.start()
