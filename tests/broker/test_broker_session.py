@@ -7,7 +7,12 @@ test asserts what actually arrives, fenced by a marker message published afterwa
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
+import resource
 import socket
+import threading
 import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -342,3 +347,87 @@ def test_every_session_socket_sends_without_nagle_delay(fleet: LocalFleet) -> No
             ]
 
     assert run(scenario()) == [1, 1]
+
+
+def test_sessions_share_no_thread_and_work_on_descriptors_past_1024(fleet: LocalFleet) -> None:
+    """paho's select() failed silently for descriptors >= 1024 and each session had a thread:
+    one process held ~168 agents. Now the event loop watches every socket."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    pool = min(32, (os.cpu_count() or 1) + 4)  # the event loop's default executor
+    events = f"{P}/devices/cam-001/events"
+
+    async def scenario() -> tuple[int, list[int], list[bytes]]:
+        before = threading.active_count()
+        async with contextlib.AsyncExitStack() as stack:
+            enter = stack.enter_async_context
+            coord = await enter(coordinator(fleet))
+            dash = await enter(Session(fleet.dashboard_endpoint(), client_id="dash"))
+            # Enrolled or not, a device with a certificate of the CA connects.
+            idle = [await enter(device(fleet, f"idle-{i}")) for i in range(pool + 4)]
+            for watcher in (coord, dash):
+                await watcher.subscribe(events)
+            async with device(fleet, "cam-001") as dev:
+                await dev.publish(events, b"hello")
+            got = [await anext(aiter(w.messages())) for w in (coord, dash)]
+            socks = [s._client.socket() for s in (coord, dash, *idle) if s._client is not None]
+            fds = [s.fileno() for s in socks if s is not None]
+            assert all(s.connected for s in idle)
+            return threading.active_count() - before, fds, [m.payload for m in got]
+
+    try:
+        extra_threads, fds, got = run(scenario())
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(fds) == pool + 6
+    assert min(fds) >= 1024
+    assert got == [b"hello", b"hello"]
+    assert extra_threads <= pool  # connects share the loop's bounded pool
+
+
+class _Seen(logging.Handler):
+    """Wakes a coroutine waiting for a log line that contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.event = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
+def test_a_reconnect_that_fails_is_logged_with_its_cause_then_succeeds(
+    fleet: LocalFleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen = _Seen("reconnect failed")
+
+    async def scenario() -> int:
+        async with device(fleet, "cam-001") as dev:
+            connections = dev.connections()
+            assert await anext(connections) == 1
+            await asyncio.to_thread(fleet.broker.kill)
+            async with asyncio.timeout(5):
+                await seen.event.wait()
+            await asyncio.to_thread(fleet.broker.start)
+            return await anext(connections)
+
+    logger = logging.getLogger("broker.session")
+    logger.addHandler(seen)
+    try:
+        with caplog.at_level(logging.WARNING, logger="broker.session"):
+            assert run(scenario()) == 2
+    finally:
+        logger.removeHandler(seen)
+    lost, failed = (
+        [r for r in caplog.records if "connection lost" in r.getMessage()],
+        [r for r in caplog.records if "reconnect failed" in r.getMessage()],
+    )
+    assert len(lost) == 1
+    assert failed
+    assert all(r.levelno == logging.WARNING for r in lost + failed)
+    assert "refused" in failed[0].getMessage().lower()  # the cause, not just "failed"
