@@ -22,8 +22,7 @@ def drop(session: Session) -> None:
     closing its socket; the event loop then sees the end, and the session reconnects as
     after any network failure.
     """
-    client = session._client  # the session exposes no socket by design
-    sock = None if client is None else client.socket()
+    sock = session._driver.socket()  # the session exposes no socket by design
     if sock is None:
         return
     dup = socket.socket(fileno=os.dup(sock.fileno()))

@@ -339,7 +339,7 @@ def test_every_session_socket_sends_without_nagle_delay(fleet: LocalFleet) -> No
         device_id = fleet.devices[0].device_id
         async with coordinator(fleet) as coord, device(fleet, device_id) as dev:
             # The socket paho holds (private: the session exposes no socket by design).
-            socks = [s._client.socket() for s in (coord, dev) if s._client is not None]
+            socks = [s._driver.socket() for s in (coord, dev)]
             return [
                 s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
                 for s in socks
@@ -371,7 +371,7 @@ def test_sessions_share_no_thread_and_work_on_descriptors_past_1024(fleet: Local
             async with device(fleet, "cam-001") as dev:
                 await dev.publish(events, b"hello")
             got = [await anext(aiter(w.messages())) for w in (coord, dash)]
-            socks = [s._client.socket() for s in (coord, dash, *idle) if s._client is not None]
+            socks = [s._driver.socket() for s in (coord, dash, *idle)]
             fds = [s.fileno() for s in socks if s is not None]
             assert all(s.connected for s in idle)
             return threading.active_count() - before, fds, [m.payload for m in got]
