@@ -16,14 +16,13 @@ Three layers, each with one job:
   :class:`broker.transport.Transport`. Everything runs on the event loop thread: no locks.
 
 Reconnection is ours: after a drop the session waits a delay of
-:data:`broker.backoff.RECONNECT` (jittered, so a fleet that lost its broker does not come
-back in lockstep) and tries again. A lost connection and every connection that cannot be
-made are logged at WARNING with their cause (the first failure of a run, then at most one
-line per ``_WARN_EVERY`` seconds): never retried silently. After a reconnect without a
-session present the remembered subscriptions are sent again, unacknowledged QoS 1
-publishes are resent by paho, a SUBSCRIBE or UNSUBSCRIBE cut off by the drop is sent again,
-and :meth:`Session.connections` yields once the re-subscriptions are acknowledged, so
-owners can re-assert their retained topics.
+:data:`broker.backoff.RECONNECT` (jittered: a fleet that lost its broker does not come back
+in lockstep) and tries again. A lost connection and every connection that cannot be made
+are logged at WARNING with their cause (the first failure of a run, then one line per
+``_WARN_EVERY`` seconds). After a reconnect without a session present the subscriptions
+are sent again, paho resends unacknowledged QoS 1 publishes, a SUBSCRIBE or UNSUBSCRIBE
+cut off by the drop is sent again, and :meth:`Session.connections` yields once the
+re-subscriptions are acknowledged, so owners can re-assert their retained topics.
 
 Why not aiomqtt: it ignores PUBACK reason codes, so a publish refused by the broker's ACL
 (0x87) looks like a success. Here a failure reason code raises :class:`PublishRefused`.
@@ -112,7 +111,7 @@ class Session:
         self._link = LinkState(incoming_limit=incoming_limit)
         events = DriverEvents(
             accepted=self._accepted,
-            refused=self._refused,
+            refused=self._finish_opening,
             puback=lambda mid, code: self._settle(self._link.puback(mid, code)),
             suback=self._suback,
             unsuback=lambda mid, codes: self._settle(self._link.unsuback(mid, codes)),
@@ -257,9 +256,10 @@ class Session:
         mids = [self._driver.subscribe(b.filters, b.qos) for b in batches]
         self._came_up(self._link.resubscribing(mids))
 
-    def _refused(self, error: ConnectRefused) -> None:
-        if self._up is not None and not self._up.done():
-            self._up.set_exception(error)
+    def _finish_opening(self, error: BaseException | None = None) -> None:
+        up = self._up
+        if up is not None and not up.done():
+            up.set_result(None) if error is None else up.set_exception(error)
 
     def _suback(self, mid: int, codes: list[int]) -> None:
         settled, generation = self._link.suback(mid, codes)
@@ -267,18 +267,15 @@ class Session:
         self._came_up(generation)
 
     def _came_up(self, generation: int | None) -> None:
-        if generation is None:
-            return
-        if self._up is not None and not self._up.done():
-            self._up.set_result(None)
-        self._notify_changed()
+        if generation is not None:
+            self._finish_opening()
+            self._notify_changed()
 
     def _lost(self, reason: str) -> None:
         was_up = self._link.connected
         for settled in self._link.lost():
             self._settle(settled)
-        if self._up is not None and not self._up.done():
-            self._up.set_exception(TransportError(f"connection closed before CONNACK: {reason}"))
+        self._finish_opening(TransportError(f"connection closed before CONNACK: {reason}"))
         if was_up:
             self._notify_changed()
 
@@ -343,12 +340,15 @@ class Session:
             ValueError: invalid topic or QoS.
         """
         self._require_open()
-        mid = self._driver.publish(topic, payload, qos=qos, retain=retain)
-        if qos == 0:
-            return
-        self._link.publishing(mid)
         try:
             async with asyncio.timeout(timeout):
+                # Not while the pool opens a socket: a PUBLISH must not slip in before the
+                # CONNECT (paho writes to the new socket as soon as it exists).
+                await self._driver.settle()
+                mid = self._driver.publish(topic, payload, qos=qos, retain=retain)
+                if qos == 0:
+                    return
+                self._link.publishing(mid)
                 codes = await self._settled(mid)
         except TimeoutError:
             msg = f"publish to {topic!r} not acknowledged within {timeout} s"
