@@ -77,6 +77,21 @@ def _no_delay(_client: mqtt.Client, _userdata: object, sock: Any) -> None:
     _on_dup(sock, lambda s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1))
 
 
+def _reconnect(client: mqtt.Client) -> MQTTErrorCode:
+    """paho's ``reconnect()``, closing the socket of a failed connect or handshake: paho
+    drops it unclosed (a ResourceWarning when the collector finds it)."""
+    try:
+        return client.reconnect()
+    except BaseException as exc:
+        tb = exc.__traceback__
+        while tb is not None:
+            for value in tb.tb_frame.f_locals.values():
+                if isinstance(value, socket.socket):
+                    value.close()
+            tb = tb.tb_next
+        raise
+
+
 @dataclass(frozen=True)
 class DriverEvents:
     """What the owner is told, on the event loop thread."""
@@ -203,7 +218,7 @@ class PahoDriver:
         async with _opening_gate():
             deadline = loop.time() + self._connect_timeout
             # Not cancelled with the caller: _opened() closes a socket that came too late.
-            opening = self._opening = loop.run_in_executor(None, self._client.reconnect)
+            opening = self._opening = loop.run_in_executor(None, _reconnect, self._client)
             claimed = [True]
             opening.add_done_callback(lambda done: self._opened(done, claimed))
             try:
@@ -254,8 +269,8 @@ class PahoDriver:
 
     async def close(self, *, with_will: bool, grace: float) -> None:
         """Send DISCONNECT (reason 0x04 ``with_will``: the broker publishes the Will) and
-        wait up to ``grace`` for paho to close the socket; then cut it."""
-        await self.settle()
+        wait up to ``grace`` for paho to close the socket; then cut it. A socket still
+        being opened is cut when it comes (:meth:`_opened`)."""
         if self._sock is not None and self._client.is_connected():
             reason = None
             if with_will:

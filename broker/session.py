@@ -215,21 +215,17 @@ class Session:
             why = await self._driver.serve()
             retry.linked(loop.time() - since)
             _log.warning("%s: connection lost: %s", self._client_id, why)
-            warned = 0.0
+            warned: float | None = None  # when this run of failures was last logged
             while True:
                 await asyncio.sleep(retry.next_delay())
                 try:
                     await self._open()
                     break
                 except TransportError as exc:
-                    if retry.failures == 1 or loop.time() - warned >= _WARN_EVERY:
+                    if warned is None or loop.time() - warned >= _WARN_EVERY:
                         warned = loop.time()
-                        _log.warning(
-                            "%s: reconnect failed (%d attempt(s) so far): %s",
-                            self._client_id,
-                            retry.failures,
-                            exc,
-                        )
+                        what = f"reconnect failed ({retry.failures} in a row): {exc}"
+                        _log.warning("%s: %s", self._client_id, what)
             _log.info("%s: reconnected (generation %d)", self._client_id, self.generation)
 
     async def _shutdown(self, *, with_will: bool = False) -> None:
@@ -345,6 +341,9 @@ class Session:
                 # Not while the pool opens a socket: a PUBLISH must not slip in before the
                 # CONNECT (paho writes to the new socket as soon as it exists).
                 await self._driver.settle()
+                if self._link.closed:  # closed while it waited: fail as a pending one would
+                    msg = "session closed"
+                    raise TransportError(msg)
                 mid = self._driver.publish(topic, payload, qos=qos, retain=retain)
                 if qos == 0:
                     return

@@ -22,6 +22,7 @@ import pytest
 from broker.acl import DeviceGrant
 from broker.session import (
     ConnectRefused,
+    Endpoint,
     Message,
     PublishRefused,
     Session,
@@ -431,3 +432,36 @@ def test_a_reconnect_that_fails_is_logged_with_its_cause_then_succeeds(
     assert failed
     assert all(r.levelno == logging.WARNING for r in lost + failed)
     assert "refused" in failed[0].getMessage().lower()  # the cause, not just "failed"
+
+
+def test_a_handshake_that_never_ends_neither_stalls_the_loop_nor_outlives_the_timeout(
+    fleet: LocalFleet,
+) -> None:
+    """A listener that accepts TCP and never answers the TLS hello: the handshake blocks a
+    pool thread, not the event loop, and the connect fails within ``connect_timeout``."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        endpoint = Endpoint(host="127.0.0.1", port=port, ca_file=fleet.broker.ca_file)
+
+        async def scenario() -> tuple[int, float]:
+            ticks = 0
+
+            async def tick() -> None:
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.05)
+                    ticks += 1
+
+            ticker = asyncio.create_task(tick())
+            started = time.monotonic()
+            try:
+                with pytest.raises(TransportError, match="within"):
+                    async with Session(endpoint, client_id="cam-001", connect_timeout=1):
+                        pass
+                return ticks, time.monotonic() - started
+            finally:
+                ticker.cancel()
+
+        ticks, took = run(scenario())
+    assert took < 1.8
+    assert ticks >= 10  # the loop ran on while the handshake hung
