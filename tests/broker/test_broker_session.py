@@ -465,3 +465,16 @@ def test_a_handshake_that_never_ends_neither_stalls_the_loop_nor_outlives_the_ti
         ticks, took = run(scenario())
     assert took < 1.8
     assert ticks >= 10  # the loop ran on while the handshake hung
+
+
+def test_an_idle_session_keeps_its_connection_with_pings(fleet: LocalFleet) -> None:
+    """No thread pings for us any more: the session's own ticks must. The broker cuts a
+    client silent for 1.5 keepalives, checking every few seconds (5.5 s is the shortest
+    wait that fails without the pings)."""
+
+    async def scenario() -> tuple[bool, int]:
+        async with device(fleet, "cam-001", keepalive=1) as dev:
+            await asyncio.sleep(5.5)
+            return dev.connected, dev.generation
+
+    assert run(scenario()) == (True, 1)
