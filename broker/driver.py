@@ -242,17 +242,22 @@ class PahoDriver:
             await asyncio.wait([self._opening])
 
     def _opened(self, opening: asyncio.Future[MQTTErrorCode], claimed: list[bool]) -> None:
-        """On the loop once paho opened a socket: watch it, or cut it if nobody waits."""
+        """On the loop once paho opened a socket: watch it, or, if nobody waits for it any
+        more, end it unseen (its CONNECT was never written, and no loss is reported)."""
         if opening.cancelled() or opening.exception() is not None:
             return
         sock = self._client.socket()
         if sock is None or self._loop is None:
             return
+        if not claimed[0]:
+            _on_dup(sock, lambda s: s.shutdown(socket.SHUT_RDWR))
+            for _ in range(_CUT_READS):
+                if self._client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    return
+            return
         self._sock = sock
         self._loop.add_reader(sock.fileno(), self._read)
-        if not claimed[0]:
-            self.cut()
-        elif self._client.want_write():
+        if self._client.want_write():
             self._loop.add_writer(sock.fileno(), self._write)
 
     async def serve(self) -> str:
