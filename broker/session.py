@@ -200,7 +200,7 @@ class Session:
                 await up
         except TimeoutError:
             self._driver.cut()
-            msg = f"no CONNACK within {self._connect_timeout} s"
+            msg = f"no CONNACK (or re-SUBACK) within {self._connect_timeout} s"
             raise TransportError(msg) from None
         finally:
             if not up.done():
@@ -271,7 +271,7 @@ class Session:
         was_up = self._link.connected
         for settled in self._link.lost():
             self._settle(settled)
-        self._finish_opening(TransportError(f"connection closed before CONNACK: {reason}"))
+        self._finish_opening(TransportError(f"connection closed before it was up: {reason}"))
         if was_up:
             self._notify_changed()
 
