@@ -1,7 +1,7 @@
 """Faults that tests stage on a real link (test-only: no product code needs them).
 
 drop(session)   # as a network failure: no DISCONNECT, so the broker fires the Will
-restart(broker) # SIGTERM (Mosquitto saves its database) or SIGKILL, then start again
+restart(broker) # SIGTERM (Mosquitto saves its database), then start again
 """
 
 from __future__ import annotations
@@ -32,15 +32,12 @@ def drop(session: Session) -> None:
         dup.close()
 
 
-def restart(broker: MosquittoBroker, *, kill: bool = False) -> None:
-    """Stop (or kill) the broker and start it again with the same folder, ports and
-    persistence.
+def restart(broker: MosquittoBroker) -> None:
+    """Stop the broker (SIGTERM: Mosquitto saves its database) and start it again with the
+    same folder, ports and persistence.
 
     Raises:
         BrokerError: the broker did not come back.
     """
-    if kill:
-        broker.kill()
-    else:
-        broker.stop()
+    broker.stop()
     broker.start()
