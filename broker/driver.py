@@ -9,9 +9,10 @@ second for keepalive pings and timeouts. Every paho callback therefore runs on t
 loop thread and is handed on, decoded, to the owner's :class:`DriverEvents`.
 
 Opening a connection (TCP connect, TLS handshake, websocket upgrade: all blocking in paho's
-``reconnect()``) runs on the event loop's default executor, a small bounded pool shared by
-every connection of the loop; a gate of the pool's size queues the rest, so the connect
-timeout starts only when the work does. paho's CONNECT is then written by the loop. Every
+``reconnect()``) runs in a short-lived thread that ends with it; a gate lets at most
+``_OPENING_AT_ONCE`` of them run per event loop and queues the rest, so the connect
+timeout starts only when the work does. Not the loop's default executor: other blocking
+work (inference, hashing) may fill it. paho's CONNECT is then written by the loop. Every
 socket sends with ``TCP_NODELAY``.
 
 The driver keeps one connection at a time and never reconnects by itself: that is the
@@ -25,6 +26,7 @@ import contextlib
 import os
 import socket
 import ssl
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,19 +47,51 @@ _MISC_EVERY = 1.0  # seconds between loop_misc calls (keepalive, ping timeout)
 _MAX_RECEIVE = 65535
 _CUT_READS = 64  # reads after a cut before leaving the end to the reader callback
 _DISCONNECT_WITH_WILL = 0x04
-_OPENING_AT_ONCE = min(32, (os.cpu_count() or 1) + 4)  # the default executor's size
+_OPENING_AT_ONCE = 8  # connections being opened at once (one thread each), per event loop
+
 
 _gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]
 _gates = weakref.WeakKeyDictionary()
 
 
 def _opening_gate() -> asyncio.Semaphore:
-    """How many connections of this event loop are being opened in its executor at once."""
+    """How many connections of this event loop are being opened at once."""
     loop = asyncio.get_running_loop()
     gate = _gates.get(loop)
     if gate is None:
         gate = _gates[loop] = asyncio.Semaphore(_OPENING_AT_ONCE)
     return gate
+
+
+def _open_in_thread(client: mqtt.Client) -> asyncio.Future[MQTTErrorCode]:
+    """Run ``reconnect()`` in a thread of its own that ends with it: nothing lingers once
+    the connections are open, and nothing waits behind other blocking work of the loop."""
+    loop = asyncio.get_running_loop()
+    opening: asyncio.Future[MQTTErrorCode] = loop.create_future()
+
+    def deliver(result: MQTTErrorCode | None, error: BaseException | None) -> None:
+        if opening.done():
+            return
+        if error is None and result is not None:
+            opening.set_result(result)
+        else:
+            opening.set_exception(error or TransportError("reconnect() returned nothing"))
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = _reconnect(client)
+        except Exception as exc:  # noqa: BLE001 (handed to the awaiting coroutine)
+            error = exc
+        try:
+            loop.call_soon_threadsafe(deliver, result, error)
+        except RuntimeError:  # the loop closed meanwhile: nobody will use this socket
+            sock = client.socket()
+            if sock is not None:
+                sock.close()
+
+    threading.Thread(target=run, name="mqtt-open", daemon=True).start()
+    return opening
 
 
 def _on_dup(sock: Any, act: Callable[[socket.socket], None]) -> None:
@@ -217,8 +251,8 @@ class PahoDriver:
         ep = self._endpoint
         async with _opening_gate():
             deadline = loop.time() + self._connect_timeout
-            # Not cancelled with the caller: _opened() closes a socket that came too late.
-            opening = self._opening = loop.run_in_executor(None, _reconnect, self._client)
+            # Not cancelled with the caller: _opened() ends a socket that came too late.
+            opening = self._opening = _open_in_thread(self._client)
             claimed = [True]
             opening.add_done_callback(lambda done: self._opened(done, claimed))
             try:
