@@ -43,7 +43,7 @@ from broker.transport import ConnectRefused, Endpoint, Message, TransportError, 
 
 __all__ = ["DriverEvents", "PahoDriver"]
 
-_MISC_EVERY = 1.0  # seconds between loop_misc calls (keepalive, ping timeout)
+_MISC_EVERY = 1.0  # at most this many seconds between loop_misc calls (pings, timeouts)
 _MAX_RECEIVE = 65535
 _CUT_READS = 64  # reads after a cut before leaving the end to the reader callback
 _DISCONNECT_WITH_WILL = 0x04
@@ -162,6 +162,9 @@ class PahoDriver:
         self._endpoint = endpoint
         self._events = events
         self._connect_timeout = connect_timeout
+        # A PINGREQ leaves at the first tick after ``keepalive`` idle seconds, and the broker
+        # waits 1.5 keepalives: ticks a quarter keepalive apart keep a short one alive too.
+        self._misc_every = min(_MISC_EVERY, keepalive / 4)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: Any = None  # the socket registered with the loop
         self._opening: asyncio.Future[MQTTErrorCode] | None = None  # reconnect() in the pool
@@ -295,12 +298,12 @@ class PahoDriver:
             self._loop.add_writer(sock.fileno(), self._write)
 
     async def serve(self) -> str:
-        """Call ``loop_misc`` about once a second (pings, keepalive) until the socket
-        closes; returns paho's reason."""
+        """Call ``loop_misc`` about once a second (pings, keepalive; more often for a
+        keepalive under 4 s) until the socket closes; returns paho's reason."""
         closed = self._closed
         while not closed.is_set():
             try:
-                async with asyncio.timeout(_MISC_EVERY):
+                async with asyncio.timeout(self._misc_every):
                     await closed.wait()
             except TimeoutError:
                 self._client.loop_misc()
