@@ -7,7 +7,7 @@ Three layers, each with one job:
 - :mod:`broker.driver` drives one paho client from the event loop through its socket
   callbacks (``add_reader``/``add_writer``, ``loop_misc`` once a second): no thread per
   connection and no ``select()``, so a process holds thousands of sessions. Opening a
-  connection (TCP, TLS, websocket upgrade) runs on a small pool shared by the loop's sessions.
+  connection (TCP, TLS, websocket upgrade) runs in short-lived threads, a few at once.
 - :class:`broker.link.LinkState`, sans-IO, decides what the session may believe: pending
   packet ids, acks tagged by connection, "up only after the re-SUBACKs", the remembered
   subscriptions and the bounded incoming queue.
