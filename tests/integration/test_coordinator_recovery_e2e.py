@@ -18,6 +18,7 @@ from coordinator.operator import publish_artifact
 from edgefleet.runner import Fleet, coordinator_config
 from models import DemoModel
 from schemas import ONLINE, Desired, Phase, topics
+from tests.broker.faults import restart
 from tests.integration.fleetkit import (
     JETSON,
     MakeFleet,
@@ -110,7 +111,7 @@ async def _restarted(fleet: Fleet, v2: DemoModel) -> None:
             await wire.until(lambda: len(wire.raw) >= retained, what="the retained artifact")
             wire.raw.clear()
             # A clean stop saves the broker's state: retained artifacts survive it.
-            await asyncio.to_thread(fleet.broker.restart)
+            await asyncio.to_thread(restart, fleet.broker)
 
             def presence_reasserted() -> bool:
                 return any(
