@@ -109,14 +109,27 @@ def decide(
     counts may show a few reports out of many, so no promotion, failure rollback, pass
     over an empty wave or timeout is decided on them: only the operator's wishes act.
     """
+    wish = _wish(record.phase, desired)
+    if wish is not None:
+        return wish
+    if not fleet_known:
+        return Action.WAIT, None
+    return _judge(record, counts, now)
+
+
+def _wish(phase: Phase, desired: Desired) -> tuple[Action, str | None] | None:
+    """What the operator's desired state decides on its own, if anything."""
     if desired is Desired.ABORTED:
         return Action.ROLL_BACK, "aborted by operator"
-    if record.phase is Phase.PAUSED:
+    if phase is Phase.PAUSED:
         return (Action.RESUME, None) if desired is Desired.ACTIVE else (Action.WAIT, None)
     if desired is Desired.PAUSED:
         return Action.PAUSE, "paused by operator"
-    if not fleet_known:
-        return Action.WAIT, None
+    return None
+
+
+def _judge(record: RolloutRecord, counts: WaveCounts, now: float) -> tuple[Action, str | None]:
+    """A wave's verdict on the counts of a complete view of the fleet."""
     wave_no = record.wave + 1
     last = record.wave == len(record.waves_percent) - 1
     if counts.reported and counts.unhealthy / counts.reported > record.max_failure_ratio:
