@@ -15,7 +15,7 @@ out; every pair :func:`standing` can produce has a row.
     older                                          reassert   reassert
     same                                           republish  republish
     newer                                          new gen    new gen
-    refused                    ignore    ignore
+    refused                              ignore
     validating                                     hold       hold
     finished                                       finished   finished
     conflict                                       reject     aborted
@@ -132,7 +132,6 @@ class Verdict(StrEnum):
 TABLE: Final[dict[tuple[Kind, Standing], Verdict]] = {
     (Kind.OWN, Standing.RECORD): Verdict.IGNORE,
     (Kind.CLEARED, Standing.RECORD): Verdict.REASSERT,
-    (Kind.CLEARED, Standing.REFUSED): Verdict.IGNORE,
     (Kind.CLEARED, Standing.NONE): Verdict.IGNORE,
     (Kind.INVALID, Standing.RECORD): Verdict.REASSERT,
     (Kind.INVALID, Standing.REFUSED): Verdict.IGNORE,
@@ -264,6 +263,8 @@ def _standing_unverified(
 ) -> Standing:
     if record is not None:
         return Standing.RECORD
+    if arrival.kind is Kind.CLEARED:
+        return Standing.NONE  # never refused: nothing to report
     problem = arrival.problem
     if refusal is not None and (
         refusal.digest == digest(arrival.payload)
