@@ -39,8 +39,6 @@ class CoordinatorLimits:
     """Devices whose own reasons a failure rollback quotes."""
     stop_publish_s: float = 2.0
     """On a clean stop, how long the ``offline`` presence may take to be acknowledged."""
-    unsubscribe_s: float = 5.0
-    """How long a finished fetch waits for its UNSUBACK."""
 
     def __post_init__(self) -> None:
         if min(self.refusals_kept, self.noted_kept, self.publish_window) < 1:

@@ -96,7 +96,8 @@ class Core:
         self.store_lock = asyncio.Lock()
         """The store rewrites its whole file on every write: one writing thread at a time."""
         self.artifact_lock = asyncio.Lock()
-        """Keeping a fetched artifact and pruning unreferenced ones never interleave."""
+        """One prune of the kept artifacts at a time (a fetch in flight is ``busy``, so
+        a prune keeps it)."""
         # What the broker's cache holds now, as last seen (retained or live).
         self.retained_trust: bytes | None = None
         self.retained_manifests: dict[str, bytes] = {}

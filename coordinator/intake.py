@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from broker.fetch import FetchFailed
 from broker.transport import TransportError
 from coordinator import specs
 from coordinator.admission import Selection, select_releases
@@ -303,7 +304,7 @@ class Intake:
             stables = {
                 name: (stable, await self._fetcher.get(stable.artifact)) for name, stable in gated
             }
-        except (RejectedError, TimeoutError) as exc:
+        except (RejectedError, FetchFailed, TimeoutError) as exc:
             return Selection({}, (f"artifact: {str(exc) or 'not found in time'}",), ())
         return await asyncio.to_thread(
             select_releases,

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import logging
 
+from broker.fetch import FetchFailed
 from broker.transport import Message, TransportError
 from coordinator import custody
 from coordinator.core import Core, describe
@@ -46,7 +47,7 @@ class Keeper:
             digest = await asyncio.to_thread(_digest, payload)
         staged = kind not in _PUBLISHED_KINDS
         core.on_broker.note(sha256, index, payload, digest, staged=staged, now=core.monotonic())
-        self._fetcher.offer(message, sha256)
+        self._fetcher.offer(message)
         if (
             not staged
             and core.ready.is_set()
@@ -124,7 +125,7 @@ class Keeper:
             if await asyncio.to_thread(core.artifacts.meta, sha256) is None:
                 try:
                     await self._fetcher.get(ref)
-                except (RejectedError, TimeoutError, TransportError) as exc:
+                except (RejectedError, FetchFailed, TimeoutError, TransportError) as exc:
                     log.warning(
                         "coordinator: no copy of artifact %s, and none to fetch: %s",
                         sha256[:12],
