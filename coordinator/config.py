@@ -37,6 +37,10 @@ class CoordinatorLimits:
     """Bound of every rollout reason, refusal and audit detail built from input."""
     unhealthy_quoted: int = 3
     """Devices whose own reasons a failure rollback quotes."""
+    device_reason_chars: int = 300
+    """One device's part of a rollback reason: several fit in the status's reason."""
+    reports_remembered: int = 100_000
+    """Health report and telemetry ids remembered to drop redeliveries."""
     stop_publish_s: float = 2.0
     """On a clean stop, how long the ``offline`` presence may take to be acknowledged."""
 

@@ -70,7 +70,10 @@ class Core:
         retained on the broker."""
         self.store = CoordinatorStore(config.data_dir / "coordinator.json")
         self.artifacts = ArtifactStore(config.data_dir / "artifacts")
-        self.fleet = FleetView()
+        self.fleet = FleetView(
+            seen_kept=config.limits.reports_remembered,
+            device_reason_chars=config.limits.device_reason_chars,
+        )
         self.classes: dict[str, ClassRecord] = {}
         self.rollouts: dict[str, RolloutRecord] = {}
         self.refusals: dict[str, Refusal] = {}

@@ -145,6 +145,11 @@ class Coordinator:
     def rollouts(self) -> dict[str, RolloutRecord]:
         return dict(self._core.rollouts)
 
+    @property
+    def transport(self) -> Transport | None:
+        """The link held now; None between links."""
+        return self._core.transport
+
     async def run(self) -> None:
         """Coordinate until cancelled; a broker unreachable at start is retried.
 

@@ -7,9 +7,11 @@ from typing import Any
 
 from coordinator.rollout import RolloutRecord
 from schemas import ArtifactRef, HealthBudget, Phase, Release, Runtime, TensorSpec, Variant
-from tests.coordinator.conftest import CLASS, T0
 
-__all__ = ["make_record", "make_release", "make_variant"]
+__all__ = ["CLASS", "T0", "make_record", "make_release", "make_variant"]
+
+CLASS = "jetson-vision-standard"
+T0 = 1_700_000_000.0
 
 
 def make_variant(sha256: str = "ab" * 32, size: int = 1000, label: str = "fp32") -> Variant:
