@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from broker.fetch import FetchFailed
 from broker.transport import TransportError
@@ -41,6 +42,16 @@ class Intake:
         """Specs whose validation met a broken connection: retried on the next one."""
         self._noted: set[tuple[str, str]] = set()
         """(rollout id, payload digest) of unwanted spec bytes already logged."""
+        self._recorders: dict[Verdict, Callable[[RolloutSpec, bytes, float], Awaitable[None]]]
+        self._recorders = {
+            Verdict.NEW_GENERATION: self._new_generation,
+            Verdict.HOLD: self._hold,
+            Verdict.FINISHED: self._finished,
+            Verdict.ABORTED: self._aborted,
+            Verdict.REJECT: self._reject,
+            Verdict.ADMIT: self._claim,
+        }
+        """What a verified spec's verdict stores or reserves, under the rollout lock."""
 
     def retry_deferred(self) -> None:
         """Specs whose validation the link cut short: tried again once it is back."""
@@ -86,63 +97,74 @@ class Intake:
 
     async def _record(self, verdict: Verdict, arrival: Arrival, now: float) -> None:
         """The verdict's store writes and reservations, under the rollout lock."""
-        core = self._core
-        spec, payload = arrival.spec, arrival.payload
-        if spec is None:
-            if verdict is Verdict.REFUSE:
-                await self._refuse(arrival, now)
+        if verdict is Verdict.REFUSE:
+            await self._refuse(arrival, now)
             return
-        record = core.rollouts.get(spec.id)
-        profiles = core.config.profiles
-        if verdict is Verdict.NEW_GENERATION and record is not None:
-            detail = f"desired {spec.desired.value}"
-            if record.phase.final:
-                detail += f" (rollout already {record.phase.value})"
-            await core.save(specs.new_generation(record, spec, payload), "spec_generation", detail)
-        elif verdict is Verdict.HOLD:
-            held = self._held.get(spec.id)
-            if held is None or spec.generation > held[0].generation:
-                self._held[spec.id] = (spec, payload)
-        elif verdict is Verdict.FINISHED:
-            status = specs.retained_status(core.retained_statuses.get(spec.id))
-            assert status is not None  # the standing said so, under this lock
-            finished = specs.finished_record(spec, payload, now, status, profiles)
-            await core.save(finished, "recovered", f"its retained status says {status.phase.value}")
-            log.warning(
-                "coordinator: rollout %s recorded as %s from its retained status, not admitted "
-                "again",
-                spec.id,
-                status.phase.value,
-            )
-        elif verdict is Verdict.ABORTED:
-            # Aborted before it was ever admitted: recorded, never validated, no
-            # manifest names it.
-            aborted = specs.new_record(
-                spec,
-                payload,
-                now,
-                Phase.ROLLED_BACK,
-                profiles=profiles,
-                candidates={},
-                reason="aborted by operator",
-            )
-            await core.save(aborted, "aborted", "before admission")
-        elif verdict is Verdict.REJECT:
-            problems = specs.claim_problems(spec, profiles, core.rollouts.values(), core.claims)
-            # Problems quote the spec (class names): bounded where joined.
-            rejected = specs.new_record(
-                spec,
-                payload,
-                now,
-                Phase.REJECTED,
-                profiles=profiles,
-                candidates={},
-                reason=core.bound("; ".join(problems)),
-            )
-            await core.save(rejected, "rejected", rejected.reason or "")
-            core.named |= spec.candidate.artifacts()
-        elif verdict is Verdict.ADMIT:
-            core.claims[spec.id] = Claim(frozenset(spec.classes), spec.candidate.artifacts())
+        step = self._recorders.get(verdict)
+        if step is not None and arrival.spec is not None:
+            await step(arrival.spec, arrival.payload, now)
+
+    async def _new_generation(self, spec: RolloutSpec, payload: bytes, now: float) -> None:  # noqa: ARG002 (a recorder)
+        core = self._core
+        record = core.rollouts[spec.id]
+        detail = f"desired {spec.desired.value}"
+        if record.phase.final:
+            detail += f" (rollout already {record.phase.value})"
+        await core.save(specs.new_generation(record, spec, payload), "spec_generation", detail)
+
+    async def _hold(self, spec: RolloutSpec, payload: bytes, now: float) -> None:  # noqa: ARG002 (a recorder)
+        held = self._held.get(spec.id)
+        if held is None or spec.generation > held[0].generation:
+            self._held[spec.id] = (spec, payload)
+
+    async def _finished(self, spec: RolloutSpec, payload: bytes, now: float) -> None:
+        core = self._core
+        status = specs.retained_status(core.retained_statuses.get(spec.id))
+        assert status is not None  # the standing said so, under this lock
+        finished = specs.finished_record(spec, payload, now, status, core.config.profiles)
+        await core.save(finished, "recovered", f"its retained status says {status.phase.value}")
+        log.warning(
+            "coordinator: rollout %s recorded as %s from its retained status, not admitted again",
+            spec.id,
+            status.phase.value,
+        )
+
+    async def _aborted(self, spec: RolloutSpec, payload: bytes, now: float) -> None:
+        """Aborted before it was ever admitted: recorded, never validated, no manifest
+        names it."""
+        core = self._core
+        aborted = specs.new_record(
+            spec,
+            payload,
+            now,
+            Phase.ROLLED_BACK,
+            profiles=core.config.profiles,
+            candidates={},
+            reason="aborted by operator",
+        )
+        await core.save(aborted, "aborted", "before admission")
+
+    async def _reject(self, spec: RolloutSpec, payload: bytes, now: float) -> None:
+        core = self._core
+        problems = specs.claim_problems(
+            spec, core.config.profiles, core.rollouts.values(), core.claims
+        )
+        # Problems quote the spec (class names): bounded where joined.
+        rejected = specs.new_record(
+            spec,
+            payload,
+            now,
+            Phase.REJECTED,
+            profiles=core.config.profiles,
+            candidates={},
+            reason=core.bound("; ".join(problems)),
+        )
+        await core.save(rejected, "rejected", rejected.reason or "")
+        core.named |= spec.candidate.artifacts()
+
+    async def _claim(self, spec: RolloutSpec, payload: bytes, now: float) -> None:  # noqa: ARG002 (a recorder)
+        """Reserve the classes and artifacts of a spec about to be validated."""
+        self._core.claims[spec.id] = Claim(frozenset(spec.classes), spec.candidate.artifacts())
 
     async def _after(self, verdict: Verdict, arrival: Arrival, now: float) -> None:
         """The verdict's publishes (and the validation), after the rollout lock."""
