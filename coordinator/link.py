@@ -25,8 +25,10 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 from broker.backoff import Retry
+from broker.session import Session
 from broker.transport import ConnectRefused, Transport, TransportError, Will
 from coordinator import specs
+from coordinator.config import CoordinatorConfig
 from coordinator.core import Core, describe
 from coordinator.ingest import Ingest
 from coordinator.intake import Intake
@@ -36,12 +38,31 @@ from coordinator.ticker import Ticker
 from schemas import OFFLINE, topics
 from schemas.topics import DeviceChannel
 
-__all__ = ["Connect", "Link"]
+__all__ = ["Connect", "Link", "session_opener"]
 
 log = logging.getLogger(__name__)
 
 Connect = Callable[[Will], AbstractAsyncContextManager[Transport]]
-"""Opens the coordinator's session with its Will (the composition root says how)."""
+"""Opens the coordinator's session with its Will."""
+
+# The broker forces a client id to the account name; asking for it keeps the persistent
+# session's id stable when the account is not the default ``coordinator``.
+_DEFAULT_CLIENT_ID = "coordinator"
+
+
+def session_opener(config: CoordinatorConfig) -> Connect:
+    """How the coordinator opens its persistent session on ``config``'s broker."""
+
+    def connect(will: Will) -> AbstractAsyncContextManager[Transport]:
+        return Session(
+            config.endpoint,
+            client_id=config.endpoint.username or _DEFAULT_CLIENT_ID,
+            clean_start=False,
+            session_expiry=config.session_expiry_s,
+            will=will,
+        )
+
+    return connect
 
 
 class Link:

@@ -32,10 +32,8 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 
-from broker.session import Session
-from broker.transport import Transport, Will
+from broker.transport import Transport
 from coordinator.config import CoordinatorConfig, CoordinatorLimits
 from coordinator.core import Core
 from coordinator.custody import release_shas
@@ -44,7 +42,7 @@ from coordinator.fleet import FleetView
 from coordinator.ingest import Ingest
 from coordinator.intake import Intake
 from coordinator.keeper import Keeper
-from coordinator.link import Connect, Link
+from coordinator.link import Connect, Link, session_opener
 from coordinator.rollout import RolloutRecord
 from coordinator.signer import Signer
 from coordinator.ticker import Ticker
@@ -52,10 +50,6 @@ from coordinator.ticker import Ticker
 __all__ = ["Coordinator", "CoordinatorConfig", "CoordinatorLimits", "serve"]
 
 log = logging.getLogger(__name__)
-
-# The broker forces a client id to the account name; asking for it keeps the persistent
-# session's id stable when the account is not the default ``coordinator``.
-_DEFAULT_CLIENT_ID = "coordinator"
 
 
 async def serve(config: CoordinatorConfig) -> None:
@@ -89,21 +83,6 @@ async def serve(config: CoordinatorConfig) -> None:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-
-
-def session_opener(config: CoordinatorConfig) -> Connect:
-    """How the coordinator opens its persistent session on ``config``'s broker."""
-
-    def connect(will: Will) -> AbstractAsyncContextManager[Transport]:
-        return Session(
-            config.endpoint,
-            client_id=config.endpoint.username or _DEFAULT_CLIENT_ID,
-            clean_start=False,
-            session_expiry=config.session_expiry_s,
-            will=will,
-        )
-
-    return connect
 
 
 class Coordinator:
