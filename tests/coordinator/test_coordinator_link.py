@@ -13,72 +13,17 @@ from pathlib import Path
 import pytest
 
 from broker.backoff import Backoff
-from broker.transport import ConnectRefused, Message, Transport, TransportError, Will
+from broker.transport import ConnectRefused, Transport, TransportError, Will
 from coordinator import Coordinator, CoordinatorConfig
-from coordinator.profiles import load_profiles
 from schemas import (
     OFFLINE,
     KeyPair,
-    Role,
-    RoleKeys,
-    TrustDoc,
-    encode,
-    public_raw,
-    seal,
     topics,
 )
-from schemas.trust import TRUST_KIND
 from tests.coordinator.conftest import T0
+from tests.coordinator.kit import ScriptedTransport, make_config
 
 FAST = Backoff(initial=0.01, maximum=0.01)
-
-
-class _ScriptedTransport:
-    """A link whose incoming messages fail at once (``fail``) or never come."""
-
-    def __init__(self, *, fail: bool) -> None:
-        self._fail = fail
-        self.published: list[tuple[str, bytes]] = []
-
-    @property
-    def connected(self) -> bool:
-        return True
-
-    @property
-    def generation(self) -> int:
-        return 1
-
-    @property
-    def client_id(self) -> str:
-        return "coordinator"
-
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,  # noqa: ARG002 (the protocol's)
-        retain: bool = False,  # noqa: ARG002
-        timeout: float = 30.0,  # noqa: ARG002
-    ) -> None:
-        self.published.append((topic, payload))
-
-    async def subscribe(self, *topic_filters: str, qos: int = 1, timeout: float = 30.0) -> None:  # noqa: ARG002
-        return
-
-    async def unsubscribe(self, *topic_filters: str, timeout: float = 30.0) -> None:  # noqa: ARG002
-        return
-
-    async def messages(self) -> AsyncIterator[Message]:
-        if self._fail:
-            msg = "the session gave up on the link"
-            raise TransportError(msg)
-        await asyncio.Event().wait()
-        yield Message(topic="never", payload=b"", retain=False, qos=0)
-
-    async def connections(self) -> AsyncIterator[int]:
-        yield 1
-        await asyncio.Event().wait()
 
 
 class _Broker:
@@ -87,7 +32,7 @@ class _Broker:
 
     def __init__(self, *script: BaseException | bool) -> None:
         self._script = list(script)
-        self.links: list[_ScriptedTransport] = []
+        self.links: list[ScriptedTransport] = []
         self.opened = asyncio.Event()
 
     def connect(self, will: Will) -> AbstractAsyncContextManager[Transport]:
@@ -99,7 +44,7 @@ class _Broker:
         step = self._script.pop(0) if self._script else False
         if isinstance(step, BaseException):
             raise step
-        link = _ScriptedTransport(fail=step)
+        link = ScriptedTransport(fail=step)
         self.links.append(link)
         if not self._script:
             self.opened.set()
@@ -107,28 +52,7 @@ class _Broker:
 
 
 def _config(tmp_path: Path) -> CoordinatorConfig:
-    root, manifest = KeyPair.generate(), KeyPair.generate()
-    doc = TrustDoc(
-        version=1,
-        issued_at=T0,
-        expires_at=T0 + 86_400.0,
-        keys={k.id: public_raw(k.public) for k in (root, manifest)},
-        roles={
-            Role.ROOT: RoleKeys(keys=(root.id,)),
-            Role.MANIFEST: RoleKeys(keys=(manifest.id,)),
-            Role.OPERATOR: RoleKeys(keys=(root.id,)),
-        },
-    )
-    return CoordinatorConfig(
-        data_dir=tmp_path,
-        endpoint=None,  # type: ignore[arg-type]  # the scripted broker ignores it
-        profiles=load_profiles(),
-        manifest_key=manifest,
-        trust=seal(TRUST_KIND, encode(doc), [root]),
-        root_keys={root.id: root.public},
-        reconnect=FAST,
-        probe_s=0.05,
-    )
+    return make_config(tmp_path, KeyPair.generate(), reconnect=FAST, probe_s=0.05)
 
 
 async def _run_until_scripted(coordinator: Coordinator, broker: _Broker) -> None:
