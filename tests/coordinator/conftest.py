@@ -1,9 +1,6 @@
 """Shared fixtures for the coordinator tests: the shipped class profiles, the real demo
 models (for the validation and gate tests), and a rollout record admitted the way the
 coordinator admits one (built without models, ``tests.coordinator.records``).
-
-The demo models go to the same folder under the session's base temp dir as the agent
-tests use, so a full run trains them only once.
 """
 
 from __future__ import annotations
@@ -12,17 +9,19 @@ import pytest
 
 from coordinator.profiles import ClassProfile, load_profiles
 from coordinator.rollout import RolloutRecord
-from models import INPUT_NAME, DemoModel, build_demo_models
+from models import INPUT_NAME, DemoModel
 from models.export import LABEL_OUTPUT, PROBABILITIES_OUTPUT
 from schemas import ArtifactRef, TensorSpec, Variant
 from tests.coordinator.records import CLASS, T0, make_record, make_release
+from tests.modelcache import shared_demo_models
 
 __all__ = ["CLASS", "T0"]
 
 
 @pytest.fixture(scope="session")
-def demo_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, DemoModel]:
-    return build_demo_models(tmp_path_factory.getbasetemp() / "demo-models")
+def demo_models(request: pytest.FixtureRequest) -> dict[str, DemoModel]:
+    """The demo models, built once for every test process (``tests.modelcache``)."""
+    return shared_demo_models(request.config)
 
 
 @pytest.fixture(scope="session")
