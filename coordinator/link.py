@@ -97,45 +97,44 @@ class Link:
         retry = Retry(core.config.reconnect)
         will = Will(topic=topics.coordinator_presence(), payload=OFFLINE, retain=True)
         while True:
+            failure: str | None = None
             try:
                 async with self._connect(will) as transport:
                     up = time.monotonic()
                     try:
-                        await self._hold(transport)
+                        failure = await self._hold(transport)
                     finally:
                         retry.linked(time.monotonic() - up)
             except ConnectRefused:
                 raise
             except TransportError as exc:
-                delay = retry.next_delay()
-                log.warning("coordinator: broker unreachable (%s); retry in %.2f s", exc, delay)
-            else:
-                delay = retry.next_delay()
+                failure = f"broker unreachable ({exc})"
             finally:
                 core.transport = core.tg = None
                 self._ticker.settling.unlinked()
                 core.ready.clear()
+            delay = retry.next_delay()
+            if failure is not None:
+                log.warning("coordinator: %s; retry in %.2f s", failure, delay)
             await asyncio.sleep(delay)
 
-    async def _hold(self, transport: Transport) -> None:
-        """Run one link's tasks until one fails; a clean stop says ``offline``.
-
-        Raises:
-            TransportError: the first subscription failed.
-        """
+    async def _hold(self, transport: Transport) -> str | None:
+        """Run one link's tasks until one fails; what failed. A clean stop says
+        ``offline``."""
+        failed: list[BaseException] = []
         try:
             try:
                 await self._linked(transport)
             except* TransportError as group:
-                # A task of the group lost the link (e.g. the session gave up on it):
-                # the loop opens a new one, the process goes on.
-                log.warning(
-                    "coordinator: the link failed (%s); reconnecting",
-                    "; ".join(describe(e) for e in group.exceptions),
-                )
+                # A task of the group lost the link (e.g. the session gave up on it): the
+                # loop opens a new one, the process goes on.
+                failed += group.exceptions
         except asyncio.CancelledError:
             await self._say_offline(transport)
             raise
+        if not failed:
+            return None
+        return f"the link failed ({'; '.join(describe(e) for e in failed)})"
 
     async def _say_offline(self, transport: Transport) -> None:
         """A clean stop: a clean DISCONNECT does not fire the Will, so say it ourselves."""
