@@ -83,6 +83,8 @@ class ScriptedTransport:
     def __init__(self, *, fail: bool) -> None:
         self._fail = fail
         self.published: list[tuple[str, bytes]] = []
+        self.sent = asyncio.Event()
+        """Set on every publish."""
 
     @property
     def connected(self) -> bool:
@@ -106,6 +108,13 @@ class ScriptedTransport:
         timeout: float = 30.0,  # noqa: ARG002
     ) -> None:
         self.published.append((topic, payload))
+        self.sent.set()
+
+    async def until_published(self, topic: str, payload: bytes) -> None:
+        """Wait until ``payload`` was published on ``topic``."""
+        while (topic, payload) not in self.published:
+            self.sent.clear()
+            await self.sent.wait()
 
     async def subscribe(self, *topic_filters: str, qos: int = 1, timeout: float = 30.0) -> None:  # noqa: ARG002
         return
