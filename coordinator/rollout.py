@@ -22,15 +22,18 @@ it until it is resumed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
 from pydantic import BaseModel, ConfigDict
 
 from schemas import Desired, Phase, Release, UsageError, WaveCounts
+from schemas.errors import bound_text
 from schemas.manifest import BUCKETS as BUCKETS_ALL
 
-__all__ = ["TRANSITIONS", "Action", "RolloutRecord", "apply", "cutoff_bp", "decide"]
+__all__ = ["TRANSITIONS", "Action", "RolloutRecord", "Step", "apply", "cutoff_bp", "decide", "step"]
 
 
 class Action(StrEnum):
@@ -177,3 +180,42 @@ def apply(
     elif action is Action.RESUME:
         changes.update(wave_started_at=now, started=True)
     return record.model_copy(update=changes)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One tick of one rollout: what was decided and the record after it."""
+
+    action: Action
+    record: RolloutRecord
+    reason: str | None
+
+    @property
+    def transition(self) -> bool:
+        """Whether the record is to be stored (and audited); a wait only refreshes the
+        counts the status shows."""
+        return self.action is not Action.WAIT
+
+
+def step(
+    record: RolloutRecord,
+    counts: WaveCounts,
+    now: float,
+    *,
+    fleet_known: bool,
+    unhealthy: Callable[[], Sequence[str]],
+    reason_chars: int,
+) -> Step | None:
+    """Decide on ``record`` given the counts of its wave; None when nothing changed.
+
+    ``unhealthy`` gives the devices' own words (``device: reasons``) that a failure
+    rollback quotes; the reason is bounded to ``reason_chars`` where it is built.
+    """
+    action, reason = decide(record, counts, record.desired, now, fleet_known=fleet_known)
+    if action is Action.WAIT:
+        if counts == record.counts:
+            return None
+        return Step(action, record.model_copy(update={"counts": counts, "updated_at": now}), None)
+    if action is Action.ROLL_BACK and counts.unhealthy:
+        reason = bound_text(f"{reason} ({'; '.join(unhealthy())})", reason_chars)
+    return Step(action, apply(record, action, reason, counts, now), reason)

@@ -11,15 +11,14 @@ import asyncio
 import contextlib
 import logging
 
-from coordinator import clock
+from coordinator import clock, rollout
 from coordinator.clock import Heartbeat, Settling
 from coordinator.core import Core, describe
 from coordinator.intake import Intake
 from coordinator.keeper import Keeper
-from coordinator.rollout import Action, RolloutRecord, apply, decide
+from coordinator.rollout import Action
 from coordinator.signer import Signer
 from coordinator.store import ClassRecord
-from schemas import WaveCounts
 
 __all__ = ["Ticker"]
 
@@ -107,50 +106,40 @@ class Ticker:
     async def _tick_rollout(self, rollout_id: str, now: float, *, known: bool) -> bool:
         """Decide on one rollout; whether it ended."""
         core = self._core
-        transition: Action | None = None
-        publish = ended = False
         async with core.rollout_lock:
             record = core.rollouts.get(rollout_id)
             if record is None or record.phase.final:
                 return False
-            counts = core.fleet.counts(record)
-            action, reason = decide(record, counts, record.desired, now, fleet_known=known)
-            if action is Action.ROLL_BACK and counts.unhealthy:
-                # The devices' own reasons: bounded where the rollback reason is built.
-                quoted = core.fleet.unhealthy_reasons(record, core.limits.unhealthy_quoted)
-                reason = core.bound(f"{reason} ({'; '.join(quoted)})")
-            if action is not Action.WAIT:
-                await self._transition(record, action, reason, counts, now)
-                transition, publish = action, True
-                ended = core.rollouts[rollout_id].phase.final
-            elif counts != record.counts:
-                core.rollouts[rollout_id] = record.model_copy(
-                    update={"counts": counts, "updated_at": now}
-                )
-                publish = True
-        if transition is not None:
-            log.info("coordinator: rollout %s %s", rollout_id, transition.value)
+            quoted = core.limits.unhealthy_quoted
+            step = rollout.step(
+                record,
+                core.fleet.counts(record),
+                now,
+                fleet_known=known,
+                unhealthy=lambda: core.fleet.unhealthy_reasons(record, quoted),
+                reason_chars=core.limits.reason_chars,
+            )
+            if step is None:
+                return False
+            if step.transition:
+                await self._store(step)
+            else:
+                core.rollouts[rollout_id] = step.record
+        if step.transition:
+            log.info("coordinator: rollout %s %s", rollout_id, step.action.value)
             await self._signer.sync()
-        if publish:
-            await core.publish_status(rollout_id)
-        return ended
+        await core.publish_status(rollout_id)
+        return step.record.phase.final
 
-    async def _transition(
-        self,
-        record: RolloutRecord,
-        action: Action,
-        reason: str | None,
-        counts: WaveCounts,
-        now: float,
-    ) -> None:
-        """Under the rollout lock."""
+    async def _store(self, step: rollout.Step) -> None:
+        """Under the rollout lock: the record after a transition, and the candidates
+        promoted to stable when it completed."""
         core = self._core
-        updated = apply(record, action, reason, counts, now)
-        if action is Action.COMPLETE:
+        if step.action is Action.COMPLETE:
             # Under the sync lock: a sync in flight would otherwise store its newer seq
             # between our read of the class record and our write of it, and lose it.
             async with core.sync_lock:
-                for name, release in updated.candidates.items():
+                for name, release in step.record.candidates.items():
                     current = core.classes.get(name, ClassRecord(name=name))
                     await core.put_class(current.model_copy(update={"stable": release}))
-        await core.save(updated, action.value, reason or "")
+        await core.save(step.record, step.action.value, step.reason or "")
