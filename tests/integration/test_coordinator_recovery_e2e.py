@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.backoff import Backoff
 from broker.session import ConnectRefused
 from coordinator import Coordinator
 from coordinator.operator import publish_artifact
@@ -144,7 +145,7 @@ def test_coordinator_waits_for_a_broker_that_is_not_up_yet(make_fleet: MakeFleet
 async def _late_broker(fleet: Fleet) -> None:
     await asyncio.to_thread(fleet.broker.stop)
     async with live(fleet, coordinator=False, agents=()) as tg:
-        fleet.start_coordinator(tg, reconnect_s=0.2)
+        fleet.start_coordinator(tg, reconnect=Backoff(initial=0.2))
         await asyncio.sleep(2.0)
         assert fleet.coordinator_task is not None
         assert not fleet.coordinator_task.done()
