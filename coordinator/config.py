@@ -1,6 +1,6 @@
 """The coordinator's settings and its named limits, in one place.
 
-Built once by the composition root (``edgefleet.runner``, the CLI) and handed to
+Built once by the composition root (``edgefleet.compose``) and handed to
 :class:`coordinator.Coordinator`; nothing below reads files or the environment.
 """
 

@@ -20,7 +20,7 @@ import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from broker.session import Message, Session
+from broker.transport import Message, Transport
 from coordinator.profiles import ClassProfile
 from coordinator.validate import ModelFacts, golden_problems
 from coordinator.variants import Built, rank_variants
@@ -77,10 +77,10 @@ class RolloutExists(UsageError):  # noqa: N818 (names what the operator asked fo
         self.rollout_id = rollout_id
 
 
-_streams: weakref.WeakKeyDictionary[Session, AsyncIterator[Message]] = weakref.WeakKeyDictionary()
+_streams: weakref.WeakKeyDictionary[Transport, AsyncIterator[Message]] = weakref.WeakKeyDictionary()
 
 
-def _stream(session: Session) -> AsyncIterator[Message]:
+def _stream(session: Transport) -> AsyncIterator[Message]:
     """The session's one message stream, shared by this module's readers."""
     stream = _streams.get(session)
     if stream is None:
@@ -88,7 +88,7 @@ def _stream(session: Session) -> AsyncIterator[Message]:
     return stream
 
 
-async def _retained(session: Session, *wanted: str) -> dict[str, bytes]:
+async def _retained(session: Transport, *wanted: str) -> dict[str, bytes]:
     """The retained payloads of the topics ``wanted`` (exact names), without waiting out
     a timeout: the UNSUBACK comes after every retained message (module docstring)."""
     stream = _stream(session)
@@ -112,7 +112,7 @@ async def _received(stream: AsyncIterator[Message]) -> Message | None:
 
 
 async def publish_artifact(
-    session: Session, data: bytes, *, name: str, chunk_size: int = DEFAULT_CHUNK_BYTES
+    session: Transport, data: bytes, *, name: str, chunk_size: int = DEFAULT_CHUNK_BYTES
 ) -> ArtifactMeta:
     """Upload an artifact for the coordinator to check: chunks (retained) to
     ``staging/{sha256}/``, then the meta, so a meta implies its chunks. Always sent, even
@@ -194,7 +194,7 @@ def _ref(data: bytes) -> ArtifactRef:
 
 
 async def upload_candidate(
-    session: Session, candidate: Candidate, files: Sequence[VariantFile]
+    session: Transport, candidate: Candidate, files: Sequence[VariantFile]
 ) -> None:
     """Upload the model and golden vectors of every variant ``candidate`` names (see
     ``publish_artifact``); files of variants it left out are not sent.
@@ -213,7 +213,7 @@ async def upload_candidate(
             )
 
 
-async def check_new_rollout(session: Session, rollout_id: str) -> None:
+async def check_new_rollout(session: Transport, rollout_id: str) -> None:
     """Make sure no rollout holds ``rollout_id`` yet (call it before uploading).
 
     Raises:
@@ -225,7 +225,7 @@ async def check_new_rollout(session: Session, rollout_id: str) -> None:
         raise RolloutExists(rollout_id)
 
 
-async def submit_spec(session: Session, spec: RolloutSpec, key: KeyPair) -> None:
+async def submit_spec(session: Transport, spec: RolloutSpec, key: KeyPair) -> None:
     """Sign and publish a rollout spec (retained: it is desired state).
 
     Raises:
@@ -238,7 +238,7 @@ async def submit_spec(session: Session, spec: RolloutSpec, key: KeyPair) -> None
     await session.publish(topics.rollout_spec(spec.id), signed, retain=True)
 
 
-async def watch_status(session: Session, rollout_id: str) -> AsyncGenerator[RolloutStatus, None]:
+async def watch_status(session: Transport, rollout_id: str) -> AsyncGenerator[RolloutStatus, None]:
     """Every status of a rollout as the coordinator publishes it, the retained one first."""
     topic = topics.rollout_status(rollout_id)
     stream = _stream(session)
@@ -248,14 +248,14 @@ async def watch_status(session: Session, rollout_id: str) -> AsyncGenerator[Roll
             yield decode(message.payload, RolloutStatus)
 
 
-async def read_status(session: Session, rollout_id: str) -> RolloutStatus | None:
+async def read_status(session: Transport, rollout_id: str) -> RolloutStatus | None:
     """The retained status of a rollout, or None when the coordinator has none."""
     topic = topics.rollout_status(rollout_id)
     payload = (await _retained(session, topic)).get(topic)
     return None if payload is None else decode(payload, RolloutStatus)
 
 
-async def read_spec(session: Session, rollout_id: str) -> RolloutSpec | None:
+async def read_spec(session: Transport, rollout_id: str) -> RolloutSpec | None:
     """The current retained spec (the operator's own, to make its next generation).
 
     The signature is not checked here: the coordinator checks it; this only reads

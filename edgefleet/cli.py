@@ -28,10 +28,11 @@ from coordinator.operator import (
     watch_status,
 )
 from coordinator.profiles import DEFAULT_PROFILES, PRECISIONS, load_profiles
+from edgefleet.compose import coordinator_config, make_agent, start_rollout
 from edgefleet.demo import run_demo
 from edgefleet.home import ACCOUNT_ROLES, OPERATOR, WATCHER, Home
 from edgefleet.modeltools import optimize_for_classes, validate_model
-from edgefleet.runner import SOURCES, coordinator_config, make_agent, start_rollout
+from edgefleet.sources import SOURCES
 from models import build_demo_models
 from models.datafile import load_dataset
 from models.gate import format_report

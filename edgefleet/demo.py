@@ -18,9 +18,10 @@ from typing import TextIO
 
 from broker.session import Session
 from coordinator import ClassProfile, load_profiles
+from edgefleet.compose import start_rollout
+from edgefleet.fleet import Fleet
 from edgefleet.home import WATCHER
 from edgefleet.modeltools import optimize_for_classes
-from edgefleet.runner import Fleet, start_rollout
 from models import DemoModel, build_demo_models
 from models.datafile import load_dataset
 from schemas import DeviceState, Phase, RolloutStatus, decode, topics

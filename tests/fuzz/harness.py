@@ -25,8 +25,8 @@ from hypothesis.strategies import SearchStrategy
 
 from agent import Bundle
 from broker.session import ConnectRefused, Endpoint, Session, TransportError
+from edgefleet.fleet import Fleet
 from edgefleet.home import COORDINATOR, OPERATOR
-from edgefleet.runner import Fleet
 from tests.fuzz.strategies import Sample
 from tests.integration.fleetkit import ADMIN_ACCOUNTS, coordinator_session
 

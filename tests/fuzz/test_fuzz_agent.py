@@ -24,8 +24,8 @@ import pytest
 from hypothesis import strategies as st
 
 from agent.lifecycle import Stage
+from edgefleet.fleet import Fleet
 from edgefleet.home import COORDINATOR
-from edgefleet.runner import Fleet
 from models import DemoModel
 from schemas import (
     MANIFEST_KIND,

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import strategies as st
 
+from edgefleet.compose import start_rollout
+from edgefleet.fleet import Fleet
 from edgefleet.home import COORDINATOR, OPERATOR
-from edgefleet.runner import Fleet, start_rollout
 from models import DemoModel
 from schemas import (
     MANIFEST_KIND,

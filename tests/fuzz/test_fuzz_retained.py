@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 from agent.lifecycle import Stage
 from broker.session import Session
+from edgefleet.fleet import Fleet
 from edgefleet.home import COORDINATOR, OPERATOR
-from edgefleet.runner import Fleet
 from models import DemoModel
 from schemas import topics
 from tests.fuzz import strategies as fz

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from broker.launcher import which_mosquitto
-from edgefleet.runner import Fleet
+from edgefleet.fleet import Fleet
 from models import DemoModel
 from tests.integration.fleetkit import AGENT_CONFIG, TEST_PROFILES, MakeFleet, add_test_accounts
 from tests.modelcache import shared_demo_models

@@ -24,8 +24,9 @@ from broker.session import ConnectRefused, Message, Session
 from coordinator.profiles import ClassProfile
 from coordinator.store import CoordinatorStore
 from coordinator.validate import ModelFacts
+from edgefleet.compose import make_agent, start_rollout
+from edgefleet.fleet import Fleet
 from edgefleet.home import OPERATOR, Home
-from edgefleet.runner import Fleet, make_agent, start_rollout
 from models import DemoModel
 from schemas import (
     MANIFEST_KIND,
@@ -155,6 +156,14 @@ def start_agent_with(fleet: Fleet, tg: asyncio.TaskGroup, device_id: str, **chan
     fleet.agents[device_id] = agent
     fleet.agent_tasks[device_id] = tg.create_task(agent.run())
     return agent
+
+
+async def stop_agent(fleet: Fleet, device_id: str) -> None:
+    """Cancel one agent's task and wait for it: a device switched off mid-run."""
+    task = fleet.agent_tasks.pop(device_id)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def canaries_of(fleet: Fleet) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ import numpy as np
 from agent import Agent
 from agent.lifecycle import Stage
 from broker.session import Session
-from edgefleet.runner import Fleet
+from edgefleet.fleet import Fleet
 from models import DemoModel, load_digits_split
 from models.export import LABEL_OUTPUT
 from schemas import (

@@ -29,7 +29,7 @@ import pytest
 from agent import Agent
 from agent.lifecycle import Stage
 from broker.session import Session
-from edgefleet.runner import Fleet
+from edgefleet.fleet import Fleet
 from models import DemoModel
 from schemas import (
     OFFLINE,
@@ -60,6 +60,7 @@ from tests.integration.fleetkit import (
     run,
     sign,
     start_agent_with,
+    stop_agent,
 )
 
 FAST = {"retry_s": 0.5, "retry_max_s": 2.0, "state_interval_s": 0.5}
@@ -229,7 +230,7 @@ async def _damaged(
     ):
         v1 = await _publish_v1(cloud, fleet, model, seq=seq)
         await wire.until(lambda: _serves(fleet.agents[device_id], v1), what="v1 served")
-        await fleet.stop_agent(device_id)
+        await stop_agent(fleet, device_id)
         await asyncio.to_thread(_damage, path, how)
         agent = start_agent_with(fleet, tg, device_id, **FAST)
         told = await wire.until(
@@ -313,7 +314,7 @@ async def _read_only(fleet: Fleet, model: DemoModel, data: Path) -> None:
         first = start_agent_with(fleet, tg, device_id, **FAST)
         v1 = await _publish_v1(cloud, fleet, model)
         await wire.until(lambda: _serves(first, v1), what="v1 served")
-        await fleet.stop_agent(device_id)
+        await stop_agent(fleet, device_id)
         await asyncio.to_thread(remount, data, "ro")
         wire.states.pop(device_id, None)
         agent = start_agent_with(fleet, tg, device_id, **FAST)
@@ -344,7 +345,7 @@ _AGENT_PROCESS = """
 import asyncio, sys
 from pathlib import Path
 from agent import AgentConfig
-from edgefleet.runner import make_agent
+from edgefleet.compose import make_agent
 
 config = AgentConfig(data_dir=Path(sys.argv[2]), inference_hz=30.0, reconnect_s=0.5,
                      telemetry_window_s=3600.0, state_interval_s=0.5)

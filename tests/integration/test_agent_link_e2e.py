@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from agent.lifecycle import Stage
-from edgefleet.runner import Fleet
+from edgefleet.fleet import Fleet
 from models import DemoModel
 from schemas import OFFLINE, ONLINE, EventKind, Reason, topics
 from tests.broker.faults import drop

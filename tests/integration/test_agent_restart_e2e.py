@@ -4,7 +4,8 @@ from the retained manifest when it comes back on the same data folder."""
 from __future__ import annotations
 
 from agent.lifecycle import Stage
-from edgefleet.runner import Fleet, start_rollout
+from edgefleet.compose import start_rollout
+from edgefleet.fleet import Fleet
 from models import DemoModel
 from schemas import OFFLINE, Phase, bucket
 from tests.integration.fleetkit import (
@@ -19,6 +20,7 @@ from tests.integration.fleetkit import (
     release_id,
     roll_out,
     run,
+    stop_agent,
 )
 
 ROLLOUT = "upgrade-v2"
@@ -58,7 +60,7 @@ async def _restart(fleet: Fleet, demo_models: dict[str, DemoModel]) -> None:
             what="the rollout's first wave",
         )
         assert first.phase is Phase.WAVE
-        await fleet.stop_agent(victim)
+        await stop_agent(fleet, victim)
         assert fleet.agents[victim].active_release is not None
         assert fleet.agents[victim].active_release.release_id == v1  # type: ignore[union-attr]
         await wire.until(lambda: wire.presence.get(victim) == OFFLINE, what="victim offline")

@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 
 from broker.session import Endpoint, Session
+from edgefleet.fleet import Fleet
 from edgefleet.home import DASHBOARD, OPERATOR
-from edgefleet.runner import Fleet
 from schemas import topics
 from schemas.topics import DeviceChannel
 from tests.integration.fleetkit import JETSON, MakeFleet, Wire, live, run

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from broker.session import Session
-from edgefleet.runner import Fleet
+from edgefleet.fleet import Fleet
 from schemas import topics
 from schemas.topics import DeviceChannel
 from tests.integration.fleetkit import JETSON, WIRE_ACCOUNTS, MakeFleet, run

@@ -16,8 +16,8 @@ from cryptography.x509.oid import NameOID
 
 from agent import Bundle
 from edgefleet.cli import main
+from edgefleet.fleet import Fleet
 from edgefleet.home import Home
-from edgefleet.runner import Fleet
 from models import DemoModel
 from schemas import Role, TrustedState
 from tests.integration.fleetkit import INTEL, JETSON, MakeFleet, live

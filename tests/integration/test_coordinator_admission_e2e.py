@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from coordinator.operator import publish_artifact
-from edgefleet.runner import Fleet
+from edgefleet.fleet import Fleet
 from models import DemoModel
 from schemas import Desired, Phase, RolloutStatus
 from tests.integration.fleetkit import (

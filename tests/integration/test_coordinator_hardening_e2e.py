@@ -16,7 +16,7 @@ from coordinator import CoordinatorLimits
 from coordinator.operator import publish_artifact
 from coordinator.rollout import RolloutRecord
 from coordinator.store import CoordinatorStore
-from edgefleet.runner import Fleet
+from edgefleet.fleet import Fleet
 from models import DemoModel
 from schemas import (
     ONLINE,

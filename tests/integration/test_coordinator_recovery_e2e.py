@@ -16,7 +16,8 @@ from broker.backoff import Backoff
 from broker.session import ConnectRefused
 from coordinator import Coordinator
 from coordinator.operator import publish_artifact
-from edgefleet.runner import Fleet, coordinator_config
+from edgefleet.compose import coordinator_config
+from edgefleet.fleet import Fleet
 from models import DemoModel
 from schemas import ONLINE, Desired, Phase, topics
 from tests.broker.faults import restart

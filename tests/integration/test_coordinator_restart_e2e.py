@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from edgefleet.runner import Fleet, start_rollout
+from edgefleet.compose import start_rollout
+from edgefleet.fleet import Fleet
 from models import DemoModel
 from schemas import Phase
 from tests.integration.fleetkit import (

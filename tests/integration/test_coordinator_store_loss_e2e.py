@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.operator import publish_artifact
-from edgefleet.runner import Fleet
+from edgefleet.fleet import Fleet
 from models import DemoModel
 from schemas import MAX_SEQ, OFFLINE, ONLINE, Phase, Reason, topics
 from tests.integration.fleetkit import (
@@ -95,7 +95,7 @@ import asyncio, sys
 from pathlib import Path
 from coordinator.service import serve
 from edgefleet.home import Home
-from edgefleet.runner import coordinator_config
+from edgefleet.compose import coordinator_config
 
 home = Home(Path(sys.argv[1]))
 asyncio.run(serve(coordinator_config(home, Path(sys.argv[2]), Path(sys.argv[3]))))

@@ -4,7 +4,7 @@ the cytology data set; a digits model sent to the carts is refused by that gate.
 
 from __future__ import annotations
 
-from edgefleet.runner import Fleet
+from edgefleet.fleet import Fleet
 from models import DemoModel
 from schemas import Phase
 from tests.integration.fleetkit import MakeFleet, Wire, eventually, live, release_id, roll_out, run

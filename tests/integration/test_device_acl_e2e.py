@@ -8,7 +8,7 @@ import pytest
 
 from agent import Bundle
 from broker.session import Endpoint, PublishRefused, Session
-from edgefleet.runner import Fleet
+from edgefleet.fleet import Fleet
 from schemas import topics
 from schemas.topics import DeviceChannel
 from tests.integration.fleetkit import JETSON, MakeFleet, Wire, run

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from agent.lifecycle import Stage
-from edgefleet.runner import Fleet
+from edgefleet.fleet import Fleet
 from models import DemoModel
 from schemas import (
     MANIFEST_KIND,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from agent.lifecycle import Stage
-from edgefleet.runner import Fleet
+from edgefleet.fleet import Fleet
 from models import DemoModel
 from schemas import TelemetrySummary, decode, topics
 from tests.integration.fleetkit import (

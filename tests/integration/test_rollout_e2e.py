@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgefleet.runner import Fleet
+from edgefleet.fleet import Fleet
 from models import DemoModel
 from schemas import Phase
 from tests.integration.fleetkit import (

@@ -14,8 +14,9 @@ import pytest
 
 from broker.session import Message, Session
 from coordinator.operator import VariantFile, describe_candidate, publish_artifact, submit_spec
+from edgefleet.compose import start_rollout
+from edgefleet.fleet import Fleet
 from edgefleet.home import OPERATOR
-from edgefleet.runner import Fleet, start_rollout
 from models import DemoModel
 from models.datafile import DataSet, load_dataset
 from models.gate import check_candidate
