@@ -155,6 +155,11 @@ class UpdateEngine:
         return self._desired
 
     @property
+    def attempt(self) -> int | None:
+        """The attempt of the update in flight, if any."""
+        return None if self._work is None else self._work.attempt
+
+    @property
     def memory(self) -> Memory:
         return self._memory
 

@@ -19,11 +19,11 @@ class Limits:
     failed: int = 32
     """Failed releases remembered, so that they are not tried again in their scope."""
     event_detail_chars: int = 2000
+    event_reason_chars: int = 64
     rejection_detail_chars: int = 1000
     """The last rejection shown in the retained state."""
     storage_reason_chars: int = 200
     """One failing part of storage, as the state's ``degraded_reason`` tells it."""
-    refetch_detail_chars: int = 500
     soak_deadline_factor: float = 3.0
     """A soak is judged at the latest after this many times its budgeted length (soak
     seconds, and the time ``min_inferences`` take at the configured rate) ..."""
