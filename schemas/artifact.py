@@ -122,6 +122,20 @@ class ChunkCollector:
         self.meta: ArtifactMeta | None = None
 
     @property
+    def sha256(self) -> str:
+        """The sha256 of the artifact being collected, as the reference gives it."""
+        return self._sha256
+
+    @property
+    def size(self) -> int:
+        """The artifact's size in bytes, as the reference gives it."""
+        return self._size
+
+    def has(self, index: int) -> bool:
+        """Whether chunk ``index`` was accepted already."""
+        return index in self._have
+
+    @property
     def complete(self) -> bool:
         return self.meta is not None and len(self._have) == len(self.meta.chunks)
 
