@@ -436,7 +436,7 @@ class Agent:
         elif parsed.kind is TopicKind.CLASS_MANIFEST:
             await self._take(self._intake.manifest(message.payload, now=now))
         elif parsed.kind in (TopicKind.ARTIFACT_META, TopicKind.ARTIFACT_CHUNK):
-            self._fetcher.offer(parsed.name or "", message)
+            self._fetcher.offer(message)
 
     async def _take(self, outcomes: list[Outcome]) -> None:
         """Act on what the intake made of signed bytes: memory first, then the disk (a

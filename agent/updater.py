@@ -44,11 +44,12 @@ from agent.events import (
     Swap,
     Tick,
 )
-from agent.fetch import Fetcher, Refetch
+from agent.fetch import Fetcher
 from agent.inference import Inference
 from agent.journal import Journal
 from agent.persistence import StateKeeper
 from agent.runtime import Feed, ModelSlot, read_golden
+from broker.fetch import FetchFailed
 from schemas import Reason, RejectedError, Rejection, encode
 from schemas.topics import DeviceChannel
 
@@ -63,7 +64,7 @@ def _failure(exc: Exception) -> Failure:
     """What a failed fetch, load or self-test means for the engine."""
     if isinstance(exc, TimeoutError):
         return Failure(FailureKind.TIMEOUT, str(exc))
-    if isinstance(exc, Refetch):
+    if isinstance(exc, FetchFailed):
         return Failure(FailureKind.REFETCH, exc.detail, exc.reason)
     if isinstance(exc, RejectedError):
         return Failure(FailureKind.REJECTED, exc.detail, exc.reason)

@@ -18,12 +18,12 @@ from agent import Agent, Outbox
 from agent.artifacts import ArtifactKind
 from agent.engine import UpdateEngine
 from agent.events import StorageFailed, StoragePart
-from agent.fetch import Refetch
 from agent.outbox import TELEMETRY
 from agent.runtime import InferenceResult
 from agent.store import AgentStore, DamagedFileError, PersistedState
 from agent.telemetry import TelemetryWindow
 from broker.backoff import Retry
+from broker.fetch import FetchFailed
 from broker.session import Message
 from edgefleet.home import Home
 from models import DemoModel
@@ -260,7 +260,7 @@ def test_a_corrupt_chunk_ends_the_attempt_for_a_refetch_and_keeps_the_good_ones(
 
     async def scenario() -> Path:
         async with fetching(tmp_path) as fetcher:
-            with pytest.raises(Refetch) as caught:
+            with pytest.raises(FetchFailed) as caught:
                 await asyncio.wait_for(
                     fetcher.collect(v1.artifact, ArtifactKind.MODEL, wire(bad=2)), GUARD_S
                 )
@@ -284,7 +284,7 @@ def test_a_meta_that_contradicts_the_manifest_is_fetched_again(
         queue: asyncio.Queue[Message] = asyncio.Queue()
         queue.put_nowait(retained(topics.artifact_meta(v1.artifact.sha256), other_meta))
         async with fetching(tmp_path) as fetcher:
-            with pytest.raises(Refetch) as caught:
+            with pytest.raises(FetchFailed) as caught:
                 await fetcher.collect(v1.artifact, ArtifactKind.MODEL, queue)
             assert caught.value.reason is Reason.ARTIFACT_MISMATCH
 
