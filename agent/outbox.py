@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from agent.store import set_aside
+from agent.store import MAX_WHY_CHARS, set_aside
 from schemas import TelemetrySummary, decode, encode, merge_summaries
 from schemas.errors import bound_text
 
@@ -180,7 +180,7 @@ class Outbox:
             fresh.execute("COMMIT")
         finally:
             fresh.close()
-        why = bound_text(why, 200)
+        why = bound_text(why, MAX_WHY_CHARS)
         kept = (
             f"{len(rows)} queued messages recovered, any others lost"
             if salvage

@@ -101,7 +101,6 @@ class Updater:
         self._queue: deque[Command] = deque()
         self._wake = asyncio.Event()
         self._work: dict[int, asyncio.Task[None]] = {}
-        self._tg: asyncio.TaskGroup | None = None
         self.last_rejection: Rejection | None = None
 
     @property
@@ -151,16 +150,12 @@ class Updater:
 
     async def run(self) -> None:
         """Carry out queued commands in order, and tick the engine when it asked."""
-        try:
-            async with asyncio.TaskGroup() as tg:
-                self._tg = tg
-                while True:
-                    while self._queue:
-                        await self._carry_out(self._queue.popleft(), tg)
-                    await self._sleep()
-                    self.feed(Tick(self._clock()))
-        finally:
-            self._tg = None
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                while self._queue:
+                    await self._carry_out(self._queue.popleft(), tg)
+                await self._sleep()
+                self.feed(Tick(self._clock()))
 
     async def _sleep(self) -> None:
         """Until something was fed, or the engine's wake-up time."""
@@ -222,7 +217,8 @@ class Updater:
         except Exception as exc:  # noqa: BLE001 (every failure is told to the engine)
             self.feed(Loaded(command.attempt, self._clock(), failure=_failure(exc)))
         else:
-            self._tested[command.attempt] = slot
+            if command.attempt == self.engine.attempt:  # else superseded while it loaded
+                self._tested[command.attempt] = slot
             self.feed(Loaded(command.attempt, self._clock()))
 
     async def _self_test(self, command: SelfTest) -> None:
