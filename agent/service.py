@@ -279,9 +279,12 @@ class Agent:
             except* _Stopped:
                 log.info("%s: stopped", self.device_id)
         finally:
-            # Cancelled or stopped: what was counted since the last window is kept.
+            # Cancelled or stopped: what was counted since the last window is kept, and
+            # the newest state written (a write still waiting its turn would be lost).
             with contextlib.suppress(sqlite3.Error, OSError):
                 await self._journal.commit_window()
+            if self._keeper.is_open:
+                await self._keeper.write()
             await asyncio.to_thread(self._close_stores)
 
     @property

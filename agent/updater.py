@@ -110,6 +110,10 @@ class Updater:
     def feed(self, event: EngineEvent) -> None:
         """Hand ``event`` to the engine; act on its commands."""
         for command in self.engine.handle(event):
+            if isinstance(command, Persist):
+                # Memory at once, the disk in turn: whatever ends the agent meanwhile, its
+                # last write (see Agent.run) takes the newest state.
+                self._keeper.remember_memory(command.memory)
             if not self._at_once(command):
                 self._queue.append(command)
         self._wake.set()
@@ -170,7 +174,6 @@ class Updater:
 
     async def _carry_out(self, command: Command, tg: asyncio.TaskGroup) -> None:
         if isinstance(command, Persist):
-            self._keeper.remember_memory(command.memory)
             await self._keeper.write()
         elif isinstance(command, Report):
             await self._publish(DeviceChannel.HEALTH, encode(command.report))
