@@ -27,7 +27,6 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Final
 
 from agent.events import (
     NOTHING,
@@ -70,8 +69,6 @@ from schemas.device import MAX_REASON_CHARS
 from schemas.errors import bound_text
 
 __all__ = ["UpdateEngine"]
-
-_NO_COMMANDS: Final[list[Command]] = []
 
 
 @dataclass
@@ -220,9 +217,9 @@ class UpdateEngine:
         if work is not None and promoted:
             # The rollout completed while this device still works on its candidate, now
             # the stable release: finish that work rather than start it over.
-            return _NO_COMMANDS
+            return []
         if new.work == old.work and (work is not None or self._serves(new)):
-            return _NO_COMMANDS
+            return []
         out: list[Command] = []
         if work is not None:
             # The work no longer matters: serve what was served before it.
@@ -245,13 +242,13 @@ class UpdateEngine:
             return self._verdict(work, event.now)
         if work is None and self._retry_at is not None and event.now >= self._retry_at:
             return self._start()
-        return _NO_COMMANDS
+        return []
 
     def _on_fetched(self, event: EngineEvent) -> list[Command]:
         assert isinstance(event, Fetched)
         work = self._current(event.attempt, Stage.FETCHING)
         if work is None:
-            return _NO_COMMANDS
+            return []
         if event.failure is not None:
             return self._failed(work, event.failure, event.now)
         assert event.model is not None
@@ -262,7 +259,7 @@ class UpdateEngine:
         assert isinstance(event, Loaded)
         work = self._current(event.attempt, Stage.LOADING)
         if work is None:
-            return _NO_COMMANDS
+            return []
         if event.failure is not None:
             return self._failed(work, event.failure, event.now)
         assert work.golden is not None
@@ -272,7 +269,7 @@ class UpdateEngine:
         assert isinstance(event, SelfTested)
         work = self._current(event.attempt, Stage.LOADING)
         if work is None:
-            return _NO_COMMANDS
+            return []
         if event.failure is not None:
             return self._failed(work, event.failure, event.now)
         release, previous = work.release, work.previous
@@ -292,14 +289,14 @@ class UpdateEngine:
         assert isinstance(event, Inferred)
         work = self._work
         if work is None or work.soak is None or event.sha256 != work.desired.sha256:
-            return _NO_COMMANDS
+            return []
         if event.latency_ms is None:
             work.soak.errors += 1
         else:
             work.soak.latencies_ms.append(event.latency_ms)
         if work.soak.ready(work.release.health, event.now):
             return self._verdict(work, event.now)
-        return _NO_COMMANDS
+        return []
 
     def _on_storage_failed(self, event: EngineEvent) -> list[Command]:
         """``part`` of storage failed: the device is degraded, with the reason in its
@@ -309,7 +306,7 @@ class UpdateEngine:
         first = event.part not in self._trouble
         self._trouble[event.part] = why
         if not first:
-            return _NO_COMMANDS
+            return []
         self._trouble_since[event.part] = event.now
         return [Log(logging.ERROR, f"storage failing, {why}"), StateChanged()]
 
@@ -317,7 +314,7 @@ class UpdateEngine:
         assert isinstance(event, StorageOk)
         why = self._trouble.pop(event.part, None)
         if why is None:
-            return _NO_COMMANDS
+            return []
         lasted = event.now - self._trouble_since.pop(event.part, event.now)
         out: list[Command] = [
             Log(logging.WARNING, f"storage works again ({why}, for {lasted:.0f} s)"),
@@ -351,13 +348,13 @@ class UpdateEngine:
         self._retry_at = None
         desired, release = self._desired, self._desired.release
         if release is None:
-            return _NO_COMMANDS
+            return []
         sha = release.artifact.sha256
         active = self._active
         if active is not None and active.artifact.sha256 == sha:
-            return self._step(Step.SERVED) if self._stage is Stage.DEGRADED else _NO_COMMANDS
+            return self._step(Step.SERVED) if self._stage is Stage.DEGRADED else []
         if FailedRelease.of(desired) in self._memory.failed:
-            return _NO_COMMANDS
+            return []
         if sha in self._loaded and sha in self._memory.known_good:
             keep = None if active is None else active.artifact.sha256
             self._active = release
