@@ -1,5 +1,7 @@
 """Everything about the broker: rendering its config, ACLs and TLS material, running it,
-and talking to it (:mod:`broker.session`, the only module that imports the MQTT client).
+and talking to it: :mod:`broker.session` (the link the parties use, a
+:class:`broker.transport.Transport`) over :mod:`broker.link` (its sans-IO bookkeeping) and
+:mod:`broker.driver` (the only module that imports the MQTT client).
 """
 
 from broker.acl import Accounts, DeviceGrant, render_acl, render_password_file

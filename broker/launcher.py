@@ -210,7 +210,7 @@ class MosquittoBroker:
 
     @property
     def ports(self) -> BrokerPorts:
-        """The listener ports (stable across :meth:`restart`)."""
+        """The listener ports (stable across a stop and a start)."""
         return self._ports
 
     @property
@@ -384,18 +384,6 @@ class MosquittoBroker:
             proc.kill()
             proc.wait()
         self._terminate(0)
-
-    def restart(self, *, kill: bool = False) -> None:
-        """Stop (or kill) and start again with the same folder, ports and persistence.
-
-        Raises:
-            BrokerError: the broker did not come back.
-        """
-        if kill:
-            self.kill()
-        else:
-            self.stop()
-        self.start()
 
     def reload(
         self, *, acl: str | None = None, passwords: str | None = None, crl: bytes | None = None

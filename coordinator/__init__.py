@@ -1,8 +1,9 @@
 """The cloud side of edgefleet, and the operator's commands."""
 
+from coordinator.config import CoordinatorConfig, CoordinatorLimits
 from coordinator.profiles import DEFAULT_PROFILES, ClassProfile, load_profiles
 from coordinator.rollout import Action, RolloutRecord, decide
-from coordinator.service import Coordinator, CoordinatorConfig, serve
+from coordinator.service import Coordinator, serve
 from coordinator.store import StoreDamagedError
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "ClassProfile",
     "Coordinator",
     "CoordinatorConfig",
+    "CoordinatorLimits",
     "RolloutRecord",
     "StoreDamagedError",
     "decide",

@@ -46,53 +46,20 @@ def select_releases(
 ) -> Selection:
     """``blobs``: every artifact the candidate names, by sha256; ``stables``: the
     release each class runs now and its model bytes (classes without one are absent)."""
-    built: list[Built] = []
-    problems: list[str] = []
-    for variant in spec.candidate.variants:
-        try:
-            facts = ModelFacts(blobs[variant.artifact.sha256])
-        except ValueError as exc:
-            problems.append(f"variant {variant.label}: {exc}")
-            continue
-        if variant.golden is not None:
-            problems += [
-                f"variant {variant.label}: {p}"
-                for p in golden_problems(facts, variant, blobs[variant.golden.sha256])
-            ]
-        built.append(Built(variant, facts))
+    built, problems = _build(spec, blobs)
     if problems:
         return Selection({}, tuple(problems), ())
     ranking = rank_variants(built, profiles, spec.classes)
     if ranking.problems:
         return Selection({}, ranking.problems, ())
-
+    gates = _Gates(stables, datasets_dir, Scores(blobs))
     releases: dict[str, Release] = {}
     notes: list[str] = [f"left out: {line}" for line in ranking.ignored]
-    datasets: dict[str, DataSet] = {}
-    scores = Scores(blobs)
     for name in spec.classes:
         profile = profiles[name]
-        order = ranking.order[name]
-        chosen: Built | None = order[0]
-        refused: list[str] = []
-        if profile.gate is not None:
-            try:
-                data = datasets.get(profile.gate.dataset) or gate_data(
-                    datasets_dir, profile.gate.dataset
-                )
-            except UsageError as exc:
-                problems.append(f"{name}: accuracy gate: {exc}")
-                continue
-            datasets[profile.gate.dataset] = data
-            stable = stables.get(name)
-            baseline = None if stable is None else (stable[0].artifact.sha256, stable[1])
-            chosen, refused, report = first_passing(order, data, baseline, profile.gate, scores)
-            if chosen is not None and report is not None:
-                notes.append(f"{name}: {chosen.variant.label} {_measured(report)}")
-            if refused:
-                notes.append(f"{name}: gate refused {' | '.join(refused)}")
-        if chosen is None:
-            problems.append(f"{name}: no variant passes the accuracy gate ({' | '.join(refused)})")
+        chosen = gates.choose(name, profile, ranking.order[name], notes)
+        if isinstance(chosen, str):
+            problems.append(chosen)
             continue
         releases[name] = Release(
             name=spec.candidate.name,
@@ -107,6 +74,64 @@ def select_releases(
     if problems:
         return Selection({}, tuple(problems), tuple(notes))
     return Selection(releases, (), tuple(notes))
+
+
+def _build(spec: RolloutSpec, blobs: Mapping[str, bytes]) -> tuple[list[Built], list[str]]:
+    """Every variant's facts, and why some do not load or fail their golden vectors."""
+    built: list[Built] = []
+    problems: list[str] = []
+    for variant in spec.candidate.variants:
+        try:
+            facts = ModelFacts(blobs[variant.artifact.sha256])
+        except ValueError as exc:
+            problems.append(f"variant {variant.label}: {exc}")
+            continue
+        if variant.golden is not None:
+            problems += [
+                f"variant {variant.label}: {p}"
+                for p in golden_problems(facts, variant, blobs[variant.golden.sha256])
+            ]
+        built.append(Built(variant, facts))
+    return built, problems
+
+
+class _Gates:
+    """Each class's accuracy gate, with data sets loaded and models scored once."""
+
+    def __init__(
+        self,
+        stables: Mapping[str, tuple[Release, bytes]],
+        datasets_dir: Path | None,
+        scores: Scores,
+    ) -> None:
+        self._stables = stables
+        self._datasets_dir = datasets_dir
+        self._scores = scores
+        self._datasets: dict[str, DataSet] = {}
+
+    def choose(
+        self, name: str, profile: ClassProfile, order: Sequence[Built], notes: list[str]
+    ) -> Built | str:
+        """The variant class ``name`` takes (what the gate measured goes to ``notes``),
+        or why none."""
+        gate = profile.gate
+        if gate is None:
+            return order[0]
+        try:
+            data = self._datasets.get(gate.dataset) or gate_data(self._datasets_dir, gate.dataset)
+        except UsageError as exc:
+            return f"{name}: accuracy gate: {exc}"
+        self._datasets[gate.dataset] = data
+        stable = self._stables.get(name)
+        baseline = None if stable is None else (stable[0].artifact.sha256, stable[1])
+        chosen, refused, report = first_passing(order, data, baseline, gate, self._scores)
+        if chosen is not None and report is not None:
+            notes.append(f"{name}: {chosen.variant.label} {_measured(report)}")
+        if refused:
+            notes.append(f"{name}: gate refused {' | '.join(refused)}")
+        if chosen is None:
+            return f"{name}: no variant passes the accuracy gate ({' | '.join(refused)})"
+        return chosen
 
 
 class Scores:

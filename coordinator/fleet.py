@@ -15,9 +15,6 @@ from schemas.errors import Reason, bound_text
 
 __all__ = ["DeviceView", "FleetView", "is_verdict"]
 
-_SEEN_LIMIT = 100_000
-_REASON_CHARS = 300
-"""One device's part of a rollback reason: several fit in the status's reason."""
 _TRANSIENT: frozenset[str] = frozenset({Reason.CHUNK_CORRUPT.value, Reason.FETCH_TIMEOUT.value})
 """Report reasons about the transfer, not the candidate: a corrupt or missing chunk is
 fetched again and says nothing about the model."""
@@ -46,6 +43,10 @@ class DeviceView:
 
 @dataclass
 class FleetView:
+    seen_kept: int = 100_000
+    """Report and summary ids remembered for de-duplication, newest kept."""
+    device_reason_chars: int = 300
+    """One device's part of a rollback reason: several fit in the status's reason."""
     devices: dict[str, DeviceView] = field(default_factory=dict)
     _seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
@@ -56,7 +57,7 @@ class FleetView:
         if message_id in self._seen:
             return False
         self._seen[message_id] = None
-        if len(self._seen) > _SEEN_LIMIT:
+        if len(self._seen) > self.seen_kept:
             self._seen.popitem(last=False)
         return True
 
@@ -148,5 +149,5 @@ class FleetView:
             ):
                 # Reasons are the device's own words: bounded here, where they are quoted.
                 said = ", ".join(report.reasons) or "unhealthy"
-                found.append(bound_text(f"{view.device_id}: {said}", _REASON_CHARS))
+                found.append(bound_text(f"{view.device_id}: {said}", self.device_reason_chars))
         return found[:limit]

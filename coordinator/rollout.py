@@ -22,15 +22,18 @@ it until it is resumed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
 from pydantic import BaseModel, ConfigDict
 
 from schemas import Desired, Phase, Release, UsageError, WaveCounts
+from schemas.errors import bound_text
 from schemas.manifest import BUCKETS as BUCKETS_ALL
 
-__all__ = ["TRANSITIONS", "Action", "RolloutRecord", "apply", "cutoff_bp", "decide"]
+__all__ = ["TRANSITIONS", "Action", "RolloutRecord", "Step", "apply", "cutoff_bp", "decide", "step"]
 
 
 class Action(StrEnum):
@@ -109,14 +112,27 @@ def decide(
     counts may show a few reports out of many, so no promotion, failure rollback, pass
     over an empty wave or timeout is decided on them: only the operator's wishes act.
     """
+    wish = _wish(record.phase, desired)
+    if wish is not None:
+        return wish
+    if not fleet_known:
+        return Action.WAIT, None
+    return _judge(record, counts, now)
+
+
+def _wish(phase: Phase, desired: Desired) -> tuple[Action, str | None] | None:
+    """What the operator's desired state decides on its own, if anything."""
     if desired is Desired.ABORTED:
         return Action.ROLL_BACK, "aborted by operator"
-    if record.phase is Phase.PAUSED:
+    if phase is Phase.PAUSED:
         return (Action.RESUME, None) if desired is Desired.ACTIVE else (Action.WAIT, None)
     if desired is Desired.PAUSED:
         return Action.PAUSE, "paused by operator"
-    if not fleet_known:
-        return Action.WAIT, None
+    return None
+
+
+def _judge(record: RolloutRecord, counts: WaveCounts, now: float) -> tuple[Action, str | None]:
+    """A wave's verdict on the counts of a complete view of the fleet."""
     wave_no = record.wave + 1
     last = record.wave == len(record.waves_percent) - 1
     if counts.reported and counts.unhealthy / counts.reported > record.max_failure_ratio:
@@ -164,3 +180,42 @@ def apply(
     elif action is Action.RESUME:
         changes.update(wave_started_at=now, started=True)
     return record.model_copy(update=changes)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One tick of one rollout: what was decided and the record after it."""
+
+    action: Action
+    record: RolloutRecord
+    reason: str | None
+
+    @property
+    def transition(self) -> bool:
+        """Whether the record is to be stored (and audited); a wait only refreshes the
+        counts the status shows."""
+        return self.action is not Action.WAIT
+
+
+def step(
+    record: RolloutRecord,
+    counts: WaveCounts,
+    now: float,
+    *,
+    fleet_known: bool,
+    unhealthy: Callable[[], Sequence[str]],
+    reason_chars: int,
+) -> Step | None:
+    """Decide on ``record`` given the counts of its wave; None when nothing changed.
+
+    ``unhealthy`` gives the devices' own words (``device: reasons``) that a failure
+    rollback quotes; the reason is bounded to ``reason_chars`` where it is built.
+    """
+    action, reason = decide(record, counts, record.desired, now, fleet_known=fleet_known)
+    if action is Action.WAIT:
+        if counts == record.counts:
+            return None
+        return Step(action, record.model_copy(update={"counts": counts, "updated_at": now}), None)
+    if action is Action.ROLL_BACK and counts.unhealthy:
+        reason = bound_text(f"{reason} ({'; '.join(unhealthy())})", reason_chars)
+    return Step(action, apply(record, action, reason, counts, now), reason)

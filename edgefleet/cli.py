@@ -306,7 +306,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(required=True, metavar="command")
+    _membership_commands(sub)
+    _service_commands(sub)
+    _rollout_commands(sub)
+    _model_commands(sub)
+    p = sub.add_parser("demo", help="broker, coordinator, fleet and three rollouts, live")
+    p.add_argument("--devices-per-class", type=int, default=12)
+    p.add_argument("--keep", action="store_true", help="keep the working folder")
+    p.set_defaults(func=_demo)
+    return parser
 
+
+_Commands = argparse._SubParsersAction  # argparse names no public type for it
+
+
+def _membership_commands(sub: _Commands[argparse.ArgumentParser]) -> None:
     keys = sub.add_parser("keys", help="signing keys and trust").add_subparsers(required=True)
     p = keys.add_parser("init", help="create root/manifest/operator keys, CA and accounts")
     p.add_argument("--host", default="127.0.0.1", help="broker host name for certificates")
@@ -343,6 +357,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_account_add)
 
+
+def _service_commands(sub: _Commands[argparse.ArgumentParser]) -> None:
     broker = sub.add_parser("broker", help="the MQTT broker").add_subparsers(required=True)
     p = broker.add_parser("up", help="run Mosquitto for development")
     p.add_argument("--bind", default="127.0.0.1")
@@ -370,6 +386,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_agent_run)
 
+
+def _rollout_commands(sub: _Commands[argparse.ArgumentParser]) -> None:
     rollout = sub.add_parser("rollout", help="rollouts").add_subparsers(required=True)
     p = rollout.add_parser("start", help="publish a model and a signed rollout spec")
     p.add_argument("--class", dest="hw_class", action="append", required=True)
@@ -405,6 +423,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("rollout_id")
         p.set_defaults(func=_rollout_change(desired))
 
+
+def _model_commands(sub: _Commands[argparse.ArgumentParser]) -> None:
     model = sub.add_parser("model", help="models: build, optimise, validate")
     models = model.add_subparsers(required=True)
     p = models.add_parser("build", help="train the demo models, export them to ONNX")
@@ -448,12 +468,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=200, help="single-sample runs timed per model")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads when timing")
     p.set_defaults(func=_model_validate)
-
-    p = sub.add_parser("demo", help="broker, coordinator, fleet and three rollouts, live")
-    p.add_argument("--devices-per-class", type=int, default=12)
-    p.add_argument("--keep", action="store_true", help="keep the working folder")
-    p.set_defaults(func=_demo)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

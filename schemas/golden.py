@@ -119,20 +119,26 @@ def _compare(
         return f"{name} has shape {got.shape}, expected {expected.shape}"
     tolerance = tolerances.get(name)
     if expected.dtype.kind == "f" and tolerance is not None:
-        got64 = got.astype(np.float64)
-        want64 = expected.astype(np.float64)
-        if not np.all(np.isfinite(got64)):
-            return f"{name} is not finite"
-        excess = np.abs(got64 - want64) - (tolerance.atol + tolerance.rtol * np.abs(want64))
-        if np.any(excess > 0):
-            worst = float(np.max(np.abs(got64 - want64)))
-            return (
-                f"{name} differs by up to {worst:.3g} "
-                f"(atol {tolerance.atol:g}, rtol {tolerance.rtol:g})"
-            )
-        return None
+        return _compare_within(name, got, expected, tolerance)
     if got.dtype != expected.dtype or not np.array_equal(got, expected):
         return f"{name} is {_short(got)}, expected {_short(expected)}"
+    return None
+
+
+def _compare_within(
+    name: str, got: npt.NDArray[np.generic], expected: npt.NDArray[np.generic], tolerance: Tolerance
+) -> str | None:
+    got64 = got.astype(np.float64)
+    want64 = expected.astype(np.float64)
+    if not np.all(np.isfinite(got64)):
+        return f"{name} is not finite"
+    excess = np.abs(got64 - want64) - (tolerance.atol + tolerance.rtol * np.abs(want64))
+    if np.any(excess > 0):
+        worst = float(np.max(np.abs(got64 - want64)))
+        return (
+            f"{name} differs by up to {worst:.3g} "
+            f"(atol {tolerance.atol:g}, rtol {tolerance.rtol:g})"
+        )
     return None
 
 

@@ -213,32 +213,46 @@ def parse(topic: str) -> ParsedTopic:
         raise MalformedPayloadError(Reason.MALFORMED, f"topic {topic!r}: {exc}") from exc
 
 
+_ARTIFACT_KINDS: Final = {
+    ("artifacts", True): TopicKind.ARTIFACT_META,
+    ("artifacts", False): TopicKind.ARTIFACT_CHUNK,
+    ("staging", True): TopicKind.STAGING_META,
+    ("staging", False): TopicKind.STAGING_CHUNK,
+}
+
+
+def _artifact_topic(area: str, sha256: str, leaf: str) -> ParsedTopic:
+    """``{area}/{sha256}/meta`` or ``{area}/{sha256}/{index}``."""
+    if leaf == "meta":
+        return ParsedTopic(kind=_ARTIFACT_KINDS[area, True], name=sha256)
+    if not _INDEX.fullmatch(leaf):
+        msg = "unknown topic"
+        raise ValueError(msg)
+    return ParsedTopic(kind=_ARTIFACT_KINDS[area, False], name=sha256, index=int(leaf))
+
+
 def _parse_parts(parts: list[str]) -> ParsedTopic:
+    parsed: ParsedTopic
     match parts:
         case ["trust"]:
-            return ParsedTopic(kind=TopicKind.TRUST)
+            parsed = ParsedTopic(kind=TopicKind.TRUST)
         case ["classes", name, "manifest"]:
-            return ParsedTopic(kind=TopicKind.CLASS_MANIFEST, name=check_name(name, "class"))
-        case ["artifacts", sha, "meta"]:
-            return ParsedTopic(kind=TopicKind.ARTIFACT_META, name=_sha(sha))
-        case ["artifacts", sha, index] if _INDEX.fullmatch(index):
-            return ParsedTopic(kind=TopicKind.ARTIFACT_CHUNK, name=_sha(sha), index=int(index))
-        case ["staging", sha, "meta"]:
-            return ParsedTopic(kind=TopicKind.STAGING_META, name=_sha(sha))
-        case ["staging", sha, index] if _INDEX.fullmatch(index):
-            return ParsedTopic(kind=TopicKind.STAGING_CHUNK, name=_sha(sha), index=int(index))
+            parsed = ParsedTopic(kind=TopicKind.CLASS_MANIFEST, name=check_name(name, "class"))
+        case ["artifacts" | "staging" as area, sha, leaf]:
+            parsed = _artifact_topic(area, _sha(sha), leaf)
         case ["rollouts", rid, "spec"]:
-            return ParsedTopic(kind=TopicKind.ROLLOUT_SPEC, name=check_name(rid, "rollout id"))
+            parsed = ParsedTopic(kind=TopicKind.ROLLOUT_SPEC, name=check_name(rid, "rollout id"))
         case ["rollouts", rid, "status"]:
-            return ParsedTopic(kind=TopicKind.ROLLOUT_STATUS, name=check_name(rid, "rollout id"))
+            parsed = ParsedTopic(kind=TopicKind.ROLLOUT_STATUS, name=check_name(rid, "rollout id"))
         case ["devices", did, channel] if channel in DeviceChannel.__members__.values():
-            return ParsedTopic(
+            parsed = ParsedTopic(
                 kind=TopicKind.DEVICE,
                 name=check_name(did, "device id"),
                 channel=DeviceChannel(channel),
             )
         case ["coordinator", "presence"]:
-            return ParsedTopic(kind=TopicKind.COORDINATOR_PRESENCE)
+            parsed = ParsedTopic(kind=TopicKind.COORDINATOR_PRESENCE)
         case _:
             msg = "unknown topic"
             raise ValueError(msg)
+    return parsed

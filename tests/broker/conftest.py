@@ -21,7 +21,8 @@ DEVICES = (
 
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
-    """Every Session must stop its paho network thread (and our stop helper) on exit."""
+    """No thread outlives a test: sessions have none of their own, and what opens their
+    connections in the event loop's pool is bounded by ``connect_timeout``."""
     before = set(threading.enumerate())
     yield
     deadline = time.monotonic() + 3

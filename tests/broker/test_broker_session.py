@@ -7,7 +7,12 @@ test asserts what actually arrives, fenced by a marker message published afterwa
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
+import resource
 import socket
+import threading
 import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -15,14 +20,17 @@ from typing import Any, TypeVar
 import pytest
 
 from broker.acl import DeviceGrant
+from broker.driver import _OPENING_AT_ONCE
 from broker.session import (
     ConnectRefused,
+    Endpoint,
     Message,
     PublishRefused,
     Session,
     TransportError,
     Will,
 )
+from tests.broker.faults import drop, restart
 from tests.broker.localfleet import FleetPKI, LocalFleet
 
 T = TypeVar("T")
@@ -186,7 +194,7 @@ def test_last_will_fires_on_drop_and_owner_reasserts_on_reconnect(fleet: LocalFl
             connections = dev.connections()
             assert await anext(connections) == 1
             await dev.publish(presence, b"online", retain=True)
-            dev.drop()
+            drop(dev)
             # The owner's duty on every connect: re-assert its retained topics.
             assert await anext(connections) == 2
             await dev.publish(presence, b"online", retain=True)
@@ -286,7 +294,7 @@ def test_retained_messages_survive_a_restart(fleet: LocalFleet) -> None:
             return await collect_until(dev, trust)
 
     run(publish())
-    fleet.broker.restart()  # SIGTERM: Mosquitto saves its database on the way out
+    restart(fleet.broker)  # SIGTERM: Mosquitto saves its database on the way out
     assert [m.payload for m in run(read())] == [b"v1"]
 
 
@@ -333,7 +341,7 @@ def test_every_session_socket_sends_without_nagle_delay(fleet: LocalFleet) -> No
         device_id = fleet.devices[0].device_id
         async with coordinator(fleet) as coord, device(fleet, device_id) as dev:
             # The socket paho holds (private: the session exposes no socket by design).
-            socks = [s._client.socket() for s in (coord, dev) if s._client is not None]
+            socks = [s._driver.socket() for s in (coord, dev)]
             return [
                 s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
                 for s in socks
@@ -341,3 +349,133 @@ def test_every_session_socket_sends_without_nagle_delay(fleet: LocalFleet) -> No
             ]
 
     assert run(scenario()) == [1, 1]
+
+
+def test_sessions_share_no_thread_and_work_on_descriptors_past_1024(fleet: LocalFleet) -> None:
+    """paho's select() failed silently for descriptors >= 1024 and each session had a thread:
+    one process held ~168 agents. Now the event loop watches every socket."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    pool = _OPENING_AT_ONCE  # threads opening connections at once, for all sessions
+    events = f"{P}/devices/cam-001/events"
+
+    async def scenario() -> tuple[int, list[int], list[bytes]]:
+        before = threading.active_count()
+        async with contextlib.AsyncExitStack() as stack:
+            enter = stack.enter_async_context
+            coord = await enter(coordinator(fleet))
+            dash = await enter(Session(fleet.dashboard_endpoint(), client_id="dash"))
+            # Enrolled or not, a device with a certificate of the CA connects.
+            idle = [await enter(device(fleet, f"idle-{i}")) for i in range(pool + 4)]
+            for watcher in (coord, dash):
+                await watcher.subscribe(events)
+            async with device(fleet, "cam-001") as dev:
+                await dev.publish(events, b"hello")
+            got = [await anext(aiter(w.messages())) for w in (coord, dash)]
+            socks = [s._driver.socket() for s in (coord, dash, *idle)]
+            fds = [s.fileno() for s in socks if s is not None]
+            assert all(s.connected for s in idle)
+            return threading.active_count() - before, fds, [m.payload for m in got]
+
+    try:
+        extra_threads, fds, got = run(scenario())
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(fds) == pool + 6
+    assert min(fds) >= 1024
+    assert got == [b"hello", b"hello"]
+    assert extra_threads <= pool  # none per session; connects run a bounded few at once
+
+
+class _Seen(logging.Handler):
+    """Wakes a coroutine waiting for a log line that contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.event = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
+def test_a_reconnect_that_fails_is_logged_with_its_cause_then_succeeds(
+    fleet: LocalFleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen = _Seen("reconnect failed")
+
+    async def scenario() -> int:
+        async with device(fleet, "cam-001") as dev:
+            connections = dev.connections()
+            assert await anext(connections) == 1
+            await asyncio.to_thread(fleet.broker.kill)
+            async with asyncio.timeout(5):
+                await seen.event.wait()
+            await asyncio.to_thread(fleet.broker.start)
+            return await anext(connections)
+
+    logger = logging.getLogger("broker.session")
+    logger.addHandler(seen)
+    try:
+        with caplog.at_level(logging.WARNING, logger="broker.session"):
+            assert run(scenario()) == 2
+    finally:
+        logger.removeHandler(seen)
+    lost, failed = (
+        [r for r in caplog.records if "connection lost" in r.getMessage()],
+        [r for r in caplog.records if "reconnect failed" in r.getMessage()],
+    )
+    assert len(lost) == 1
+    assert failed
+    assert all(r.levelno == logging.WARNING for r in lost + failed)
+    assert "refused" in failed[0].getMessage().lower()  # the cause, not just "failed"
+
+
+def test_a_handshake_that_never_ends_neither_stalls_the_loop_nor_outlives_the_timeout(
+    fleet: LocalFleet,
+) -> None:
+    """A listener that accepts TCP and never answers the TLS hello: the handshake blocks a
+    pool thread, not the event loop, and the connect fails within ``connect_timeout``."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        endpoint = Endpoint(host="127.0.0.1", port=port, ca_file=fleet.broker.ca_file)
+
+        async def scenario() -> tuple[int, float]:
+            ticks = 0
+
+            async def tick() -> None:
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.05)
+                    ticks += 1
+
+            ticker = asyncio.create_task(tick())
+            started = time.monotonic()
+            try:
+                with pytest.raises(TransportError, match="within"):
+                    async with Session(endpoint, client_id="cam-001", connect_timeout=1):
+                        pass
+                return ticks, time.monotonic() - started
+            finally:
+                ticker.cancel()
+
+        ticks, took = run(scenario())
+    assert took < 1.8
+    assert ticks >= 10  # the loop ran on while the handshake hung
+
+
+def test_an_idle_session_keeps_its_connection_with_pings(fleet: LocalFleet) -> None:
+    """No thread pings for us any more: the session's own ticks must. The broker cuts a
+    client silent for 1.5 keepalives, checking every few seconds (5.5 s is the shortest
+    wait that fails without the pings)."""
+
+    async def scenario() -> tuple[bool, int]:
+        async with device(fleet, "cam-001", keepalive=1) as dev:
+            await asyncio.sleep(5.5)
+            return dev.connected, dev.generation
+
+    assert run(scenario()) == (True, 1)

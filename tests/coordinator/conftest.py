@@ -1,8 +1,6 @@
 """Shared fixtures for the coordinator tests: the shipped class profiles, the real demo
-models, and a rollout record admitted the way the coordinator admits one.
-
-The demo models go to the same folder under the session's base temp dir as the agent
-tests use, so a full run trains them only once.
+models (for the validation and gate tests), and a rollout record admitted the way the
+coordinator admits one (built without models, ``tests.coordinator.records``).
 """
 
 from __future__ import annotations
@@ -11,17 +9,19 @@ import pytest
 
 from coordinator.profiles import ClassProfile, load_profiles
 from coordinator.rollout import RolloutRecord
-from models import INPUT_NAME, DemoModel, build_demo_models
+from models import INPUT_NAME, DemoModel
 from models.export import LABEL_OUTPUT, PROBABILITIES_OUTPUT
-from schemas import ArtifactRef, Phase, Release, TensorSpec, Variant
+from schemas import ArtifactRef, TensorSpec, Variant
+from tests.coordinator.records import CLASS, T0, make_record, make_release
+from tests.modelcache import shared_demo_models
 
-CLASS = "jetson-vision-standard"
-T0 = 1_700_000_000.0
+__all__ = ["CLASS", "T0"]
 
 
 @pytest.fixture(scope="session")
-def demo_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, DemoModel]:
-    return build_demo_models(tmp_path_factory.getbasetemp() / "demo-models")
+def demo_models(request: pytest.FixtureRequest) -> dict[str, DemoModel]:
+    """The demo models, built once for every test process (``tests.modelcache``)."""
+    return shared_demo_models(request.config)
 
 
 @pytest.fixture(scope="session")
@@ -48,32 +48,9 @@ def digits_variants(demo_models: dict[str, DemoModel]) -> dict[str, Variant]:
 
 
 @pytest.fixture
-def record(profiles: dict[str, ClassProfile], digits_variants: dict[str, Variant]) -> RolloutRecord:
-    """digits-v2 admitted for jetson-vision-standard, in its first wave of 10/50/100 %."""
+def record(profiles: dict[str, ClassProfile]) -> RolloutRecord:
+    """A candidate admitted for jetson-vision-standard, in its first wave of 10/50/100 %
+    (no model is built: the rollout engines read digests and numbers only)."""
     profile = profiles[CLASS]
-    candidate = digits_variants["digits-v2"]
-    release = Release(
-        name="digits-v2",
-        variant=candidate.label,
-        artifact=candidate.artifact,
-        runtime=profile.runtime,
-        inputs=candidate.inputs,
-        outputs=candidate.outputs,
-        health=profile.health,
-    )
-    return RolloutRecord(
-        id="rollout-7",
-        generation=1,
-        spec=b"signed spec bytes",
-        classes=(CLASS,),
-        candidates={CLASS: release},
-        waves_percent=(10.0, 50.0, 100.0),
-        canaries=("cam-canary",),
-        success_ratio=1.0,
-        max_failure_ratio=0.0,
-        wave_timeout_s=600.0,
-        phase=Phase.WAVE,
-        wave=0,
-        wave_started_at=T0,
-        updated_at=T0,
-    )
+    release = make_release(runtime=profile.runtime, health=profile.health)
+    return make_record(candidates={CLASS: release})

@@ -7,7 +7,16 @@ import itertools
 
 import pytest
 
-from coordinator.rollout import TRANSITIONS, Action, RolloutRecord, apply, cutoff_bp, decide
+from coordinator.rollout import (
+    TRANSITIONS,
+    Action,
+    RolloutRecord,
+    Step,
+    apply,
+    cutoff_bp,
+    decide,
+    step,
+)
 from schemas import Desired, Phase, UsageError, WaveCounts
 
 T0 = 1_700_000_000.0
@@ -206,3 +215,61 @@ def test_action_not_allowed_in_a_phase_is_a_usage_error(
 ) -> None:
     with pytest.raises(UsageError, match="no transition"):
         apply(_with(record, phase=phase), action, None, WaveCounts(), T0)
+
+
+# -- one tick of one rollout (``step``) -----------------------------------------------
+
+
+def _tick(record: RolloutRecord, counts: WaveCounts, now: float = T0 + 1.0) -> object:
+    def quoted() -> list[str]:
+        return ["cam-1: " + "p95 latency too high " * 20, "cam-2: error rate"]
+
+    return step(record, counts, now, fleet_known=True, unhealthy=quoted, reason_chars=120)
+
+
+def test_a_tick_with_nothing_new_changes_nothing(record: RolloutRecord) -> None:
+    waiting = record.model_copy(update={"counts": WaveCounts(members=4, targeted=4, updated=1)})
+    assert _tick(waiting, waiting.counts) is None
+
+
+def test_new_counts_without_a_decision_refresh_the_record_but_are_no_transition(
+    record: RolloutRecord,
+) -> None:
+    counts = WaveCounts(members=4, targeted=4, updated=1)
+    result = _tick(record, counts)
+    assert isinstance(result, Step)
+    assert not result.transition
+    assert (result.record.phase, result.record.counts, result.record.updated_at) == (
+        Phase.WAVE,
+        counts,
+        T0 + 1.0,
+    )
+
+
+def test_a_failure_rollback_quotes_the_devices_within_the_bound(record: RolloutRecord) -> None:
+    result = _tick(record, WaveCounts(members=2, targeted=2, updated=2, unhealthy=1))
+    assert isinstance(result, Step)
+    assert result.transition
+    assert result.action is Action.ROLL_BACK
+    assert result.record.phase is Phase.ROLLED_BACK
+    assert result.reason is not None
+    assert result.reason.startswith("wave 1: 1 of 1 reporting devices unhealthy (cam-1: p95")
+    assert len(result.reason) == 120
+    assert result.record.reason == result.reason
+
+
+def test_a_timeout_rollback_quotes_no_device(record: RolloutRecord) -> None:
+    late = T0 + record.wave_timeout_s + 1.0
+    result = _tick(record, WaveCounts(members=2, targeted=2), now=late)
+    assert isinstance(result, Step)
+    assert result.reason == "wave 1: timed out with 0 of 2 healthy"
+
+
+def test_a_promotion_is_a_transition_to_the_next_wave(record: RolloutRecord) -> None:
+    result = _tick(record, WaveCounts(members=1, targeted=1, updated=1, healthy=1))
+    assert isinstance(result, Step)
+    assert (result.action, result.record.wave, result.record.counts) == (
+        Action.ADVANCE,
+        1,
+        WaveCounts(),
+    )

@@ -13,19 +13,15 @@ import pytest
 
 from broker.launcher import which_mosquitto
 from edgefleet.runner import Fleet
-from models import DemoModel, build_demo_models
+from models import DemoModel
 from tests.integration.fleetkit import AGENT_CONFIG, TEST_PROFILES, MakeFleet, add_test_accounts
+from tests.modelcache import shared_demo_models
 
 
 @pytest.fixture(scope="session")
 def demo_models(request: pytest.FixtureRequest) -> dict[str, DemoModel]:
-    """digits-v1, digits-v2 and digits-v2-slow, reused from pytest's cache when intact."""
-    cache = getattr(request.config, "cache", None)
-    if cache is not None:
-        folder = Path(cache.mkdir("edgefleet-demo-models"))
-    else:
-        folder = Path(tempfile.mkdtemp(prefix="edgefleet-models-"))
-    return build_demo_models(folder)
+    """The demo models, built once for every test process (``tests.modelcache``)."""
+    return shared_demo_models(request.config)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from agent.lifecycle import Stage
 from edgefleet.runner import Fleet
 from models import DemoModel
 from schemas import OFFLINE, ONLINE, EventKind, Reason, topics
+from tests.broker.faults import drop
 from tests.integration.fleetkit import (
     JETSON,
     MakeFleet,
@@ -64,7 +65,7 @@ async def _flap(fleet: Fleet, model: DemoModel) -> None:
             session = agent.link.session
             assert session is not None
             states = len([m for m in wire.raw if m.topic.endswith(f"{device_id}/state")])
-            session.drop()  # as a network failure: the broker fires the Will
+            drop(session)  # as a network failure: the broker fires the Will
             await wire.until(
                 lambda: wire.presence.get(device_id) == OFFLINE, what=f"flap {flap}: offline"
             )

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-import coordinator.service
+from coordinator import CoordinatorLimits
 from coordinator.operator import publish_artifact
 from coordinator.rollout import RolloutRecord
 from coordinator.store import CoordinatorStore
@@ -259,8 +259,13 @@ async def _refused(fleet: Fleet, v2: DemoModel) -> None:
 def test_a_flood_of_junk_specs_costs_a_bounded_store_and_broker(
     make_fleet: MakeFleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(coordinator.service, "_REFUSALS_KEPT", 2)
     fleet = make_fleet({JETSON: 1})
+    start = fleet.start_coordinator
+    monkeypatch.setattr(
+        fleet,
+        "start_coordinator",
+        lambda tg, **changes: start(tg, limits=CoordinatorLimits(refusals_kept=2), **changes),
+    )
     run(_flood(fleet))
     store = CoordinatorStore(fleet.workdir / "coordinator" / "coordinator.json")
     try:

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from broker.backoff import Backoff
 from broker.session import ConnectRefused
 from coordinator import Coordinator
 from coordinator.operator import publish_artifact
 from edgefleet.runner import Fleet, coordinator_config
 from models import DemoModel
 from schemas import ONLINE, Desired, Phase, topics
+from tests.broker.faults import restart
 from tests.integration.fleetkit import (
     JETSON,
     MakeFleet,
@@ -110,7 +112,7 @@ async def _restarted(fleet: Fleet, v2: DemoModel) -> None:
             await wire.until(lambda: len(wire.raw) >= retained, what="the retained artifact")
             wire.raw.clear()
             # A clean stop saves the broker's state: retained artifacts survive it.
-            await asyncio.to_thread(fleet.broker.restart)
+            await asyncio.to_thread(restart, fleet.broker)
 
             def presence_reasserted() -> bool:
                 return any(
@@ -143,7 +145,7 @@ def test_coordinator_waits_for_a_broker_that_is_not_up_yet(make_fleet: MakeFleet
 async def _late_broker(fleet: Fleet) -> None:
     await asyncio.to_thread(fleet.broker.stop)
     async with live(fleet, coordinator=False, agents=()) as tg:
-        fleet.start_coordinator(tg, reconnect_s=0.2)
+        fleet.start_coordinator(tg, reconnect=Backoff(initial=0.2))
         await asyncio.sleep(2.0)
         assert fleet.coordinator_task is not None
         assert not fleet.coordinator_task.done()

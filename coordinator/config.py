@@ -1,0 +1,82 @@
+"""The coordinator's settings and its named limits, in one place.
+
+Built once by the composition root (``edgefleet.runner``, the CLI) and handed to
+:class:`coordinator.Coordinator`; nothing below reads files or the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from broker.backoff import RECONNECT, Backoff
+from broker.transport import Endpoint
+from coordinator.profiles import ClassProfile
+from schemas import KeyPair
+from schemas.rollout import MAX_REASON_CHARS
+
+__all__ = ["CoordinatorConfig", "CoordinatorLimits"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoordinatorLimits:
+    """Bounds on what the coordinator keeps, sends at once and writes."""
+
+    refusals_kept: int = 256
+    """Refused spec ids kept (stored, with a retained ``rejected`` status). Beyond it the
+    oldest is forgotten and its spec and status are cleared from the broker, so an
+    account that floods ``rollouts/+/spec`` with junk costs neither the store nor the
+    broker more."""
+    noted_kept: int = 10_000
+    """(rollout id, payload digest) pairs of unwanted spec bytes remembered as logged."""
+    publish_window: int = 32
+    """Chunks of one artifact published at once when re-asserting it."""
+    reason_chars: int = MAX_REASON_CHARS
+    """Bound of every rollout reason, refusal and audit detail built from input."""
+    unhealthy_quoted: int = 3
+    """Devices whose own reasons a failure rollback quotes."""
+    device_reason_chars: int = 300
+    """One device's part of a rollback reason: several fit in the status's reason."""
+    reports_remembered: int = 100_000
+    """Health report and telemetry ids remembered to drop redeliveries."""
+    stop_publish_s: float = 2.0
+    """On a clean stop, how long the ``offline`` presence may take to be acknowledged."""
+
+    def __post_init__(self) -> None:
+        if min(self.refusals_kept, self.noted_kept, self.publish_window) < 1:
+            msg = "refusals_kept, noted_kept and publish_window must be positive"
+            raise ValueError(msg)
+        if not 1 <= self.reason_chars <= MAX_REASON_CHARS:
+            msg = f"reason_chars must be within 1..{MAX_REASON_CHARS} (the status's bound)"
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoordinatorConfig:
+    data_dir: Path
+    endpoint: Endpoint
+    profiles: dict[str, ClassProfile]
+    manifest_key: KeyPair
+    trust: bytes
+    """The root-signed TrustDoc envelope to publish; the root key stays offline."""
+    root_keys: dict[str, Ed25519PublicKey]
+    tick_s: float = 0.5
+    settle_s: float = 2.0
+    """After connecting, how long before the fleet view counts as complete."""
+    artifact_timeout_s: float = 60.0
+    session_expiry_s: int = 7 * 24 * 3600
+    reconnect: Backoff = RECONNECT
+    """Waits between attempts to reach a broker unreachable (at start or after a drop)."""
+    heartbeat_s: float = 2.0
+    """How often, at most, the store learns that the coordinator still watches."""
+    probe_s: float = 10.0
+    """On connect, how long at most to wait for the broker's retained topics (they come
+    before the echo of the coordinator's presence) before publishing anyway."""
+    orphan_grace_s: float = 600.0
+    """A staged upload or retained artifact that no spec names is cleared after this
+    long: an operator uploads before publishing the spec that names it."""
+    datasets_dir: Path | None = None
+    """Held-out data sets (``<name>.npz``) the classes' accuracy gates name."""
+    limits: CoordinatorLimits = field(default_factory=CoordinatorLimits)

@@ -1,0 +1,161 @@
+"""Incoming messages, dispatched: device topics to the fleet view, specs to the intake,
+artifact topics to the keeper (and a fetch), and whatever of the coordinator's own
+retained topics differs from the store put back at once.
+
+Every handler runs under a guard: a failure is logged with a bounded description and
+the message dropped, never the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from broker.transport import Message, Transport
+from coordinator import specs
+from coordinator.core import Core, describe
+from coordinator.intake import Intake
+from coordinator.keeper import Keeper
+from schemas import (
+    ONLINE,
+    DeviceState,
+    HealthReport,
+    RejectedError,
+    TelemetrySummary,
+    decode,
+    topics,
+)
+from schemas.errors import bound_text
+from schemas.topics import DeviceChannel, ParsedTopic, TopicKind
+
+__all__ = ["Ingest"]
+
+log = logging.getLogger(__name__)
+
+_ARTIFACT_KINDS = frozenset(
+    {
+        TopicKind.ARTIFACT_META,
+        TopicKind.ARTIFACT_CHUNK,
+        TopicKind.STAGING_META,
+        TopicKind.STAGING_CHUNK,
+    }
+)
+
+
+class Ingest:
+    def __init__(self, core: Core, intake: Intake, keeper: Keeper) -> None:
+        self._core = core
+        self._intake = intake
+        self._keeper = keeper
+        self._echoes: list[asyncio.Future[None]] = []
+        """Waiters for the echo of the coordinator's own presence, oldest first."""
+
+    async def echo(self, timeout: float) -> None:
+        """Say ``online`` and wait for the echo: the broker sends the retained messages
+        of a subscription before anything published after its SUBACK, so by then every
+        retained message was handled.
+
+        Raises:
+            TimeoutError: no echo within ``timeout``.
+        """
+        echo = asyncio.get_running_loop().create_future()
+        self._echoes.append(echo)
+        try:
+            await self._core.publish(topics.coordinator_presence(), ONLINE)
+            async with asyncio.timeout(timeout):
+                await echo
+        finally:
+            with contextlib.suppress(ValueError):
+                self._echoes.remove(echo)
+
+    async def dispatch(self, transport: Transport) -> None:
+        async for message in transport.messages():
+            try:
+                await self._handle(message)
+            except RejectedError as exc:
+                log.warning("coordinator: dropped %s: %s", bound_text(message.topic), exc)
+            except Exception as exc:  # no message may end the service
+                log.error(
+                    "coordinator: dropped %s after a failure: %s",
+                    bound_text(message.topic),
+                    describe(exc),
+                )
+                log.debug("coordinator: handling %s failed", message.topic, exc_info=True)
+
+    async def _handle(self, message: Message) -> None:
+        parsed = topics.parse(message.topic)
+        name = parsed.name
+        if parsed.kind in _ARTIFACT_KINDS and name is not None:
+            await self._keeper.note(message, parsed.kind, name, parsed.index)
+        elif parsed.kind is TopicKind.DEVICE and name is not None:
+            self._on_device(name, parsed.channel, message.payload)
+        elif parsed.kind is TopicKind.COORDINATOR_PRESENCE:
+            self._on_presence(message)
+        else:
+            self._on_cache(parsed, message.payload)
+
+    def _on_cache(self, parsed: ParsedTopic, payload: bytes) -> None:
+        """One of the coordinator's own retained topics: noted, and put back if it
+        differs from the store once this connection's cache was read."""
+        core, name = self._core, parsed.name
+        ready = core.ready.is_set()
+        if parsed.kind is TopicKind.ROLLOUT_SPEC and name is not None:
+            self._on_spec(name, payload, ready=ready)
+        elif parsed.kind is TopicKind.ROLLOUT_STATUS and name is not None:
+            core.retained_statuses[name] = payload
+            expected = core.status_payload(name)
+            if ready and expected is not None and payload != expected:
+                core.spawn("status re-assert", core.publish_status(name))
+        elif parsed.kind is TopicKind.CLASS_MANIFEST and name is not None:
+            core.retained_manifests[name] = payload
+            current = core.classes.get(name)
+            if ready and current is not None and current.manifest not in (None, payload):
+                core.spawn("manifest re-assert", core.publish_manifest(name))
+        elif parsed.kind is TopicKind.TRUST:
+            core.retained_trust = payload
+            if ready and payload != core.trust_bytes and not core.adopt_trust(payload):
+                core.spawn("trust re-assert", core.publish(topics.trust(), core.trust_bytes))
+
+    def _on_spec(self, rollout_id: str, payload: bytes, *, ready: bool) -> None:
+        core = self._core
+        if payload:
+            core.retained_specs[rollout_id] = specs.digest(payload)
+        else:
+            core.retained_specs.pop(rollout_id, None)
+        record = core.rollouts.get(rollout_id)
+        if record is not None and payload == record.spec:
+            return  # our own (re-asserted) bytes
+        if payload or (ready and record is not None):
+            core.spawn(f"spec {rollout_id}", self._intake.on_spec(rollout_id, payload))
+
+    def _on_presence(self, message: Message) -> None:
+        core = self._core
+        if not message.retain and message.payload == ONLINE and self._echoes:
+            echo = self._echoes.pop(0)
+            if not echo.done():
+                echo.set_result(None)
+        elif core.ready.is_set() and message.payload != ONLINE:
+            # Someone else's word on our presence (we say offline only after this
+            # dispatch has stopped): dashboards must not read us as gone.
+            core.spawn("presence re-assert", core.publish(topics.coordinator_presence(), ONLINE))
+
+    def _on_device(self, device_id: str, channel: DeviceChannel | None, payload: bytes) -> None:
+        fleet = self._core.fleet
+        if channel is DeviceChannel.PRESENCE:
+            fleet.on_presence(device_id, payload == ONLINE)
+        elif channel is DeviceChannel.STATE:
+            if not payload:
+                fleet.forget(device_id)
+                return
+            state = decode(payload, DeviceState)
+            if state.device_id == device_id:
+                fleet.on_state(state)
+        elif channel is DeviceChannel.HEALTH and payload:
+            report = decode(payload, HealthReport)
+            if report.device_id == device_id and fleet.on_health(report):
+                self._core.changed.set()
+        elif channel is DeviceChannel.TELEMETRY:
+            summary = decode(payload, TelemetrySummary)
+            if summary.device_id == device_id:
+                fleet.on_telemetry(summary)

@@ -1,0 +1,145 @@
+"""The rollout loop: each tick asks :func:`coordinator.rollout.decide` what to do with
+every live rollout given the fleet's counts, stores the new record *before* publishing,
+and then has the manifests derived again; a restart resumes every rollout without
+skipping or repeating a wave. It also keeps the downtime clock
+(:mod:`coordinator.clock`): heartbeats while watching, waves shifted on a resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from coordinator import clock, rollout
+from coordinator.clock import Heartbeat, Settling
+from coordinator.core import Core, describe
+from coordinator.intake import Intake
+from coordinator.keeper import Keeper
+from coordinator.rollout import Action
+from coordinator.signer import Signer
+from coordinator.store import ClassRecord
+
+__all__ = ["Ticker"]
+
+log = logging.getLogger(__name__)
+
+
+class Ticker:
+    def __init__(self, core: Core, signer: Signer, keeper: Keeper, intake: Intake) -> None:
+        self._core = core
+        self._signer = signer
+        self._keeper = keeper
+        self._intake = intake
+        self.settling = Settling(core.config.settle_s)
+        self._heartbeat = Heartbeat(core.config.heartbeat_s)
+        self._clearing: asyncio.Task[None] | None = None
+
+    def fleet_known(self) -> bool:
+        """Retained device topics arrive right after subscribing; until they had time
+        to, the fleet view is partial (and while disconnected, stale)."""
+        transport = self._core.transport
+        return transport is not None and self.settling.known(
+            self._core.monotonic(), connected=transport.connected, generation=transport.generation
+        )
+
+    async def resume(self) -> None:
+        """Shift live waves by the time nobody watched the fleet (coordinator down or
+        disconnected), so that time does not count against their timeouts."""
+        core = self._core
+        last = await asyncio.to_thread(core.store.heartbeat)
+        now = core.clock()
+        await self._beat(now)
+        async with core.rollout_lock:
+            resumed = clock.resume(list(core.rollouts.values()), last, now)
+            for record in resumed.shifted:
+                await core.write(core.store.put_rollout, record)
+                core.rollouts[record.id] = record
+        if resumed.shifted:
+            # One entry for all of them, under no rollout: the rollouts' own audit trails
+            # keep to their decisions.
+            shifted = [r.id for r in resumed.shifted]
+            await core.audit(
+                "clock_resumed", "", f"{resumed.gap:.1f} s unobserved; shifted {shifted}"
+            )
+
+    async def _beat(self, now: float) -> None:
+        self._heartbeat.beat(now)
+        await self._core.write(self._core.store.put_heartbeat, now)
+
+    async def loop(self) -> None:
+        core = self._core
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(core.config.tick_s):
+                    await core.changed.wait()
+            core.changed.clear()
+            if self._intake.deferred and self.fleet_known():
+                self._intake.retry_deferred()
+            await core.guarded("tick", self.tick())
+            if (
+                core.ready.is_set()
+                and (self._clearing is None or self._clearing.done())
+                and self._keeper.orphans_due()
+            ):
+                self._clearing = core.spawn(
+                    "clearing orphans", self._keeper.clear_orphans(ended=False)
+                )
+
+    async def tick(self) -> None:
+        core = self._core
+        now = core.clock()
+        known = self.fleet_known()
+        if self._heartbeat.due(now, watching=known):
+            await self._beat(now)
+        ended = False
+        for rollout_id in list(core.rollouts):
+            try:
+                ended = await self._tick_rollout(rollout_id, now, known=known) or ended
+            except Exception as exc:  # one rollout must not stop the others
+                log.error("coordinator: rollout %s tick failed: %s", rollout_id, describe(exc))
+                log.debug("coordinator: rollout %s tick failed", rollout_id, exc_info=True)
+        await self._signer.sync()
+        if ended:
+            await self._keeper.prune()
+
+    async def _tick_rollout(self, rollout_id: str, now: float, *, known: bool) -> bool:
+        """Decide on one rollout; whether it ended."""
+        core = self._core
+        async with core.rollout_lock:
+            record = core.rollouts.get(rollout_id)
+            if record is None or record.phase.final:
+                return False
+            quoted = core.limits.unhealthy_quoted
+            step = rollout.step(
+                record,
+                core.fleet.counts(record),
+                now,
+                fleet_known=known,
+                unhealthy=lambda: core.fleet.unhealthy_reasons(record, quoted),
+                reason_chars=core.limits.reason_chars,
+            )
+            if step is None:
+                return False
+            if step.transition:
+                await self._store(step)
+            else:
+                core.rollouts[rollout_id] = step.record
+        if step.transition:
+            log.info("coordinator: rollout %s %s", rollout_id, step.action.value)
+            await self._signer.sync()
+        await core.publish_status(rollout_id)
+        return step.record.phase.final
+
+    async def _store(self, step: rollout.Step) -> None:
+        """Under the rollout lock: the record after a transition, and the candidates
+        promoted to stable when it completed."""
+        core = self._core
+        if step.action is Action.COMPLETE:
+            # Under the sync lock: a sync in flight would otherwise store its newer seq
+            # between our read of the class record and our write of it, and lose it.
+            async with core.sync_lock:
+                for name, release in step.record.candidates.items():
+                    current = core.classes.get(name, ClassRecord(name=name))
+                    await core.put_class(current.model_copy(update={"stable": release}))
+        await core.save(step.record, step.action.value, step.reason or "")

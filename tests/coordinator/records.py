@@ -1,0 +1,60 @@
+"""Rollout records and releases for the engine tests, built without models: the engines
+read names, digests and numbers, never model bytes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from coordinator.rollout import RolloutRecord
+from schemas import ArtifactRef, HealthBudget, Phase, Release, Runtime, TensorSpec, Variant
+
+__all__ = ["CLASS", "T0", "make_record", "make_release", "make_variant"]
+
+CLASS = "jetson-vision-standard"
+T0 = 1_700_000_000.0
+
+
+def make_variant(sha256: str = "ab" * 32, size: int = 1000, label: str = "fp32") -> Variant:
+    return Variant(
+        label=label,
+        artifact=ArtifactRef(sha256=sha256, size=size),
+        inputs=(TensorSpec(name="x", dtype="float32", shape=("N", 64)),),
+        outputs=(TensorSpec(name="y", dtype="float32", shape=("N", 10)),),
+    )
+
+
+def make_release(name: str = "digits-v2", sha256: str = "ab" * 32, **changes: Any) -> Release:
+    variant = make_variant(sha256)
+    release = Release(
+        name=name,
+        variant=variant.label,
+        artifact=variant.artifact,
+        runtime=Runtime(providers=("CPUExecutionProvider",)),
+        inputs=variant.inputs,
+        outputs=variant.outputs,
+        health=HealthBudget(
+            max_error_rate=0.01, p95_latency_ms=40.0, min_inferences=20, soak_seconds=5.0
+        ),
+    )
+    return release.model_copy(update=changes)
+
+
+def make_record(**changes: Any) -> RolloutRecord:
+    """A rollout of ``make_release()`` for ``CLASS`` in its first wave of 10/50/100 %."""
+    record = RolloutRecord(
+        id="rollout-7",
+        generation=1,
+        spec=b"signed spec bytes",
+        classes=(CLASS,),
+        candidates={CLASS: make_release()},
+        waves_percent=(10.0, 50.0, 100.0),
+        canaries=("cam-canary",),
+        success_ratio=1.0,
+        max_failure_ratio=0.0,
+        wave_timeout_s=600.0,
+        phase=Phase.WAVE,
+        wave=0,
+        wave_started_at=T0,
+        updated_at=T0,
+    )
+    return record.model_copy(update=changes)
