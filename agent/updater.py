@@ -108,7 +108,9 @@ class Updater:
         return self.engine.device_id
 
     def feed(self, event: EngineEvent) -> None:
-        """Hand ``event`` to the engine; act on its commands."""
+        """Hand ``event`` to the engine; act on its commands. The update task wakes
+        only for commands to carry out or a new wake-up time (not for each inference)."""
+        wake_at, queued = self.engine.wake_at, len(self._queue)
         for command in self.engine.handle(event):
             if isinstance(command, Persist):
                 # Memory at once, the disk in turn: whatever ends the agent meanwhile, its
@@ -116,7 +118,8 @@ class Updater:
                 self._keeper.remember_memory(command.memory)
             if not self._at_once(command):
                 self._queue.append(command)
-        self._wake.set()
+        if len(self._queue) > queued or self.engine.wake_at != wake_at:
+            self._wake.set()
 
     def _at_once(self, command: Command) -> bool:
         """Carry out ``command`` if it takes effect at once; False if it waits its turn."""
