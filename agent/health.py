@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
 from schemas import HealthBudget, Verdict
 
-__all__ = ["SoakStats", "judge"]
+__all__ = ["HealthCode", "SoakStats", "code_of", "judge"]
+
+
+class HealthCode(StrEnum):
+    """Which part of a health budget a soak missed: the head of each reason string."""
+
+    TOO_FEW_INFERENCES = "too_few_inferences"
+    ERROR_RATE = "error_rate"
+    P95_LATENCY_MS = "p95_latency_ms"
+
+
+def code_of(reason: str) -> HealthCode:
+    """The code a reason from :func:`judge` starts with.
+
+    Raises:
+        ValueError: ``reason`` is not one of :func:`judge`'s.
+    """
+    return HealthCode(reason.split(":", 1)[0])
 
 
 @dataclass
@@ -39,12 +57,14 @@ def judge(stats: SoakStats, budget: HealthBudget) -> tuple[Verdict, tuple[str, .
     """The verdict on a soak, with machine-readable reasons when unhealthy."""
     reasons: list[str] = []
     if stats.inferences < budget.min_inferences:
-        reasons.append(f"too_few_inferences:{stats.inferences}<{budget.min_inferences}")
+        reasons.append(
+            f"{HealthCode.TOO_FEW_INFERENCES}:{stats.inferences}<{budget.min_inferences}"
+        )
     if stats.inferences:
         error_rate = stats.errors / stats.inferences
         if error_rate > budget.max_error_rate:
-            reasons.append(f"error_rate:{error_rate:.3f}>{budget.max_error_rate:.3f}")
+            reasons.append(f"{HealthCode.ERROR_RATE}:{error_rate:.3f}>{budget.max_error_rate:.3f}")
     p95 = stats.p95_ms()
     if p95 is not None and p95 > budget.p95_latency_ms:
-        reasons.append(f"p95_latency_ms:{p95:.2f}>{budget.p95_latency_ms:.2f}")
+        reasons.append(f"{HealthCode.P95_LATENCY_MS}:{p95:.2f}>{budget.p95_latency_ms:.2f}")
     return (Verdict.UNHEALTHY if reasons else Verdict.HEALTHY), tuple(reasons)

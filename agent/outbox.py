@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from agent.store import set_aside
+from agent.store import MAX_WHY_CHARS, set_aside
 from schemas import TelemetrySummary, decode, encode, merge_summaries
 from schemas.errors import bound_text
 
@@ -63,7 +63,16 @@ class OutboxItem:
 class Outbox:
     """A bounded, durable FIFO of messages waiting for their PUBACK."""
 
-    def __init__(self, path: Path, *, max_items: int = 5000, max_events: int = 1000) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_items: int = 5000,
+        max_events: int = 1000,
+        busy_timeout_s: float = 5.0,
+    ) -> None:
+        """``busy_timeout_s``: how long a call waits for another writer holding the
+        file's lock before it fails with "database is locked" (SQLite's own default)."""
         if max_items < 4:
             msg = "max_items must be at least 4"
             raise ValueError(msg)
@@ -73,6 +82,7 @@ class Outbox:
         self._path = path
         self._max_items = max_items
         self._max_events = max_events
+        self._busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         """Opened by the first call, and again by the first call after a storage error:
@@ -123,7 +133,12 @@ class Outbox:
 
     def _connect(self) -> sqlite3.Connection:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        db = sqlite3.connect(
+            self._path,
+            timeout=self._busy_timeout_s,
+            check_same_thread=False,
+            isolation_level=None,
+        )
         try:
             db.execute("PRAGMA journal_mode=WAL")
             # FULL: an append that returned survives a power cut, which is the point.
@@ -165,7 +180,7 @@ class Outbox:
             fresh.execute("COMMIT")
         finally:
             fresh.close()
-        why = bound_text(why, 200)
+        why = bound_text(why, MAX_WHY_CHARS)
         kept = (
             f"{len(rows)} queued messages recovered, any others lost"
             if salvage

@@ -21,7 +21,10 @@ from schemas import HealthReport, Release
 from schemas.errors import bound_text
 from storage import atomic_write
 
-__all__ = ["AgentStore", "DamagedFileError", "PersistedState", "set_aside"]
+__all__ = ["MAX_WHY_CHARS", "AgentStore", "DamagedFileError", "PersistedState", "set_aside"]
+
+MAX_WHY_CHARS = 200
+"""What was wrong with a damaged file, as far as an event tells it."""
 
 _TABLE = "_default"
 _DOC_ID = 1
@@ -36,7 +39,7 @@ class DamagedFileError(Exception):
     """
 
     def __init__(self, path: Path, why: str) -> None:
-        why = bound_text(why, 200)
+        why = bound_text(why, MAX_WHY_CHARS)
         super().__init__(f"{path} is damaged: {why}")
         self.path = path
         self.why = why

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from agent.lifecycle import TRANSITIONS, Stage, Step, advance
+from agent.lifecycle import IN_FLIGHT, TRANSITIONS, Stage, Step, advance
 from schemas import Mode, UsageError
 
 
@@ -34,9 +34,33 @@ def test_every_transition_in_the_table_is_reachable_from_a_fresh_device() -> Non
     assert set(TRANSITIONS.values()) | {Stage.IDLE} == set(Stage)
 
 
-def test_a_device_with_a_model_lands_where_the_table_says() -> None:
-    for (stage, step), nxt in TRANSITIONS.items():
-        assert advance(stage, step, has_model=True) is nxt
+RESTING = (Stage.IDLE, Stage.SERVING, Stage.DEGRADED)
+
+
+@pytest.mark.parametrize(
+    ("stage", "step", "lands"),
+    [
+        *((s, Step.TARGET, Stage.FETCHING) for s in RESTING),
+        *((s, Step.SERVED, Stage.SERVING) for s in (*RESTING, Stage.FETCHING)),
+        (Stage.FETCHING, Step.FETCHED, Stage.LOADING),
+        (Stage.LOADING, Step.LOADED, Stage.SOAKING),
+        (Stage.SOAKING, Step.HEALTHY, Stage.SERVING),
+        (Stage.SOAKING, Step.UNHEALTHY, Stage.DEGRADED),
+        *((s, Step.FAILED, Stage.DEGRADED) for s in IN_FLIGHT),
+        *((s, Step.SUPERSEDED, Stage.SERVING) for s in IN_FLIGHT),
+    ],
+)
+def test_a_device_with_a_model_lands_where_the_theory_of_operation_says(
+    stage: Stage, step: Step, lands: Stage
+) -> None:
+    """Each transition of the module's diagram, written out independently of the table:
+    a change to the table that the diagram does not describe fails here."""
+    assert advance(stage, step, has_model=True) is lands
+
+
+def test_the_theory_of_operation_names_every_transition() -> None:
+    # 3 targets, 4 served, fetched, loaded, healthy, unhealthy, 3 failed, 3 superseded
+    assert len(TRANSITIONS) == 3 + 4 + 4 + 3 + 3
 
 
 def test_update_walk_from_serving_to_soaked() -> None:

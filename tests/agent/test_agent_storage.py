@@ -16,11 +16,14 @@ import pytest
 
 from agent import Agent, Outbox
 from agent.artifacts import ArtifactKind
+from agent.engine import UpdateEngine
+from agent.events import StorageFailed, StoragePart
 from agent.outbox import TELEMETRY
 from agent.runtime import InferenceResult
-from agent.service import _Refetch
 from agent.store import AgentStore, DamagedFileError, PersistedState
 from agent.telemetry import TelemetryWindow
+from broker.backoff import Retry
+from broker.fetch import FetchFailed
 from broker.session import Message
 from edgefleet.home import Home
 from models import DemoModel
@@ -36,7 +39,10 @@ from schemas import (
     topics,
 )
 from schemas.artifact import split_artifact
+from schemas.device import MAX_REASON_CHARS
 from schemas.telemetry import MAX_LABELS, merge_summaries
+from tests.agent import parts
+from tests.agent.parts import fetching
 from tests.agent.test_agent_service import (
     GUARD_S,
     deliver,
@@ -242,7 +248,6 @@ def test_a_corrupt_chunk_ends_the_attempt_for_a_refetch_and_keeps_the_good_ones(
 ) -> None:
     data, chunks, meta = _chunks(demo_models["digits-v1"])
     sha = v1.artifact.sha256
-    agent = make(home, tmp_path)
 
     def wire(bad: int | None) -> asyncio.Queue[Message]:
         queue: asyncio.Queue[Message] = asyncio.Queue()
@@ -254,21 +259,18 @@ def test_a_corrupt_chunk_ends_the_attempt_for_a_refetch_and_keeps_the_good_ones(
         return queue
 
     async def scenario() -> Path:
-        await asyncio.to_thread(agent._open_stores)
-        try:
-            with pytest.raises(_Refetch) as caught:
+        async with fetching(tmp_path) as fetcher:
+            with pytest.raises(FetchFailed) as caught:
                 await asyncio.wait_for(
-                    agent._collect(v1.artifact, ArtifactKind.MODEL, wire(bad=2)), GUARD_S
+                    fetcher.collect(v1.artifact, ArtifactKind.MODEL, wire(bad=2)), GUARD_S
                 )
             assert caught.value.reason is Reason.CHUNK_CORRUPT
             assert "chunks 2 of" in caught.value.detail
-            kept = agent._artifacts.stored_chunks(sha)
+            kept = fetcher.store.stored_chunks(sha)
             assert kept == set(range(len(chunks))) - {2}  # the good ones stay
             return await asyncio.wait_for(
-                agent._collect(v1.artifact, ArtifactKind.MODEL, wire(bad=None)), GUARD_S
+                fetcher.collect(v1.artifact, ArtifactKind.MODEL, wire(bad=None)), GUARD_S
             )
-        finally:
-            await asyncio.to_thread(agent._close_stores)
 
     assert asyncio.run(scenario()).read_bytes() == data
 
@@ -277,18 +279,14 @@ def test_a_meta_that_contradicts_the_manifest_is_fetched_again(
     home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release
 ) -> None:
     _, _, other_meta = _chunks(demo_models["digits-v2"])
-    agent = make(home, tmp_path)
 
     async def scenario() -> None:
         queue: asyncio.Queue[Message] = asyncio.Queue()
         queue.put_nowait(retained(topics.artifact_meta(v1.artifact.sha256), other_meta))
-        await asyncio.to_thread(agent._open_stores)
-        try:
-            with pytest.raises(_Refetch) as caught:
-                await agent._collect(v1.artifact, ArtifactKind.MODEL, queue)
+        async with fetching(tmp_path) as fetcher:
+            with pytest.raises(FetchFailed) as caught:
+                await fetcher.collect(v1.artifact, ArtifactKind.MODEL, queue)
             assert caught.value.reason is Reason.ARTIFACT_MISMATCH
-        finally:
-            await asyncio.to_thread(agent._close_stores)
 
     asyncio.run(scenario())
 
@@ -298,22 +296,18 @@ def test_a_kept_chunk_changed_on_disk_is_checked_again_dropped_and_fetched(
 ) -> None:
     data, chunks, meta = _chunks(demo_models["digits-v1"])
     sha = v1.artifact.sha256
-    agent = make(home, tmp_path)
 
     async def scenario() -> Path:
-        await asyncio.to_thread(agent._open_stores)
-        try:
-            agent._artifacts.keep_chunks(sha, list(enumerate(chunks)))
+        async with fetching(tmp_path) as fetcher:
+            fetcher.store.keep_chunks(sha, list(enumerate(chunks)))
             kept = tmp_path / "artifacts" / "partial" / sha / "1"
             kept.write_bytes(b"Y" * len(chunks[1]))  # while the agent was down
             queue: asyncio.Queue[Message] = asyncio.Queue()
             queue.put_nowait(retained(topics.artifact_meta(sha), meta))
             queue.put_nowait(retained(topics.artifact_chunk(sha, 1), chunks[1]))
             return await asyncio.wait_for(
-                agent._collect(v1.artifact, ArtifactKind.MODEL, queue), GUARD_S
+                fetcher.collect(v1.artifact, ArtifactKind.MODEL, queue), GUARD_S
             )
-        finally:
-            await asyncio.to_thread(agent._close_stores)
 
     assert asyncio.run(scenario()).read_bytes() == data
     (told,) = [e for e in events(tmp_path) if e.kind is EventKind.STORAGE_DAMAGED]
@@ -331,7 +325,7 @@ def test_a_requested_stop_commits_the_open_telemetry_window(
 
     async def scenario() -> None:
         task = asyncio.create_task(agent.run())
-        await until(lambda: agent._store is not None, "the stores to open", task)
+        await until(lambda: agent.started, "the stores to open", task)
         await serve_v1(agent, task, home, v1)
         await until(lambda: agent.inferences_total > 20, "inference", task)
         agent.request_stop()
@@ -341,23 +335,24 @@ def test_a_requested_stop_commits_the_open_telemetry_window(
     assert telemetry_count(tmp_path) == agent.inferences_total
 
 
-def test_texts_built_from_input_are_bounded_where_built(home: Home, tmp_path: Path) -> None:
-    agent = make(home, tmp_path)
+def test_texts_built_from_input_are_bounded_where_built(tmp_path: Path) -> None:
+    journal = parts.journal(tmp_path)
+    engine = UpdateEngine(parts.DEVICE, inference_hz=10.0, retry=Retry())
 
     async def scenario() -> None:
-        await asyncio.to_thread(agent._open_stores)
         try:
-            assert await agent._emit(EventKind.ROLLBACK, "r" * 10_000, "d" * 100_000, None)
-            await agent._storage_failed("outbox", OSError("x" * 100_000))
-            await agent._storage_failed("state", OSError("y" * 100_000))
-            state = agent.state()  # would raise if a field were over its limit
-            assert state.mode is Mode.DEGRADED
-            assert state.degraded_reason is not None
-            assert state.degraded_reason.startswith("outbox: ")
+            assert await journal.emit(EventKind.ROLLBACK, "r" * 10_000, "d" * 100_000, None)
         finally:
-            await asyncio.to_thread(agent._close_stores)
+            await asyncio.to_thread(journal.outbox.close)
 
     asyncio.run(scenario())
+    engine.handle(StorageFailed(StoragePart.OUTBOX, "x" * 100_000, 0.0))
+    engine.handle(StorageFailed(StoragePart.STATE, "y" * 100_000, 0.0))
+    assert engine.mode is Mode.DEGRADED
+    reason = engine.degraded_reason
+    assert reason is not None
+    assert reason.startswith("outbox: ")
+    assert len(reason) <= MAX_REASON_CHARS  # a DeviceState would refuse more
     (event,) = events(tmp_path)
     assert len(event.detail) == 2000
     assert event.reason is not None
@@ -522,7 +517,6 @@ def test_junk_chunks_before_the_genuine_ones_do_not_stop_the_fetch(
     before the meta came: the latest publish counts, as in the broker's retained store."""
     data, chunks, meta = _chunks(demo_models["digits-v1"])
     sha = v1.artifact.sha256
-    agent = make(home, tmp_path)
 
     async def scenario() -> Path:
         queue: asyncio.Queue[Message] = asyncio.Queue()
@@ -531,13 +525,10 @@ def test_junk_chunks_before_the_genuine_ones_do_not_stop_the_fetch(
         for index, chunk in enumerate(chunks):
             queue.put_nowait(retained(topics.artifact_chunk(sha, index), chunk))
         queue.put_nowait(retained(topics.artifact_meta(sha), meta))
-        await asyncio.to_thread(agent._open_stores)
-        try:
+        async with fetching(tmp_path) as fetcher:
             return await asyncio.wait_for(
-                agent._collect(v1.artifact, ArtifactKind.MODEL, queue), GUARD_S
+                fetcher.collect(v1.artifact, ArtifactKind.MODEL, queue), GUARD_S
             )
-        finally:
-            await asyncio.to_thread(agent._close_stores)
 
     assert asyncio.run(scenario()).read_bytes() == data
 
@@ -568,7 +559,6 @@ def test_junk_past_the_artifacts_last_chunk_is_ignored(
     meta, chunks = split_artifact(data, name="digits-v1", chunk_size=4096)
     sha = v1.artifact.sha256
     past = len(chunks) + 1  # a possible index for 1 KiB chunks, not for these
-    agent = make(home, tmp_path)
 
     async def scenario() -> Path:
         queue: asyncio.Queue[Message] = asyncio.Queue()
@@ -577,13 +567,10 @@ def test_junk_past_the_artifacts_last_chunk_is_ignored(
         queue.put_nowait(retained(topics.artifact_chunk(sha, past), b"junk after the meta"))
         for index, chunk in enumerate(chunks):
             queue.put_nowait(retained(topics.artifact_chunk(sha, index), chunk))
-        await asyncio.to_thread(agent._open_stores)
-        try:
+        async with fetching(tmp_path) as fetcher:
             return await asyncio.wait_for(
-                agent._collect(v1.artifact, ArtifactKind.MODEL, queue), GUARD_S
+                fetcher.collect(v1.artifact, ArtifactKind.MODEL, queue), GUARD_S
             )
-        finally:
-            await asyncio.to_thread(agent._close_stores)
 
     assert asyncio.run(scenario()).read_bytes() == data
 

@@ -125,7 +125,7 @@ async def _corrupt_chunk(fleet: Fleet, model: DemoModel) -> None:
         await wire.until(lambda: len(retries()) >= 2, what="the chunk fetched again, twice")
         assert set(retries()) == {Reason.CHUNK_CORRUPT.value}
         assert device_id not in wire.health, "a corrupt chunk is no verdict"
-        assert agent._persisted.failed == ()
+        assert agent.failed_releases == ()
         # The genuine bytes are back: the device converges by itself.
         await publish_fetchable(cloud, data, name=model.name)
         await wire.until(lambda: _serves(agent, v1), what="v1 served")

@@ -62,7 +62,7 @@ async def _flap(fleet: Fleet, model: DemoModel) -> None:
 
         await wire.until(rejected, what="the stale manifest rejected")
         for flap in range(FLAPS):
-            session = agent._session
+            session = agent.link.session
             assert session is not None
             states = len([m for m in wire.raw if m.topic.endswith(f"{device_id}/state")])
             drop(session)  # as a network failure: the broker fires the Will

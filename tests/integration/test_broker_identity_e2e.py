@@ -50,7 +50,7 @@ async def _intrude(fleet: Fleet) -> None:
         coordinator = fleet.coordinator
         assert coordinator is not None
         agent = fleet.agents[victim]
-        sessions = (coordinator.transport, agent._session)
+        sessions = (coordinator.transport, agent.link.session)
         for what, endpoint in intruders.items():
             for stolen in ("coordinator", victim):
                 async with Session(endpoint, client_id=stolen) as intruder:
@@ -62,5 +62,5 @@ async def _intrude(fleet: Fleet) -> None:
         assert b"offline" not in payloads(coordinator_presence)
         assert b"offline" not in payloads(victim_presence)
         # The very same connections, never re-established.
-        assert (coordinator.transport, agent._session) == sessions
+        assert (coordinator.transport, agent.link.session) == sessions
         assert all(s is not None and s.connected and s.generation == 1 for s in sessions)

@@ -1,0 +1,36 @@
+"""The agent's named bounds: how much it remembers, how long a text it builds may be,
+and how long a soak may run before it is judged anyway.
+
+Frozen and keyword-only; :class:`agent.service.AgentConfig` carries one, so a deployment
+changes a bound in one place and the engine, the intake and the services all read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Limits"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    known_good: int = 8
+    """Releases remembered as having passed a soak here (swapped back in without one)."""
+    failed: int = 32
+    """Failed releases remembered, so that they are not tried again in their scope."""
+    event_detail_chars: int = 2000
+    event_reason_chars: int = 64
+    rejection_detail_chars: int = 1000
+    """The last rejection shown in the retained state."""
+    storage_reason_chars: int = 200
+    """One failing part of storage, as the state's ``degraded_reason`` tells it."""
+    soak_deadline_factor: float = 3.0
+    """A soak is judged at the latest after this many times its budgeted length (soak
+    seconds, and the time ``min_inferences`` take at the configured rate) ..."""
+    soak_grace_s: float = 5.0
+    """... plus this: a model too slow to reach ``min_inferences`` is judged too."""
+
+    def __post_init__(self) -> None:
+        if min(self.known_good, self.failed) < 1 or self.soak_deadline_factor < 1:
+            msg = "need known_good >= 1, failed >= 1 and soak_deadline_factor >= 1"
+            raise ValueError(msg)

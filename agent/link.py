@@ -1,0 +1,226 @@
+"""The agent's link to the broker: the one place that opens a :class:`Session`.
+
+It keeps a session up (paho reconnects within one; this loop covers a broker that was
+unreachable when the agent started, with the project's backoff), subscribes to the trust
+and the device's class manifest, and hands every message to the agent's dispatcher. On
+every (re)connect it re-asserts the device's retained topics (presence, state, last
+health report) and flushes the outbox: rows are deleted only once the broker acknowledged
+them. State is published on every change and periodically for liveness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from functools import partial
+
+from agent.journal import Journal
+from broker.backoff import RECONNECT, Retry
+from broker.session import Session
+from broker.transport import Endpoint, Message, Transport, TransportError, Will
+from schemas import OFFLINE, ONLINE, DeviceState, HealthReport, encode, topics
+from schemas.topics import DeviceChannel
+
+__all__ = ["Link"]
+
+log = logging.getLogger(__name__)
+
+
+def _only_transport(exc: BaseException) -> bool:
+    """Whether ``exc`` (or every leaf of an exception group) is a lost connection."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_transport(e) for e in exc.exceptions)
+    return isinstance(exc, TransportError)
+
+
+class Link:
+    """The session of one device, while there is one (:attr:`session`)."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        device_id: str,
+        hw_class: str,
+        journal: Journal,
+        dispatch: Callable[[Message], Awaitable[None]],
+        state: Callable[[], DeviceState],
+        last_health: Callable[[], HealthReport | None],
+        reconnect_s: float,
+        retry_s: float,
+        state_interval_s: float,
+        flush_batch: int,
+    ) -> None:
+        self._endpoint = endpoint
+        self._device_id = device_id
+        self._hw_class = hw_class
+        self._journal = journal
+        self._dispatch = dispatch
+        self._state = state
+        self._last_health = last_health
+        policy = replace(
+            RECONNECT, initial=reconnect_s, maximum=max(RECONNECT.maximum, reconnect_s)
+        )
+        self._retry = Retry(policy)
+        self._retry_s = retry_s
+        self._state_interval_s = state_interval_s
+        self._flush_batch = flush_batch
+        self._state_changed = asyncio.Event()
+        self.session: Session | None = None
+
+    @property
+    def transport(self) -> Transport | None:
+        return self.session
+
+    @property
+    def connected(self) -> bool:
+        return self.session is not None and self.session.connected
+
+    def state_changed(self) -> None:
+        """Publish the state soon."""
+        self._state_changed.set()
+
+    async def run(self) -> None:
+        """Keep a session to the broker, for ever."""
+        will = Will(
+            topic=topics.device(self._device_id, DeviceChannel.PRESENCE),
+            payload=OFFLINE,
+            retain=True,
+        )
+        while True:
+            started = time.monotonic()
+            try:
+                async with Session(self._endpoint, client_id=self._device_id, will=will) as session:
+                    await self._linked(session)
+            except Exception as exc:  # whatever ends a session, the next one starts
+                self._retry.linked(time.monotonic() - started)
+                delay = self._retry.next_delay()
+                if _only_transport(exc):
+                    log.warning(
+                        "%s: broker unreachable (%s); serving on, again in %.1f s",
+                        self._device_id,
+                        exc,
+                        delay,
+                    )
+                else:
+                    log.exception("%s: link failed; reconnecting in %.1f s", self._device_id, delay)
+            else:  # pragma: no cover (a session only ends by an error or cancellation)
+                delay = self._retry.next_delay()
+            finally:
+                self.session = None
+            await asyncio.sleep(delay)
+
+    async def _linked(self, session: Session) -> None:
+        await session.subscribe(topics.trust(), topics.class_manifest(self._hw_class))
+        self.session = session
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._reassert_on_connect(session))
+                tg.create_task(self._receive(session))
+                tg.create_task(self._flush_loop(session))
+                tg.create_task(self._state_loop())
+        finally:
+            if session.connected:
+                with contextlib.suppress(TransportError):
+                    await session.publish(
+                        topics.device(self._device_id, DeviceChannel.PRESENCE),
+                        OFFLINE,
+                        retain=True,
+                        timeout=2.0,
+                    )
+
+    async def _reassert_on_connect(self, session: Transport) -> None:
+        async for _ in session.connections():
+            try:
+                await session.publish(
+                    topics.device(self._device_id, DeviceChannel.PRESENCE), ONLINE, retain=True
+                )
+                await self.publish_state()
+                report = self._last_health()
+                if report is not None:
+                    await self.publish_retained(DeviceChannel.HEALTH, encode(report))
+            except TransportError as exc:
+                log.info("%s: re-assert failed: %s", self._device_id, exc)
+            self._journal.ready.set()
+
+    async def _receive(self, session: Transport) -> None:
+        async for message in session.messages():
+            try:
+                await self._dispatch(message)
+            except Exception:  # one bad message must not end the link, nor the agent
+                log.exception("%s: message on %s not handled", self._device_id, message.topic)
+
+    async def _flush_loop(self, session: Transport) -> None:
+        """Send the outbox in order; delete only what the broker acknowledged, and mark
+        the rest sent (the client may still deliver it: it must not be merged)."""
+        journal = self._journal
+        while True:
+            await journal.ready.wait()
+            journal.ready.clear()
+            while session.connected:
+                if not await self._flush_batch_of(session):
+                    break
+
+    async def _flush_batch_of(self, session: Transport) -> bool:
+        """Send one batch; False once the outbox is empty."""
+        journal, outbox = self._journal, self._journal.outbox
+        try:
+            items = await journal.do(partial(outbox.peek, self._flush_batch))
+        except (sqlite3.Error, OSError) as exc:
+            # Storage trouble (in the state) or another writer: try again later.
+            log.info("%s: outbox not readable, retrying: %s", self._device_id, exc)
+            await asyncio.sleep(self._retry_s)
+            return True
+        if not items:
+            return False
+        results = await asyncio.gather(
+            *(session.publish(i.topic, i.payload, qos=1) for i in items),
+            return_exceptions=True,
+        )
+        acked = [i.id for i, r in zip(items, results, strict=True) if r is None]
+        unacked = [i.id for i, r in zip(items, results, strict=True) if r is not None]
+        try:
+            await journal.do(partial(outbox.settle, acked, unacked))
+        except (sqlite3.Error, OSError) as exc:
+            # Acked rows stay and go again: duplicates, which consumers drop.
+            log.info("%s: outbox not settled, retrying: %s", self._device_id, exc)
+            await asyncio.sleep(self._retry_s)
+            return True
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            log.info("%s: %d unsent, retrying: %s", self._device_id, len(failures), failures[0])
+            await asyncio.sleep(self._retry.policy.initial)
+        return True
+
+    async def _state_loop(self) -> None:
+        """Publish state on every change, and periodically for liveness."""
+        while True:
+            self._state_changed.clear()
+            await self.publish_state()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._state_interval_s):
+                    await self._state_changed.wait()
+
+    async def publish_state(self) -> None:
+        await self.publish_retained(DeviceChannel.STATE, encode(self._state()))
+
+    async def publish_retained(self, channel: DeviceChannel, payload: bytes) -> None:
+        """Publish one of the device's retained topics, if linked (else it is
+        re-asserted on the next connect)."""
+        session = self.session
+        if session is None or not session.connected:
+            return
+        try:
+            await session.publish(topics.device(self._device_id, channel), payload, retain=True)
+        except TransportError as exc:
+            log.info(
+                "%s: %s not published (re-asserted on reconnect): %s",
+                self._device_id,
+                channel,
+                exc,
+            )
