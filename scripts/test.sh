@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets up what is missing, then checks everything: ruff (lint and format), mypy --strict,
 # and the test suite against a real Mosquitto. Extra arguments go to pytest.
+# The suite runs in three processes (pytest-xdist): most of its time is spent waiting on
+# brokers, timers and subprocesses, not computing; `-n 0` runs it in one.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
@@ -11,4 +13,4 @@ echo "== ruff" >&2
 echo "== mypy --strict" >&2
 .venv/bin/python -m mypy "${PACKAGES[@]}"
 echo "== pytest" >&2
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest -n 3 "$@"

@@ -1,8 +1,7 @@
 """Shared fixtures for the agent tests: the real demo models and releases naming them.
 
-The models are built once per session (training takes seconds) into a folder under the
-session's base temp dir; the coordinator tests point at the same folder, so whichever
-runs second reuses the files (``build_demo_models`` checks each file's sha256 first).
+The models are built once (training takes seconds) into pytest's cache and shared by every
+test process (``tests.modelcache``).
 """
 
 from __future__ import annotations
@@ -10,17 +9,18 @@ from __future__ import annotations
 import pytest
 
 from agent.runtime import ModelSlot
-from models import INPUT_NAME, DemoModel, DigitsSplit, build_demo_models, load_digits_split
+from models import INPUT_NAME, DemoModel, DigitsSplit, load_digits_split
 from models.export import LABEL_OUTPUT, PROBABILITIES_OUTPUT
 from schemas import ArtifactRef, HealthBudget, Release, Runtime, TensorSpec
+from tests.modelcache import shared_demo_models
 
 # The jetson-vision-standard latency budget: v1/v2 run far below it, the slow build far above.
 BUDGET = HealthBudget(max_error_rate=0.01, p95_latency_ms=10.0, min_inferences=20, soak_seconds=0.0)
 
 
 @pytest.fixture(scope="session")
-def demo_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, DemoModel]:
-    return build_demo_models(tmp_path_factory.getbasetemp() / "demo-models")
+def demo_models(request: pytest.FixtureRequest) -> dict[str, DemoModel]:
+    return shared_demo_models(request.config)
 
 
 @pytest.fixture(scope="session")
