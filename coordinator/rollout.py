@@ -16,15 +16,16 @@ targeted); it rolls back when ``unhealthy / reported > max_failure_ratio`` or wh
 wave outlives its timeout. None of these is decided on counts from an incomplete view of
 the fleet (right after a (re)start or reconnect): until then only the operator's pause,
 resume and abort act. A rollout admitted paused has not ``started``: no manifest carries
-it until it is resumed.
+it until it is resumed. Every decision but a wait or a resume says why, as a
+:class:`coordinator.reasons.RolloutReason` (a cause with its wave and counts): the record
+keeps its text and its cause, which the status publishes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Final
 
@@ -222,5 +223,5 @@ def step(
         return Step(action, record.model_copy(update={"counts": counts, "updated_at": now}), None)
     if reason is not None:
         quoted = tuple(unhealthy()) if action is Action.ROLL_BACK and counts.unhealthy else ()
-        reason = dataclasses.replace(reason, quoted=quoted, chars=reason_chars)
+        reason = replace(reason, quoted=quoted, chars=reason_chars)
     return Step(action, apply(record, action, reason, counts, now), reason)
