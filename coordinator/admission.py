@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.profiles import AccuracyGate, ClassProfile
+from coordinator.reasons import RolloutReason
 from coordinator.validate import ModelFacts, golden_problems
 from coordinator.variants import Built, rank_variants
 from models.datafile import DataSet, load_dataset
 from models.gate import GateReport, Scored, judge, score_model
-from schemas import Release, RolloutSpec, UsageError
+from schemas import Cause, Release, RolloutSpec, UsageError
 
 __all__ = ["Scores", "Selection", "first_passing", "gate_data", "select_releases"]
 
@@ -35,6 +36,19 @@ class Selection:
     problems: tuple[str, ...]
     notes: tuple[str, ...]
     """What the gate measured for each class, for the audit log."""
+    cause: Cause | None = None
+    """What kind of check the problems failed; None when there are none."""
+
+    def __post_init__(self) -> None:
+        if bool(self.problems) != (self.cause is not None):
+            msg = f"a selection with problems {self.problems!r} and cause {self.cause}"
+            raise UsageError(msg)
+
+    def refusal(self, chars: int) -> RolloutReason | None:
+        """Why the spec is rejected, its text bounded to ``chars``; None when admitted."""
+        if self.cause is None:
+            return None
+        return RolloutReason(cause=self.cause, problems=self.problems, chars=chars)
 
 
 def select_releases(
@@ -48,10 +62,10 @@ def select_releases(
     release each class runs now and its model bytes (classes without one are absent)."""
     built, problems = _build(spec, blobs)
     if problems:
-        return Selection({}, tuple(problems), ())
+        return Selection({}, tuple(problems), (), Cause.INVALID_CANDIDATE)
     ranking = rank_variants(built, profiles, spec.classes)
     if ranking.problems:
-        return Selection({}, ranking.problems, ())
+        return Selection({}, ranking.problems, (), Cause.INVALID_CANDIDATE)
     gates = _Gates(stables, datasets_dir, Scores(blobs))
     releases: dict[str, Release] = {}
     notes: list[str] = [f"left out: {line}" for line in ranking.ignored]
@@ -72,7 +86,7 @@ def select_releases(
             health=profile.health,
         )
     if problems:
-        return Selection({}, tuple(problems), tuple(notes))
+        return Selection({}, tuple(problems), tuple(notes), Cause.GATE_FAILED)
     return Selection(releases, (), tuple(notes))
 
 

@@ -27,6 +27,7 @@ from coordinator.store import ClassRecord, CoordinatorStore, Refusal
 from schemas import (
     ArtifactMeta,
     ArtifactRef,
+    Cause,
     Phase,
     RejectedError,
     RolloutStatus,
@@ -249,6 +250,7 @@ class Core:
                 releases={name: r.release_id for name, r in record.candidates.items()},
                 # Bounded again here: a record stored before reasons were bounded.
                 reason=None if record.reason is None else self.bound(record.reason),
+                cause=record.cause,
                 updated_at=record.updated_at,
             )
         refusal = self.refusals.get(rollout_id)
@@ -263,5 +265,6 @@ class Core:
             counts=WaveCounts(),
             classes=(),
             reason=self.bound(refusal.reason),
+            cause=Cause.SPEC_REFUSED,
             updated_at=refusal.at,
         )

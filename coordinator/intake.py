@@ -20,10 +20,11 @@ from coordinator.admission import Selection, select_releases
 from coordinator.core import Core
 from coordinator.fetching import Fetcher
 from coordinator.keeper import Keeper
+from coordinator.reasons import RolloutReason
 from coordinator.signer import Signer
 from coordinator.specs import Arrival, Claim, Verdict
 from coordinator.store import Refusal
-from schemas import Phase, RejectedError, RolloutSpec, topics
+from schemas import Cause, Phase, RejectedError, RolloutSpec, topics
 
 __all__ = ["Intake"]
 
@@ -140,7 +141,7 @@ class Intake:
             Phase.ROLLED_BACK,
             profiles=core.config.profiles,
             candidates={},
-            reason="aborted by operator",
+            reason=RolloutReason(cause=Cause.OPERATOR_ABORT),
         )
         await core.save(aborted, "aborted", "before admission")
 
@@ -149,7 +150,12 @@ class Intake:
         problems = specs.claim_problems(
             spec, core.config.profiles, core.rollouts.values(), core.claims
         )
-        # Problems quote the spec (class names): bounded where joined.
+        # Problems quote the spec (class names): bounded where rendered.
+        why = RolloutReason(
+            cause=Cause.CLASSES_UNAVAILABLE,
+            problems=tuple(problems),
+            chars=core.limits.reason_chars,
+        )
         rejected = specs.new_record(
             spec,
             payload,
@@ -157,7 +163,7 @@ class Intake:
             Phase.REJECTED,
             profiles=core.config.profiles,
             candidates={},
-            reason=core.bound("; ".join(problems)),
+            reason=why,
         )
         await core.save(rejected, "rejected", rejected.reason or "")
         core.named |= spec.candidate.artifacts()
@@ -259,7 +265,8 @@ class Intake:
                 if held is not None and held[0].generation > spec.generation
                 else (spec, payload)
             )
-            phase, reason = specs.admitted_phase(selection.problems, newest)
+            refusal = selection.refusal(core.limits.reason_chars)
+            phase, reason = specs.admitted_phase(refusal, newest)
             wave = 0
             if phase is Phase.WAVE:
                 status = specs.retained_status(core.retained_statuses.get(spec.id))
@@ -277,7 +284,7 @@ class Intake:
                 phase,
                 profiles=core.config.profiles,
                 candidates=selection.releases,
-                reason=core.bound("; ".join(selection.problems) or reason or ""),
+                reason=reason,
             ).model_copy(
                 update={
                     "generation": newest.generation,
@@ -286,9 +293,9 @@ class Intake:
                     "wave": wave,
                 }
             )
-            verdict = "rejected" if selection.problems else "admitted"
+            verdict = "admitted" if refusal is None else "rejected"
             await core.save(record, verdict, record.reason or phase.value)
-        await self._publish_admitted(spec, record.phase, rejected=bool(selection.problems))
+        await self._publish_admitted(spec, record.phase, rejected=refusal is not None)
 
     async def _publish_admitted(self, spec: RolloutSpec, phase: Phase, *, rejected: bool) -> None:
         core = self._core
@@ -327,7 +334,8 @@ class Intake:
                 name: (stable, await self._fetcher.get(stable.artifact)) for name, stable in gated
             }
         except (RejectedError, FetchFailed, TimeoutError) as exc:
-            return Selection({}, (f"artifact: {str(exc) or 'not found in time'}",), ())
+            problem = f"artifact: {str(exc) or 'not found in time'}"
+            return Selection({}, (problem,), (), Cause.ARTIFACT_UNAVAILABLE)
         return await asyncio.to_thread(
             select_releases,
             spec,

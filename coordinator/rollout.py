@@ -16,21 +16,23 @@ targeted); it rolls back when ``unhealthy / reported > max_failure_ratio`` or wh
 wave outlives its timeout. None of these is decided on counts from an incomplete view of
 the fleet (right after a (re)start or reconnect): until then only the operator's pause,
 resume and abort act. A rollout admitted paused has not ``started``: no manifest carries
-it until it is resumed.
+it until it is resumed. Every decision but a wait or a resume says why, as a
+:class:`coordinator.reasons.RolloutReason` (a cause with its wave and counts): the record
+keeps its text and its cause, which the status publishes.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Final
 
 from pydantic import BaseModel, ConfigDict
 
-from schemas import Desired, Phase, Release, UsageError, WaveCounts
-from schemas.errors import bound_text
+from coordinator.reasons import RolloutReason
+from schemas import Cause, Desired, Phase, Release, UsageError, WaveCounts
 from schemas.manifest import BUCKETS as BUCKETS_ALL
 
 __all__ = ["TRANSITIONS", "Action", "RolloutRecord", "Step", "apply", "cutoff_bp", "decide", "step"]
@@ -79,6 +81,9 @@ class RolloutRecord(BaseModel):
     wave_started_at: float
     counts: WaveCounts = WaveCounts()
     reason: str | None = None
+    """The text of the last reason recorded, as the status shows it."""
+    cause: Cause | None = None
+    """Its cause; None in records stored before causes were (their text stands alone)."""
     updated_at: float
     started: bool = True
     """False while a rollout admitted paused has not yet been resumed: no manifest
@@ -104,7 +109,7 @@ def decide(
     now: float,
     *,
     fleet_known: bool = True,
-) -> tuple[Action, str | None]:
+) -> tuple[Action, RolloutReason | None]:
     """What to do next, and why (for the status and the audit log).
 
     ``fleet_known`` says the counts stand on a complete view of the fleet (the
@@ -120,45 +125,45 @@ def decide(
     return _judge(record, counts, now)
 
 
-def _wish(phase: Phase, desired: Desired) -> tuple[Action, str | None] | None:
+def _wish(phase: Phase, desired: Desired) -> tuple[Action, RolloutReason | None] | None:
     """What the operator's desired state decides on its own, if anything."""
     if desired is Desired.ABORTED:
-        return Action.ROLL_BACK, "aborted by operator"
+        return Action.ROLL_BACK, RolloutReason(cause=Cause.OPERATOR_ABORT)
     if phase is Phase.PAUSED:
         return (Action.RESUME, None) if desired is Desired.ACTIVE else (Action.WAIT, None)
     if desired is Desired.PAUSED:
-        return Action.PAUSE, "paused by operator"
+        return Action.PAUSE, RolloutReason(cause=Cause.OPERATOR_PAUSE)
     return None
 
 
-def _judge(record: RolloutRecord, counts: WaveCounts, now: float) -> tuple[Action, str | None]:
+def _judge(
+    record: RolloutRecord, counts: WaveCounts, now: float
+) -> tuple[Action, RolloutReason | None]:
     """A wave's verdict on the counts of a complete view of the fleet."""
-    wave_no = record.wave + 1
     last = record.wave == len(record.waves_percent) - 1
+    action, cause = Action.WAIT, None
     if counts.reported and counts.unhealthy / counts.reported > record.max_failure_ratio:
-        return (
-            Action.ROLL_BACK,
-            f"wave {wave_no}: {counts.unhealthy} of {counts.reported} reporting devices unhealthy",
-        )
+        action, cause = Action.ROLL_BACK, Cause.UNHEALTHY
     # Divide rather than multiply: 55 / 100 >= 0.55 holds, 55 >= 0.55 * 100 does not.
-    if counts.targeted and counts.healthy / counts.targeted >= record.success_ratio:
-        return (Action.COMPLETE if last else Action.ADVANCE), (
-            f"wave {wave_no}: {counts.healthy} of {counts.targeted} devices healthy"
-        )
-    if counts.members == 0 and counts.targeted == 0 and not last:
+    elif counts.targeted and counts.healthy / counts.targeted >= record.success_ratio:
+        action, cause = (Action.COMPLETE if last else Action.ADVANCE), Cause.PROMOTED
+    elif counts.members == 0 and counts.targeted == 0 and not last:
         # A small fleet's early wave can hold no device: nothing to wait for. The last
         # wave never passes empty, so a candidate is never promoted on no evidence.
-        return Action.ADVANCE, f"wave {wave_no}: reaches no device"
-    if now - record.wave_started_at > record.wave_timeout_s:
-        return (
-            Action.ROLL_BACK,
-            f"wave {wave_no}: timed out with {counts.healthy} of {counts.targeted} healthy",
-        )
-    return Action.WAIT, None
+        action, cause = Action.ADVANCE, Cause.EMPTY_WAVE
+    elif now - record.wave_started_at > record.wave_timeout_s:
+        action, cause = Action.ROLL_BACK, Cause.TIMED_OUT
+    if cause is None:
+        return action, None
+    return action, RolloutReason(cause=cause, wave=record.wave, counts=counts)
 
 
 def apply(
-    record: RolloutRecord, action: Action, reason: str | None, counts: WaveCounts, now: float
+    record: RolloutRecord,
+    action: Action,
+    reason: RolloutReason | None,
+    counts: WaveCounts,
+    now: float,
 ) -> RolloutRecord:
     """The record after ``action``.
 
@@ -172,7 +177,7 @@ def apply(
         raise UsageError(msg) from None
     changes: dict[str, object] = {"phase": phase, "counts": counts, "updated_at": now}
     if reason is not None:
-        changes["reason"] = reason
+        changes.update(reason=str(reason), cause=reason.cause)
     if action is Action.ADVANCE:
         changes.update(wave=record.wave + 1, wave_started_at=now, counts=WaveCounts())
     elif action is Action.COMPLETE:
@@ -188,7 +193,7 @@ class Step:
 
     action: Action
     record: RolloutRecord
-    reason: str | None
+    reason: RolloutReason | None
 
     @property
     def transition(self) -> bool:
@@ -208,14 +213,15 @@ def step(
 ) -> Step | None:
     """Decide on ``record`` given the counts of its wave; None when nothing changed.
 
-    ``unhealthy`` gives the devices' own words (``device: reasons``) that a failure
-    rollback quotes; the reason is bounded to ``reason_chars`` where it is built.
+    ``unhealthy`` gives the devices' own words (``device: reasons``) that a rollback
+    quotes when some are unhealthy; the reason's text is bounded to ``reason_chars``.
     """
     action, reason = decide(record, counts, record.desired, now, fleet_known=fleet_known)
     if action is Action.WAIT:
         if counts == record.counts:
             return None
         return Step(action, record.model_copy(update={"counts": counts, "updated_at": now}), None)
-    if action is Action.ROLL_BACK and counts.unhealthy:
-        reason = bound_text(f"{reason} ({'; '.join(unhealthy())})", reason_chars)
+    if reason is not None:
+        quoted = tuple(unhealthy()) if action is Action.ROLL_BACK and counts.unhealthy else ()
+        reason = replace(reason, quoted=quoted, chars=reason_chars)
     return Step(action, apply(record, action, reason, counts, now), reason)

@@ -23,22 +23,24 @@ out; every pair :func:`standing` can produce has a row.
 
 A verified spec is admitted in two steps: :data:`Verdict.ADMIT` reserves its classes
 (the validation runs outside the lock), then :func:`admitted_phase` decides the phase
-from the validation's problems and the newest generation held meanwhile.
+from the validation's refusal and the newest generation held meanwhile.
 Pure: no clock, store or broker; ``now`` is passed in.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
 from coordinator.profiles import ClassProfile, rollout_policy
+from coordinator.reasons import RolloutReason
 from coordinator.rollout import RolloutRecord
 from coordinator.store import Refusal
 from schemas import (
+    Cause,
     Desired,
     Phase,
     Reason,
@@ -49,7 +51,6 @@ from schemas import (
     TrustedState,
     decode,
 )
-from schemas.errors import bound_text
 
 __all__ = [
     "TABLE",
@@ -162,8 +163,8 @@ class Problem:
     detail: str
 
     def text(self, limit: int) -> str:
-        """The refusal as stored and published."""
-        return bound_text(f"spec refused: {self.detail}", limit)
+        """The refusal as stored and published (its cause: ``spec_refused``)."""
+        return str(RolloutReason(cause=Cause.SPEC_REFUSED, problems=(self.detail,), chars=limit))
 
 
 @dataclass(frozen=True)
@@ -300,9 +301,9 @@ def new_record(
     *,
     profiles: Mapping[str, ClassProfile],
     candidates: dict[str, Release],
-    reason: str | None,
+    reason: RolloutReason | None,
 ) -> RolloutRecord:
-    """The record of ``spec`` entering ``phase``; ``reason`` already bounded."""
+    """The record of ``spec`` entering ``phase``, and why."""
     policy = rollout_policy(spec, profiles)
     return RolloutRecord(
         id=spec.id,
@@ -319,7 +320,8 @@ def new_record(
         phase=phase,
         wave=0,
         wave_started_at=now,
-        reason=reason or None,
+        reason=None if reason is None else str(reason),
+        cause=None if reason is None else reason.cause,
         updated_at=now,
         started=phase is not Phase.PAUSED,
     )
@@ -332,12 +334,18 @@ def finished_record(
     status: RolloutStatus,
     profiles: Mapping[str, ClassProfile],
 ) -> RolloutRecord:
-    """A rollout recorded as its retained status says it ended."""
+    """A rollout recorded as its retained status says it ended, and why."""
     record = new_record(
-        spec, payload, now, status.phase, profiles=profiles, candidates={}, reason=status.reason
+        spec, payload, now, status.phase, profiles=profiles, candidates={}, reason=None
     )
     return record.model_copy(
-        update={"wave": status.wave, "counts": status.counts, "updated_at": status.updated_at}
+        update={
+            "wave": status.wave,
+            "counts": status.counts,
+            "reason": status.reason,
+            "cause": status.cause,
+            "updated_at": status.updated_at,
+        }
     )
 
 
@@ -348,13 +356,16 @@ def new_generation(current: RolloutRecord, spec: RolloutSpec, payload: bytes) ->
     )
 
 
-def admitted_phase(problems: Sequence[str], newest: RolloutSpec) -> tuple[Phase, str | None]:
-    """The phase a validated spec is admitted in, decided by the newest generation that
-    came meanwhile: an abort or pause is never preceded by a wave-0 manifest."""
-    if problems:
-        return Phase.REJECTED, None
+def admitted_phase(
+    refusal: RolloutReason | None, newest: RolloutSpec
+) -> tuple[Phase, RolloutReason | None]:
+    """The phase a validated spec is admitted in, and why: rejected when the validation
+    refused it, else decided by the newest generation that came meanwhile (an abort or
+    pause is never preceded by a wave-0 manifest)."""
+    if refusal is not None:
+        return Phase.REJECTED, refusal
     if newest.desired is Desired.ABORTED:
-        return Phase.ROLLED_BACK, "aborted by operator"
+        return Phase.ROLLED_BACK, RolloutReason(cause=Cause.OPERATOR_ABORT)
     if newest.desired is Desired.PAUSED:
         return Phase.PAUSED, None
     return Phase.WAVE, None

@@ -142,4 +142,6 @@ class Ticker:
                 for name, release in step.record.candidates.items():
                     current = core.classes.get(name, ClassRecord(name=name))
                     await core.put_class(current.model_copy(update={"stable": release}))
-        await core.save(step.record, step.action.value, step.reason or "")
+        await core.save(
+            step.record, step.action.value, "" if step.reason is None else str(step.reason)
+        )

@@ -197,7 +197,9 @@ def _status_line(status: RolloutStatus) -> str:
         f"release {release} members {c.members} targeted {c.targeted} "
         f"updated {c.updated} healthy {c.healthy} unhealthy {c.unhealthy}"
     )
-    return line + (f" — {status.reason}" if status.reason else "")
+    if status.reason:
+        line += f" — {status.reason}"
+    return line + (f" [{status.cause.value}]" if status.cause is not None else "")
 
 
 def _rollout_status(args: argparse.Namespace) -> int:

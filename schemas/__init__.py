@@ -44,6 +44,7 @@ from schemas.manifest import (
 from schemas.rollout import (
     ROLLOUT_SPEC_KIND,
     Candidate,
+    Cause,
     Desired,
     Phase,
     RolloutSpec,
@@ -68,6 +69,7 @@ __all__ = [
     "ArtifactMeta",
     "ArtifactRef",
     "Candidate",
+    "Cause",
     "Desired",
     "DeviceState",
     "EdgefleetError",

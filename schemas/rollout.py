@@ -21,6 +21,7 @@ __all__ = [
     "MAX_REASON_CHARS",
     "ROLLOUT_SPEC_KIND",
     "Candidate",
+    "Cause",
     "Desired",
     "Phase",
     "RolloutSpec",
@@ -125,6 +126,32 @@ class Phase(StrEnum):
         return self in {Phase.COMPLETED, Phase.ROLLED_BACK, Phase.REJECTED}
 
 
+class Cause(StrEnum):
+    """Why a rollout is where it is: the machine-readable half of a status's reason
+    (the text beside it is for people). Stable strings on the wire."""
+
+    OPERATOR_ABORT = "operator_abort"
+    OPERATOR_PAUSE = "operator_pause"
+    UNHEALTHY = "unhealthy"
+    """More of the wave's reporting devices are unhealthy than ``max_failure_ratio``."""
+    PROMOTED = "promoted"
+    """Enough of the wave's targeted devices are healthy: the next wave, or completion."""
+    EMPTY_WAVE = "empty_wave"
+    """An early wave that holds no device, passed over."""
+    TIMED_OUT = "timed_out"
+    SPEC_REFUSED = "spec_refused"
+    """Spec bytes that cannot be acted on (signature, schema, replayed under another id)."""
+    CLASSES_UNAVAILABLE = "classes_unavailable"
+    """Classes no profile knows, or that another rollout holds."""
+    ARTIFACT_UNAVAILABLE = "artifact_unavailable"
+    """An artifact the spec names could not be fetched whole and checked in time."""
+    INVALID_CANDIDATE = "invalid_candidate"
+    """A variant does not load, lies about its inputs or outputs, fails its golden
+    vectors, or some class has no fitting variant."""
+    GATE_FAILED = "gate_failed"
+    """Some class has no variant that passes its accuracy gate."""
+
+
 class WaveCounts(WireModel):
     members: int = 0
     """Devices known to be in the wave, online or not."""
@@ -152,4 +179,7 @@ class RolloutStatus(WireModel):
     releases: dict[str, str] = Field(default_factory=dict)
     """Class -> the release id (name, variant, digest) its manifest names."""
     reason: str | None = Field(default=None, max_length=MAX_REASON_CHARS)
+    cause: Cause | None = None
+    """What ``reason`` says, for machines; None when there is no reason, or from a
+    coordinator that did not send one."""
     updated_at: float

@@ -17,7 +17,17 @@ from coordinator.intake import Intake
 from coordinator.keeper import Keeper
 from coordinator.signer import Signer
 from coordinator.store import CoordinatorStore
-from schemas import Desired, KeyPair, Phase, RolloutStatus, WaveCounts, decode, encode, topics
+from schemas import (
+    Cause,
+    Desired,
+    KeyPair,
+    Phase,
+    RolloutStatus,
+    WaveCounts,
+    decode,
+    encode,
+    topics,
+)
 from tests.coordinator.kit import ScriptedTransport, make_config, sign_spec
 from tests.coordinator.records import T0, make_record
 
@@ -73,7 +83,7 @@ def test_junk_is_refused_once_and_the_oldest_refusals_are_forgotten(tmp_path: Pa
         for i in range(4):
             status = rig.statuses(f"junk-{i}")[0]
             assert status is not None
-            assert status.phase is Phase.REJECTED
+            assert (status.phase, status.cause) == (Phase.REJECTED, Cause.SPEC_REFUSED)
             assert (status.reason or "").startswith("spec refused: malformed")
         # Beyond the two kept, the oldest's status and spec are cleared.
         for i in (0, 1):
@@ -99,14 +109,19 @@ def test_an_abort_before_admission_is_recorded_and_names_no_manifest(tmp_path: P
         payload = sign_spec(rig.operator, "r1", desired=Desired.ABORTED)
         await rig.intake.on_spec("r1", payload)
         record = rig.core.rollouts["r1"]
-        assert (record.phase, record.reason, record.candidates) == (
+        assert (record.phase, record.reason, record.cause, record.candidates) == (
             Phase.ROLLED_BACK,
             "aborted by operator",
+            Cause.OPERATOR_ABORT,
             {},
         )
         status = rig.statuses("r1")[-1]
         assert status is not None
-        assert status.phase is Phase.ROLLED_BACK
+        assert (status.phase, status.reason, status.cause) == (
+            Phase.ROLLED_BACK,
+            "aborted by operator",
+            Cause.OPERATOR_ABORT,
+        )
         assert not any("/manifest" in t for t, _ in rig.transport.published)
 
     _run(tmp_path, abort)
@@ -117,11 +132,11 @@ def test_a_spec_for_classes_in_a_live_rollout_is_rejected(tmp_path: Path) -> Non
         rig.core.rollouts["live"] = make_record(id="live")
         await rig.intake.on_spec("r2", sign_spec(rig.operator, "r2"))
         record = rig.core.rollouts["r2"]
-        assert record.phase is Phase.REJECTED
+        assert (record.phase, record.cause) == (Phase.REJECTED, Cause.CLASSES_UNAVAILABLE)
         assert record.reason == "classes already in rollout ['live']"
         status = rig.statuses("r2")[-1]
         assert status is not None
-        assert status.reason == record.reason
+        assert (status.reason, status.cause) == (record.reason, Cause.CLASSES_UNAVAILABLE)
 
     _run(tmp_path, conflict)
 

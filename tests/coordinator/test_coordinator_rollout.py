@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 
+from coordinator.reasons import RolloutReason
 from coordinator.rollout import (
     TRANSITIONS,
     Action,
@@ -17,7 +18,7 @@ from coordinator.rollout import (
     decide,
     step,
 )
-from schemas import Desired, Phase, UsageError, WaveCounts
+from schemas import Cause, Desired, Phase, UsageError, WaveCounts
 
 T0 = 1_700_000_000.0
 ACTIVE = Desired.ACTIVE
@@ -25,6 +26,10 @@ ACTIVE = Desired.ACTIVE
 
 def _with(record: RolloutRecord, **changes: object) -> RolloutRecord:
     return record.model_copy(update=changes)
+
+
+def _why(cause: Cause, wave: int, counts: WaveCounts) -> RolloutReason:
+    return RolloutReason(cause=cause, wave=wave, counts=counts)
 
 
 def _step(record: RolloutRecord, counts: WaveCounts, desired: Desired, now: float) -> RolloutRecord:
@@ -56,17 +61,21 @@ def test_wave_with_every_targeted_device_healthy_advances_then_completes(
     for wave, cutoff in [(1, 5000), (2, 10000)]:
         action, reason = decide(record, healthy, ACTIVE, now)
         assert action is Action.ADVANCE
-        assert reason == f"wave {wave}: 4 of 4 devices healthy"
+        assert reason == _why(Cause.PROMOTED, wave - 1, healthy)
+        assert str(reason) == f"wave {wave}: 4 of 4 devices healthy"
         record = apply(record, action, reason, healthy, now)
         assert (record.phase, record.wave, cutoff_bp(record)) == (Phase.WAVE, wave, cutoff)
+        assert (record.reason, record.cause) == (str(reason), Cause.PROMOTED)
         assert record.wave_started_at == now
         assert record.counts == WaveCounts()  # the next wave starts counting afresh
         now += 60.0
 
     action, reason = decide(record, healthy, ACTIVE, now)
     assert action is Action.COMPLETE
+    assert reason == _why(Cause.PROMOTED, 2, healthy)
+    assert str(reason) == "wave 3: 4 of 4 devices healthy"
     done = apply(record, action, reason, healthy, now)
-    assert (done.phase, done.wave) == (Phase.COMPLETED, 3)
+    assert (done.phase, done.wave, done.cause) == (Phase.COMPLETED, 3, Cause.PROMOTED)
     assert done.phase.final
     assert cutoff_bp(done) == 10000
 
@@ -97,10 +106,9 @@ def test_wave_whose_members_are_all_offline_is_not_promoted(record: RolloutRecor
 
 
 def test_early_wave_reaching_no_device_is_passed_over(record: RolloutRecord) -> None:
-    assert decide(record, WaveCounts(), ACTIVE, T0 + 1.0) == (
-        Action.ADVANCE,
-        "wave 1: reaches no device",
-    )
+    action, reason = decide(record, WaveCounts(), ACTIVE, T0 + 1.0)
+    assert (action, reason) == (Action.ADVANCE, _why(Cause.EMPTY_WAVE, 0, WaveCounts()))
+    assert str(reason) == "wave 1: reaches no device"
 
 
 def test_empty_wave_is_not_passed_over_before_the_fleet_is_known(record: RolloutRecord) -> None:
@@ -144,17 +152,20 @@ def test_last_wave_reaching_no_device_never_completes(record: RolloutRecord) -> 
     """No candidate becomes stable on no evidence: the empty last wave times out."""
     last = _with(record, wave=2)
     assert decide(last, WaveCounts(), ACTIVE, T0 + 1.0) == (Action.WAIT, None)
-    assert decide(last, WaveCounts(), ACTIVE, T0 + 601.0)[0] is Action.ROLL_BACK
+    action, reason = decide(last, WaveCounts(), ACTIVE, T0 + 601.0)
+    assert (action, reason) == (Action.ROLL_BACK, _why(Cause.TIMED_OUT, 2, WaveCounts()))
+    assert str(reason) == "wave 3: timed out with 0 of 0 healthy"
 
 
 def test_one_unhealthy_of_one_reported_rolls_back_at_zero_tolerance(record: RolloutRecord) -> None:
     counts = WaveCounts(targeted=5, updated=1, unhealthy=1)
     action, reason = decide(record, counts, ACTIVE, T0 + 5.0)
     assert action is Action.ROLL_BACK
-    assert reason == "wave 1: 1 of 1 reporting devices unhealthy"
+    assert reason == _why(Cause.UNHEALTHY, 0, counts)
+    assert str(reason) == "wave 1: 1 of 1 reporting devices unhealthy"
     rolled = apply(record, action, reason, counts, T0 + 5.0)
     assert rolled.phase is Phase.ROLLED_BACK
-    assert rolled.reason == reason
+    assert (rolled.reason, rolled.cause) == (str(reason), Cause.UNHEALTHY)
     assert rolled.counts == counts
 
 
@@ -177,7 +188,8 @@ def test_wave_outliving_its_timeout_rolls_back(record: RolloutRecord) -> None:
     assert decide(record, counts, ACTIVE, deadline) == (Action.WAIT, None)
     action, reason = decide(record, counts, ACTIVE, deadline + 0.001)
     assert action is Action.ROLL_BACK
-    assert reason == "wave 1: timed out with 2 of 3 healthy"
+    assert reason == _why(Cause.TIMED_OUT, 0, counts)
+    assert str(reason) == "wave 1: timed out with 2 of 3 healthy"
 
 
 def test_operator_pause_holds_the_wave_and_resume_restarts_its_clock(
@@ -185,7 +197,11 @@ def test_operator_pause_holds_the_wave_and_resume_restarts_its_clock(
 ) -> None:
     all_healthy = WaveCounts(targeted=2, updated=2, healthy=2)
     paused = _step(record, all_healthy, Desired.PAUSED, T0 + 10.0)
-    assert (paused.phase, paused.reason) == (Phase.PAUSED, "paused by operator")
+    assert (paused.phase, paused.reason, paused.cause) == (
+        Phase.PAUSED,
+        "paused by operator",
+        Cause.OPERATOR_PAUSE,
+    )
 
     # Paused: no promotion however good the counts, and no timeout either.
     much_later = T0 + 10 * record.wave_timeout_s
@@ -195,6 +211,8 @@ def test_operator_pause_holds_the_wave_and_resume_restarts_its_clock(
     nobody_yet = WaveCounts(members=2)
     resumed = _step(paused, nobody_yet, ACTIVE, much_later)
     assert (resumed.phase, resumed.wave, resumed.wave_started_at) == (Phase.WAVE, 0, much_later)
+    # A resume gives no reason of its own: the pause's stays, text and cause alike.
+    assert (resumed.reason, resumed.cause) == ("paused by operator", Cause.OPERATOR_PAUSE)
     assert decide(resumed, nobody_yet, ACTIVE, much_later + 1.0) == (Action.WAIT, None)
 
 
@@ -203,8 +221,14 @@ def test_operator_abort_rolls_back_from_a_wave_or_a_pause(
     record: RolloutRecord, phase: Phase
 ) -> None:
     healthy = WaveCounts(targeted=2, updated=2, healthy=2)
+    action, reason = decide(_with(record, phase=phase), healthy, Desired.ABORTED, T0 + 1.0)
+    assert (action, reason) == (Action.ROLL_BACK, RolloutReason(cause=Cause.OPERATOR_ABORT))
     aborted = _step(_with(record, phase=phase), healthy, Desired.ABORTED, T0 + 1.0)
-    assert (aborted.phase, aborted.reason) == (Phase.ROLLED_BACK, "aborted by operator")
+    assert (aborted.phase, aborted.reason, aborted.cause) == (
+        Phase.ROLLED_BACK,
+        "aborted by operator",
+        Cause.OPERATOR_ABORT,
+    )
 
 
 @pytest.mark.parametrize(
@@ -220,9 +244,12 @@ def test_action_not_allowed_in_a_phase_is_a_usage_error(
 # -- one tick of one rollout (``step``) -----------------------------------------------
 
 
+QUOTED = ("cam-1: " + "p95 latency too high " * 20, "cam-2: error rate")
+
+
 def _tick(record: RolloutRecord, counts: WaveCounts, now: float = T0 + 1.0) -> object:
     def quoted() -> list[str]:
-        return ["cam-1: " + "p95 latency too high " * 20, "cam-2: error rate"]
+        return list(QUOTED)
 
     return step(record, counts, now, fleet_known=True, unhealthy=quoted, reason_chars=120)
 
@@ -247,22 +274,51 @@ def test_new_counts_without_a_decision_refresh_the_record_but_are_no_transition(
 
 
 def test_a_failure_rollback_quotes_the_devices_within_the_bound(record: RolloutRecord) -> None:
-    result = _tick(record, WaveCounts(members=2, targeted=2, updated=2, unhealthy=1))
+    counts = WaveCounts(members=2, targeted=2, updated=2, unhealthy=1)
+    result = _tick(record, counts)
     assert isinstance(result, Step)
     assert result.transition
     assert result.action is Action.ROLL_BACK
     assert result.record.phase is Phase.ROLLED_BACK
     assert result.reason is not None
-    assert result.reason.startswith("wave 1: 1 of 1 reporting devices unhealthy (cam-1: p95")
-    assert len(result.reason) == 120
-    assert result.record.reason == result.reason
+    assert (result.reason.cause, result.reason.wave, result.reason.counts) == (
+        Cause.UNHEALTHY,
+        0,
+        counts,
+    )
+    assert result.reason.quoted == QUOTED
+    text = str(result.reason)
+    assert text.startswith("wave 1: 1 of 1 reporting devices unhealthy (cam-1: p95")
+    assert len(text) == 120
+    assert text.endswith("…")
+    assert (result.record.reason, result.record.cause) == (text, Cause.UNHEALTHY)
+
+
+def test_an_abort_with_unhealthy_devices_quotes_them(record: RolloutRecord) -> None:
+    aborting = _with(record, desired=Desired.ABORTED)
+    result = _tick(aborting, WaveCounts(members=2, targeted=2, updated=2, healthy=1, unhealthy=1))
+    assert isinstance(result, Step)
+    assert result.reason is not None
+    assert (result.reason.cause, result.reason.quoted) == (Cause.OPERATOR_ABORT, QUOTED)
+    assert str(result.reason).startswith("aborted by operator (cam-1: p95 latency too high")
+
+
+def test_a_pause_quotes_no_device(record: RolloutRecord) -> None:
+    pausing = _with(record, desired=Desired.PAUSED)
+    result = _tick(pausing, WaveCounts(members=2, targeted=2, updated=2, unhealthy=1))
+    assert isinstance(result, Step)
+    assert result.reason == RolloutReason(cause=Cause.OPERATOR_PAUSE, chars=120)
+    assert str(result.reason) == "paused by operator"
 
 
 def test_a_timeout_rollback_quotes_no_device(record: RolloutRecord) -> None:
     late = T0 + record.wave_timeout_s + 1.0
     result = _tick(record, WaveCounts(members=2, targeted=2), now=late)
     assert isinstance(result, Step)
-    assert result.reason == "wave 1: timed out with 0 of 2 healthy"
+    assert result.reason is not None
+    assert (result.reason.cause, result.reason.quoted) == (Cause.TIMED_OUT, ())
+    assert str(result.reason) == "wave 1: timed out with 0 of 2 healthy"
+    assert result.record.cause is Cause.TIMED_OUT
 
 
 def test_a_promotion_is_a_transition_to_the_next_wave(record: RolloutRecord) -> None:
@@ -273,3 +329,6 @@ def test_a_promotion_is_a_transition_to_the_next_wave(record: RolloutRecord) -> 
         1,
         WaveCounts(),
     )
+    assert result.reason is not None
+    assert (result.reason.cause, result.reason.quoted) == (Cause.PROMOTED, ())
+    assert str(result.reason) == "wave 1: 1 of 1 devices healthy"

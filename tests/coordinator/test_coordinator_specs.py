@@ -9,12 +9,14 @@ import pytest
 
 from coordinator import specs
 from coordinator.profiles import ClassProfile
+from coordinator.reasons import RolloutReason
 from coordinator.rollout import RolloutRecord
 from coordinator.specs import Arrival, Claim, Kind, Verdict
 from coordinator.store import Refusal
 from schemas import (
     ROLLOUT_SPEC_KIND,
     Candidate,
+    Cause,
     Desired,
     KeyPair,
     Phase,
@@ -167,7 +169,8 @@ def test_forged_bytes_are_invalid_with_the_signature_reason(trusted: TrustedStat
     assert forged.kind is Kind.INVALID
     assert forged.problem is not None
     assert forged.problem.reason is Reason.UNKNOWN_KEY
-    assert forged.problem.text(LIMIT).startswith("spec refused: ")
+    assert forged.problem.text(LIMIT) == f"spec refused: {forged.problem.detail}"
+    assert forged.problem.text(LIMIT).startswith("spec refused: unknown_key: ")
 
 
 def test_a_refusal_text_is_bounded() -> None:
@@ -374,13 +377,14 @@ def test_admission_phase_follows_the_newest_generation(
         assert spec is not None
         return spec
 
-    assert specs.admitted_phase(("bad model",), newest(Desired.ACTIVE)) == (Phase.REJECTED, None)
-    assert specs.admitted_phase((), newest(Desired.ABORTED)) == (
-        Phase.ROLLED_BACK,
-        "aborted by operator",
-    )
-    assert specs.admitted_phase((), newest(Desired.PAUSED)) == (Phase.PAUSED, None)
-    assert specs.admitted_phase((), newest(Desired.ACTIVE)) == (Phase.WAVE, None)
+    bad = RolloutReason(cause=Cause.INVALID_CANDIDATE, problems=("bad model",))
+    assert specs.admitted_phase(bad, newest(Desired.ACTIVE)) == (Phase.REJECTED, bad)
+    assert specs.admitted_phase(bad, newest(Desired.ABORTED)) == (Phase.REJECTED, bad)
+    phase, reason = specs.admitted_phase(None, newest(Desired.ABORTED))
+    assert (phase, reason) == (Phase.ROLLED_BACK, RolloutReason(cause=Cause.OPERATOR_ABORT))
+    assert str(reason) == "aborted by operator"
+    assert specs.admitted_phase(None, newest(Desired.PAUSED)) == (Phase.PAUSED, None)
+    assert specs.admitted_phase(None, newest(Desired.ACTIVE)) == (Phase.WAVE, None)
 
 
 def test_a_lost_store_resumes_at_the_retained_wave_of_the_same_generation(
@@ -397,13 +401,15 @@ def test_a_lost_store_resumes_at_the_retained_wave_of_the_same_generation(
     assert specs.retained_status(encode(_status(Phase.WAVE))) == _status(Phase.WAVE)
 
 
-def test_a_finished_record_keeps_the_retained_wave_counts_and_time(
+def test_a_finished_record_keeps_the_retained_wave_counts_time_and_reason(
     trusted: TrustedState, sign: Callable[..., bytes], profiles: dict[str, ClassProfile]
 ) -> None:
     payload = sign()
     spec = _read(trusted, payload).spec
     assert spec is not None
-    status = _status(Phase.COMPLETED, wave=3)
+    status = _status(Phase.COMPLETED, wave=3).model_copy(
+        update={"reason": "wave 3: 3 of 3 devices healthy", "cause": Cause.PROMOTED}
+    )
     record = specs.finished_record(spec, payload, T0, status, profiles)
     assert (record.phase, record.wave, record.counts, record.updated_at) == (
         Phase.COMPLETED,
@@ -411,8 +417,13 @@ def test_a_finished_record_keeps_the_retained_wave_counts_and_time(
         status.counts,
         T0 - 60,
     )
+    assert (record.reason, record.cause) == ("wave 3: 3 of 3 devices healthy", Cause.PROMOTED)
     assert record.candidates == {}
     assert record.spec == payload
+    # A status from before causes were sent: its text alone is kept.
+    older = _status(Phase.ROLLED_BACK).model_copy(update={"reason": "aborted by operator"})
+    record = specs.finished_record(spec, payload, T0, older, profiles)
+    assert (record.reason, record.cause) == ("aborted by operator", None)
 
 
 def test_a_new_generation_takes_the_operators_wish_and_bytes(
@@ -442,7 +453,7 @@ def test_a_paused_admission_has_not_started(
     spec = _read(trusted, payload).spec
     assert spec is not None
     paused = specs.new_record(
-        spec, payload, T0, Phase.PAUSED, profiles=profiles, candidates={}, reason=""
+        spec, payload, T0, Phase.PAUSED, profiles=profiles, candidates={}, reason=None
     )
     assert not paused.started
-    assert paused.reason is None
+    assert (paused.reason, paused.cause) == (None, None)

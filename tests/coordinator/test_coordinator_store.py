@@ -10,7 +10,7 @@ import pytest
 
 from coordinator.rollout import RolloutRecord
 from coordinator.store import ClassRecord, CoordinatorStore, Refusal, StoreDamagedError
-from schemas import Phase, WaveCounts
+from schemas import Cause, Phase, WaveCounts
 
 
 def test_classes_rollouts_and_audit_survive_close_and_reopen(
@@ -104,3 +104,36 @@ def test_new_store_is_written_at_once_and_refusals_survive_reopen(tmp_path: Path
     assert not reopened.fresh
     assert reopened.refusals()["r"].reason == "spec refused: x"
     reopened.close()
+
+
+def test_a_record_keeps_its_cause_and_one_stored_before_causes_loads_without(
+    tmp_path: Path, record: RolloutRecord
+) -> None:
+    path = tmp_path / "store.json"
+    rolled = record.model_copy(
+        update={
+            "phase": Phase.ROLLED_BACK,
+            "reason": "wave 1: timed out with 0 of 2 healthy",
+            "cause": Cause.TIMED_OUT,
+        }
+    )
+    store = CoordinatorStore(path)
+    store.put_rollout(rolled)
+    store.close()
+    # An older coordinator wrote records without the key.
+    older = record.model_copy(update={"id": "older", "reason": "aborted by operator"})
+    data = json.loads(path.read_text())
+    data["rollouts"]["2"] = {"id": "older", "json": older.model_dump_json(exclude={"cause"})}
+    assert '"cause"' not in data["rollouts"]["2"]["json"]
+    path.write_text(json.dumps(data))
+
+    reopened = CoordinatorStore(path)
+    try:
+        rollouts = reopened.rollouts()
+        assert (rollouts[rolled.id].reason, rollouts[rolled.id].cause) == (
+            rolled.reason,
+            Cause.TIMED_OUT,
+        )
+        assert (rollouts["older"].reason, rollouts["older"].cause) == ("aborted by operator", None)
+    finally:
+        reopened.close()

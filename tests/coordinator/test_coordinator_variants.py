@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.admission import select_releases
+from coordinator.admission import Selection, select_releases
 from coordinator.operator import VariantFile, describe_candidate
 from coordinator.profiles import ClassProfile, load_profiles
+from coordinator.reasons import RolloutReason
 from coordinator.validate import ModelFacts
 from coordinator.variants import Built, rank_variants
 from models import DemoModel
@@ -24,9 +25,11 @@ from models.optimize import VariantBuild, build_variants
 from schemas import (
     ArtifactRef,
     Candidate,
+    Cause,
     PolicyError,
     Release,
     RolloutSpec,
+    UsageError,
     Variant,
     encode,
 )
@@ -238,7 +241,7 @@ def test_gate_passes_good_variants_against_the_stable_release(
     selection = select_releases(
         _spec(variants, [JETSON, INTEL]), blobs, stable, profiles, v3.dataset.parent
     )
-    assert selection.problems == ()
+    assert (selection.problems, selection.cause, selection.refusal(2000)) == ((), None, None)
     assert {c: r.variant for c, r in selection.releases.items()} == {
         JETSON: "fp16",
         INTEL: "int8-static",
@@ -275,6 +278,10 @@ def test_gate_passes_over_a_badly_calibrated_int8_build(
     assert only.releases == {}
     (problem,) = only.problems
     assert problem.startswith(f"{INTEL}: no variant passes the accuracy gate (int8-static: ")
+    assert only.cause is Cause.GATE_FAILED
+    refusal = only.refusal(2000)
+    assert refusal is not None
+    assert (refusal.cause, str(refusal)) == (Cause.GATE_FAILED, problem)
 
 
 def test_gate_without_its_data_set_refuses_and_says_where_it_looked(
@@ -289,6 +296,7 @@ def test_gate_without_its_data_set_refuses_and_says_where_it_looked(
         tmp_path,
     )
     (problem,) = selection.problems
+    assert selection.cause is Cause.GATE_FAILED
     assert problem.startswith(f"{INTEL}: accuracy gate: ")
     assert str(tmp_path / "digits.npz") in problem
 
@@ -303,6 +311,7 @@ def test_golden_vectors_of_another_variant_refuse_the_rollout(
         _spec([_variant("int8-static", int8, golden)], [INTEL]), blobs, {}, profiles, None
     )
     (problem,) = selection.problems
+    assert selection.cause is Cause.INVALID_CANDIDATE
     assert problem.startswith("variant int8-static: golden vectors are for model ")
 
 
@@ -340,3 +349,16 @@ def test_admission_uses_the_variants_that_fit_and_ignores_the_rest(
     )
     assert selection.problems == ()
     assert {c: r.variant for c, r in selection.releases.items()} == {JETSON: "fp16"}
+
+
+def test_a_selection_says_what_kind_of_check_its_problems_failed() -> None:
+    """Problems without a cause would admit a refused spec: not allowed."""
+    with pytest.raises(UsageError):
+        Selection({}, ("variant fp32: no graph",), ())
+    with pytest.raises(UsageError):
+        Selection({}, (), (), Cause.GATE_FAILED)
+    refused = Selection({}, ("x" * 300,), (), Cause.INVALID_CANDIDATE)
+    assert refused.refusal(100) == RolloutReason(
+        cause=Cause.INVALID_CANDIDATE, problems=("x" * 300,), chars=100
+    )
+    assert len(str(refused.refusal(100))) == 100

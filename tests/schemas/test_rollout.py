@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgpack
 import pytest
 
 from schemas import (
+    Cause,
     MalformedPayloadError,
     Phase,
     Reason,
     RolloutSpec,
+    RolloutStatus,
     WaveCounts,
     decode,
     encode,
@@ -90,3 +93,34 @@ def test_spec_fields_out_of_range_are_refused(
 def test_phase_finality_and_reported_counts() -> None:
     assert {p for p in Phase if p.final} == {Phase.COMPLETED, Phase.ROLLED_BACK, Phase.REJECTED}
     assert WaveCounts(targeted=10, updated=9, healthy=6, unhealthy=2).reported == 8
+
+
+def test_a_status_carries_its_cause_beside_the_reason(rollout_status: RolloutStatus) -> None:
+    timed_out = rollout_status.model_copy(
+        update={
+            "phase": Phase.ROLLED_BACK,
+            "reason": "wave 2: timed out with 85 of 100 healthy",
+            "cause": Cause.TIMED_OUT,
+        }
+    )
+    raw = msgpack.unpackb(encode(timed_out))
+    assert (raw["cause"], raw["reason"]) == ("timed_out", timed_out.reason)
+    assert decode(encode(timed_out), RolloutStatus) == timed_out
+
+
+def test_a_status_from_before_causes_decodes_without_one(rollout_status: RolloutStatus) -> None:
+    """A status retained by an older coordinator has a reason and no ``cause`` key."""
+    old = rollout_status.model_dump(mode="python")
+    old.update(phase="rolled_back", reason="aborted by operator")
+    del old["cause"]
+    status = decode(msgpack.packb(old), RolloutStatus)
+    assert (status.reason, status.cause) == ("aborted by operator", None)
+
+
+def test_a_status_with_an_unknown_cause_is_refused(rollout_status: RolloutStatus) -> None:
+    raw = rollout_status.model_dump(mode="python")
+    raw["cause"] = "gremlins"
+    with pytest.raises(MalformedPayloadError) as info:
+        decode(msgpack.packb(raw), RolloutStatus)
+    assert info.value.reason is Reason.SCHEMA
+    assert "cause" in info.value.detail
