@@ -2,7 +2,8 @@
 # Sets up what is missing, then checks everything: ruff (lint and format), mypy --strict,
 # and the test suite against a real Mosquitto. Extra arguments go to pytest.
 # The suite runs in three processes (pytest-xdist): most of its time is spent waiting on
-# brokers, timers and subprocesses, not computing; `-n 0` runs it in one.
+# brokers, timers and subprocesses, not computing; idle workers take tests from busy ones
+# (`--dist worksteal`: the test durations are very uneven). `-n 0` runs it in one.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
@@ -13,4 +14,4 @@ echo "== ruff" >&2
 echo "== mypy --strict" >&2
 .venv/bin/python -m mypy "${PACKAGES[@]}"
 echo "== pytest" >&2
-exec .venv/bin/python -m pytest -n 3 "$@"
+exec .venv/bin/python -m pytest -n 3 --dist worksteal "$@"
