@@ -33,6 +33,7 @@ from schemas import (
     KeyPair,
     PolicyError,
     Reason,
+    RejectedError,
     RolloutSpec,
     RolloutStatus,
     UsageError,
@@ -45,12 +46,15 @@ from schemas import (
 )
 from schemas.artifact import DEFAULT_CHUNK_BYTES
 from schemas.envelope import Envelope
+from schemas.errors import bound_text
+from schemas.topics import TopicKind
 
 __all__ = [
     "RolloutExists",
     "VariantFile",
     "check_new_rollout",
     "describe_candidate",
+    "list_statuses",
     "next_generation",
     "publish_artifact",
     "read_spec",
@@ -253,6 +257,27 @@ async def read_status(session: Transport, rollout_id: str) -> RolloutStatus | No
     topic = topics.rollout_status(rollout_id)
     payload = (await _retained(session, topic)).get(topic)
     return None if payload is None else decode(payload, RolloutStatus)
+
+
+async def list_statuses(session: Transport) -> list[RolloutStatus]:
+    """Every rollout's retained status, by id; one that does not decode is left out (and
+    logged): only the coordinator can publish there, but a reader never trusts that."""
+    stream = _stream(session)
+    await session.subscribe(topics.all_rollout_statuses(), qos=0)
+    await session.unsubscribe(topics.all_rollout_statuses())
+    found: dict[str, RolloutStatus] = {}
+    while (message := await _received(stream)) is not None:
+        if not message.payload:
+            continue
+        try:
+            parsed = topics.parse(message.topic)
+            status = decode(message.payload, RolloutStatus)
+        except RejectedError as exc:
+            log.warning("skipped %s: %s", bound_text(message.topic), exc)
+            continue
+        if parsed.kind is TopicKind.ROLLOUT_STATUS and parsed.name == status.id:
+            found[status.id] = status
+    return [found[rollout_id] for rollout_id in sorted(found)]
 
 
 async def read_spec(session: Transport, rollout_id: str) -> RolloutSpec | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ from broker.launcher import BrokerError, MosquittoBroker
 from broker.session import Session, TransportError
 from coordinator import serve
 from coordinator.operator import (
+    list_statuses,
     next_generation,
     read_spec,
     read_status,
@@ -33,7 +35,7 @@ from edgefleet.demo import run_demo
 from edgefleet.home import ACCOUNT_ROLES, OPERATOR, WATCHER, Home
 from edgefleet.modelcli import Commands, add_model_commands
 from edgefleet.sources import SOURCES
-from schemas import Desired, EdgefleetError, Role, RolloutStatus
+from schemas import Desired, EdgefleetError, Phase, Role, RolloutStatus
 from schemas.errors import bound_text
 from schemas.topics import check_name
 
@@ -202,6 +204,20 @@ def _status_line(status: RolloutStatus) -> str:
     return line + (f" [{status.cause.value}]" if status.cause is not None else "")
 
 
+EXIT_FAILED = 3
+"""``rollout status``: the rollout ended rolled back or rejected."""
+
+
+def _outcome(status: RolloutStatus) -> int:
+    """The exit code a status stands for: 0, or :data:`EXIT_FAILED` for a failed end."""
+    return EXIT_FAILED if status.phase in (Phase.ROLLED_BACK, Phase.REJECTED) else 0
+
+
+def _show(status: RolloutStatus, *, as_json: bool) -> None:
+    text = json.dumps(status.model_dump(mode="json")) if as_json else _status_line(status)
+    print(text, flush=True)
+
+
 def _rollout_status(args: argparse.Namespace) -> int:
     home = _home(args)
     check_name(args.rollout_id, "rollout id")
@@ -213,22 +229,38 @@ def _rollout_status(args: argparse.Namespace) -> int:
                 if status is None:
                     print(f"no status for {args.rollout_id}", file=sys.stderr)
                     return 1
-                print(_status_line(status))
-                return 0
+                _show(status, as_json=args.json)
+                return _outcome(status)
             try:
                 async with (
                     asyncio.timeout(args.timeout or None),
                     contextlib.aclosing(watch_status(session, args.rollout_id)) as updates,
                 ):
                     async for status in updates:
-                        print(_status_line(status), flush=True)
+                        _show(status, as_json=args.json)
                         if status.phase.final:
-                            return 0
+                            return _outcome(status)
             except TimeoutError:
                 print(f"{args.rollout_id}: not final after {args.timeout:g} s", file=sys.stderr)
         return 1
 
     return asyncio.run(go())
+
+
+def _rollout_list(args: argparse.Namespace) -> int:
+    home = _home(args)
+
+    async def go() -> list[RolloutStatus]:
+        async with _watcher(home) as session:
+            return await list_statuses(session)
+
+    statuses = asyncio.run(go())
+    if args.json:
+        print(json.dumps([status.model_dump(mode="json") for status in statuses]))
+    else:
+        for status in statuses:
+            print(_status_line(status))
+    return 0
 
 
 def _rollout_change(desired: Desired) -> Callable[[argparse.Namespace], int]:
@@ -367,7 +399,13 @@ def _rollout_commands(sub: Commands[argparse.ArgumentParser]) -> None:
     p.add_argument("rollout_id")
     p.add_argument("--watch", action="store_true", help="follow until the rollout ends")
     p.add_argument("--timeout", type=float, default=0.0, help="with --watch: give up after")
+    p.add_argument(
+        "--json", action="store_true", help="one JSON document (JSON lines with --watch)"
+    )
     p.set_defaults(func=_rollout_status)
+    p = rollout.add_parser("list", help="every rollout's status, by id")
+    p.add_argument("--json", action="store_true", help="one JSON document: a list of statuses")
+    p.set_defaults(func=_rollout_list)
     for verb, desired in (
         ("pause", Desired.PAUSED),
         ("resume", Desired.ACTIVE),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import stat
 import threading
 from collections.abc import Iterator
@@ -15,11 +16,11 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from agent import Bundle
-from edgefleet.cli import main
+from edgefleet.cli import EXIT_FAILED, main
 from edgefleet.fleet import Fleet
 from edgefleet.home import Home
 from models import DemoModel
-from schemas import Role, TrustedState
+from schemas import Cause, Phase, Role, RolloutStatus, TrustedState
 from tests.integration.fleetkit import INTEL, JETSON, MakeFleet, live
 
 
@@ -109,10 +110,30 @@ def test_rollout_commands_drive_a_live_fleet(
         assert _cli(fleet, *start, "--model", str(v2), "--waves", "50,100", "--id", "second") == 0
         assert _cli(fleet, "rollout", "pause", "second") == 0
         assert _cli(fleet, "rollout", "abort", "second") == 0
-        assert _cli(fleet, "rollout", "status", "second", "--watch", "--timeout", "60") == 0
+        watched = ("rollout", "status", "second", "--watch", "--timeout", "60")
+        assert _cli(fleet, *watched) == EXIT_FAILED  # the outcome, in the exit code
         out = capsys.readouterr().out
         assert "second gen 3 rolled_back" in out
         assert "aborted by operator" in out
+
+        assert _cli(fleet, "rollout", "status", "second", "--json") == EXIT_FAILED
+        (line,) = capsys.readouterr().out.splitlines()
+        status = RolloutStatus.model_validate_json(line)
+        assert (status.id, status.phase, status.cause) == (
+            "second",
+            Phase.ROLLED_BACK,
+            Cause.OPERATOR_ABORT,
+        )
+
+        assert _cli(fleet, "rollout", "list") == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split()[0] for line in lines] == ["first", "second"]
+        assert _cli(fleet, "rollout", "list", "--json") == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert [(s["id"], s["phase"]) for s in listed] == [
+            ("first", "completed"),
+            ("second", "rolled_back"),
+        ]
 
         assert _cli(fleet, "rollout", "status", "nothing-here") == 1
         assert "no status for nothing-here" in capsys.readouterr().err
