@@ -19,17 +19,21 @@ import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from broker.transport import Message, Transport
 from coordinator.profiles import ClassProfile
 from coordinator.validate import ModelFacts, golden_problems
 from coordinator.variants import Built, rank_variants
 from schemas import (
+    ONLINE,
     ROLLOUT_SPEC_KIND,
     ArtifactMeta,
     ArtifactRef,
     Candidate,
     Desired,
+    DeviceState,
+    HealthReport,
     KeyPair,
     PolicyError,
     Reason,
@@ -47,9 +51,10 @@ from schemas import (
 from schemas.artifact import DEFAULT_CHUNK_BYTES
 from schemas.envelope import Envelope
 from schemas.errors import bound_text
-from schemas.topics import TopicKind
+from schemas.topics import DeviceChannel, TopicKind
 
 __all__ = [
+    "DeviceRow",
     "RolloutExists",
     "VariantFile",
     "check_new_rollout",
@@ -57,6 +62,7 @@ __all__ = [
     "list_statuses",
     "next_generation",
     "publish_artifact",
+    "read_fleet",
     "read_spec",
     "read_status",
     "submit_spec",
@@ -278,6 +284,69 @@ async def list_statuses(session: Transport) -> list[RolloutStatus]:
         if parsed.kind is TopicKind.ROLLOUT_STATUS and parsed.name == status.id:
             found[status.id] = status
     return [found[rollout_id] for rollout_id in sorted(found)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceRow:
+    """One device as the retained topics show it: what ``edgefleet fleet ls`` prints."""
+
+    device_id: str
+    hw_class: str | None = None
+    release: str | None = None
+    mode: str | None = None
+    health: str | None = None
+    """The verdict of its last health report on the release it runs, if any."""
+    last_seen: float | None = None
+    """When its state was last published (the agent's clock)."""
+    online: bool = False
+
+
+_FLEET_CHANNELS: Final = (DeviceChannel.PRESENCE, DeviceChannel.STATE, DeviceChannel.HEALTH)
+
+
+async def read_fleet(session: Transport) -> list[DeviceRow]:
+    """Every device that has a retained presence, state or health, by id. A payload that
+    does not decode is left out of its row (and logged)."""
+    stream = _stream(session)
+    filters = [topics.all_devices(channel) for channel in _FLEET_CHANNELS]
+    await session.subscribe(*filters, qos=0)
+    await session.unsubscribe(*filters)
+    seen: dict[str, dict[DeviceChannel, bytes]] = {}
+    while (message := await _received(stream)) is not None:
+        try:
+            parsed = topics.parse(message.topic)
+        except RejectedError:
+            continue
+        if parsed.kind is TopicKind.DEVICE and parsed.name and parsed.channel in _FLEET_CHANNELS:
+            seen.setdefault(parsed.name, {})[parsed.channel] = message.payload
+    return [_row(device_id, seen[device_id]) for device_id in sorted(seen)]
+
+
+def _row(device_id: str, payloads: Mapping[DeviceChannel, bytes]) -> DeviceRow:
+    state: DeviceState | None = None
+    health: HealthReport | None = None
+    try:
+        if payloads.get(DeviceChannel.STATE):
+            state = decode(payloads[DeviceChannel.STATE], DeviceState)
+        if payloads.get(DeviceChannel.HEALTH):
+            health = decode(payloads[DeviceChannel.HEALTH], HealthReport)
+    except RejectedError as exc:
+        log.warning("%s: unreadable retained report: %s", device_id, exc)
+    online = payloads.get(DeviceChannel.PRESENCE) == ONLINE
+    if state is None:
+        return DeviceRow(device_id=device_id, online=online)
+    verdict = None
+    if health is not None and health.release == state.active_release:
+        verdict = health.verdict.value
+    return DeviceRow(
+        device_id=device_id,
+        hw_class=state.hw_class,
+        release=state.active_release,
+        mode=state.mode.value,
+        health=verdict,
+        last_seen=state.updated_at,
+        online=online,
+    )
 
 
 async def read_spec(session: Transport, rollout_id: str) -> RolloutSpec | None:

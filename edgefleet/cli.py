@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -22,8 +23,10 @@ from broker.launcher import BrokerError, MosquittoBroker
 from broker.session import Session, TransportError
 from coordinator import serve
 from coordinator.operator import (
+    DeviceRow,
     list_statuses,
     next_generation,
+    read_fleet,
     read_spec,
     read_status,
     submit_spec,
@@ -35,6 +38,7 @@ from edgefleet.demo import run_demo
 from edgefleet.home import ACCOUNT_ROLES, OPERATOR, WATCHER, Home
 from edgefleet.modelcli import Commands, add_model_commands
 from edgefleet.sources import SOURCES
+from models.report import text_table
 from schemas import Desired, EdgefleetError, Phase, Role, RolloutStatus
 from schemas.errors import bound_text
 from schemas.topics import check_name
@@ -263,6 +267,35 @@ def _rollout_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fleet_ls(args: argparse.Namespace) -> int:
+    home = _home(args)
+
+    async def go() -> list[DeviceRow]:
+        async with _watcher(home) as session:
+            return await read_fleet(session)
+
+    rows = [r for r in asyncio.run(go()) if args.hw_class in (None, r.hw_class)]
+    if args.json:
+        print(json.dumps([dataclasses.asdict(row) for row in rows]))
+        return 0
+    now = time.time()
+    header = ("device", "class", "release", "mode", "health", "last seen", "link")
+    cells = [
+        (
+            r.device_id,
+            r.hw_class or "-",
+            r.release or "-",
+            r.mode or "-",
+            r.health or "-",
+            "-" if r.last_seen is None else f"{max(now - r.last_seen, 0):.0f}s ago",
+            "online" if r.online else "offline",
+        )
+        for r in rows
+    ]
+    print(text_table(header, cells))
+    return 0
+
+
 def _rollout_change(desired: Desired) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         home = _home(args)
@@ -298,6 +331,7 @@ def _parser() -> argparse.ArgumentParser:
     _membership_commands(sub)
     _service_commands(sub)
     _rollout_commands(sub)
+    _fleet_commands(sub)
     add_model_commands(sub)
     p = sub.add_parser("demo", help="broker, coordinator, fleet and three rollouts, live")
     p.add_argument("--devices-per-class", type=int, default=12)
@@ -371,6 +405,16 @@ def _service_commands(sub: Commands[argparse.ArgumentParser]) -> None:
         "cytology, an analyser reading held-out fine-needle aspirate measurements",
     )
     p.set_defaults(func=_agent_run)
+
+
+def _fleet_commands(sub: Commands[argparse.ArgumentParser]) -> None:
+    fleet = sub.add_parser("fleet", help="the fleet as it reports").add_subparsers(required=True)
+    p = fleet.add_parser(
+        "ls", help="devices: class, release, mode, health, last seen, online or offline"
+    )
+    p.add_argument("--class", dest="hw_class", help="only this hardware class")
+    p.add_argument("--json", action="store_true", help="one JSON document: a list of devices")
+    p.set_defaults(func=_fleet_ls)
 
 
 def _rollout_commands(sub: Commands[argparse.ArgumentParser]) -> None:

@@ -107,6 +107,22 @@ def test_rollout_commands_drive_a_live_fleet(
         assert "first gen 1 completed wave 1/1 release digits-v1:fp32@" in out
         assert "targeted 3 updated 3 healthy 3 unhealthy 0" in out
 
+        assert _cli(fleet, "fleet", "ls", "--json") == 0
+        devices = json.loads(capsys.readouterr().out)
+        assert sorted(d["device_id"] for d in devices) == sorted(fleet.home.devices())
+        for device in devices:  # each serves the completed rollout's release, healthy on it
+            assert device["release"].startswith("digits-v1:fp32@"), device
+            assert (device["mode"], device["health"], device["online"]) == (
+                "serving",
+                "healthy",
+                True,
+            ), device
+        assert _cli(fleet, "fleet", "ls", "--class", INTEL) == 0
+        header, *rows = capsys.readouterr().out.splitlines()
+        assert header.split()[:5] == ["device", "class", "release", "mode", "health"]
+        assert [row.split()[1] for row in rows] == [INTEL]
+        assert rows[0].endswith("online")
+
         assert _cli(fleet, *start, "--model", str(v2), "--waves", "50,100", "--id", "second") == 0
         assert _cli(fleet, "rollout", "pause", "second") == 0
         assert _cli(fleet, "rollout", "abort", "second") == 0
