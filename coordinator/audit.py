@@ -18,9 +18,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_MAX_ENTRIES", "AuditLog"]
+__all__ = ["AUDIT_FILENAME", "DEFAULT_MAX_ENTRIES", "AuditLog", "read_audit"]
 
 DEFAULT_MAX_ENTRIES = 100_000
+AUDIT_FILENAME = "audit.sqlite"
+"""The log's name in the coordinator's data folder."""
 
 
 class AuditLog:
@@ -78,3 +80,23 @@ class AuditLog:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def read_audit(path: Path, rollout_id: str | None = None) -> list[dict[str, Any]]:
+    """The entries of the log at ``path`` (of one rollout, if given), oldest first, read
+    without writing: a running coordinator may hold the log open meanwhile (WAL).
+
+    Raises:
+        FileNotFoundError: there is no log at ``path``.
+        sqlite3.Error: the file is not such a log.
+    """
+    if not path.is_file():
+        msg = f"no audit log at {path}"
+        raise FileNotFoundError(msg)
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT entry FROM audit ORDER BY id").fetchall()
+    finally:
+        db.close()
+    entries = [json.loads(text) for (text,) in rows]
+    return [e for e in entries if rollout_id is None or e.get("rollout") == rollout_id]

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 from tinydb import Query
 
-from coordinator.audit import DEFAULT_MAX_ENTRIES, AuditLog
+from coordinator.audit import AUDIT_FILENAME, DEFAULT_MAX_ENTRIES, AuditLog
 from coordinator.rollout import RolloutRecord
 from schemas import Release, UsageError
 from storage import atomic_write, open_docstore
@@ -88,7 +88,7 @@ class CoordinatorStore:
         self._classes = self._db.table("classes")
         self._rollouts = self._db.table("rollouts")
         self._refusals = self._db.table("refusals")
-        self._audit = _open_audit(path.with_name("audit.sqlite"), max_audit_entries)
+        self._audit = _open_audit(path.with_name(AUDIT_FILENAME), max_audit_entries)
         if not self.fresh:
             try:
                 self.classes()

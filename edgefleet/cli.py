@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import dataclasses
-import json
 import logging
 import os
 import re
@@ -23,23 +20,18 @@ from broker.launcher import BrokerError, MosquittoBroker
 from broker.session import Session, TransportError
 from coordinator import serve
 from coordinator.operator import (
-    DeviceRow,
-    list_statuses,
     next_generation,
-    read_fleet,
     read_spec,
-    read_status,
     submit_spec,
-    watch_status,
 )
 from coordinator.profiles import DEFAULT_PROFILES, load_profiles
 from edgefleet.compose import coordinator_config, make_agent, start_rollout
 from edgefleet.demo import run_demo
-from edgefleet.home import ACCOUNT_ROLES, OPERATOR, WATCHER, Home
+from edgefleet.home import ACCOUNT_ROLES, OPERATOR, Home
 from edgefleet.modelcli import Commands, add_model_commands
 from edgefleet.sources import SOURCES
-from models.report import text_table
-from schemas import Desired, EdgefleetError, Phase, Role, RolloutStatus
+from edgefleet.viewcli import add_rollout_views, add_view_commands, home_of
+from schemas import Desired, EdgefleetError, Role
 from schemas.errors import bound_text
 from schemas.topics import check_name
 
@@ -47,10 +39,6 @@ __all__ = ["main"]
 
 _ERROR_CHARS = 300
 """An input error is reported as one line of at most this many characters."""
-
-
-def _home(args: argparse.Namespace) -> Home:
-    return Home(Path(args.home))
 
 
 def _keys_init(args: argparse.Namespace) -> int:
@@ -66,7 +54,7 @@ def _applied(home: Home, reloaded: bool) -> str:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = home_of(args)
     folder = home.enroll(
         args.device_id, args.hw_class, classes=tuple(load_profiles(Path(args.classes)))
     )
@@ -77,7 +65,7 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = home_of(args)
     # Idempotent: revoking again retries what a broker that was down could not do.
     if not home.is_revoked(args.device_id):
         home.revoke(args.device_id)
@@ -94,7 +82,7 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _account_add(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = home_of(args)
     home.add_account(args.name, args.role)
     print(
         f"added {args.role} account {args.name}: {_applied(home, home.apply_membership().reloaded)}"
@@ -103,14 +91,14 @@ def _account_add(args: argparse.Namespace) -> int:
 
 
 def _device_list(args: argparse.Namespace) -> int:
-    for enrollment in _home(args).enrollments():
+    for enrollment in home_of(args).enrollments():
         state = "revoked" if enrollment.revoked else "enrolled"
         print(f"{enrollment.device_id}\t{enrollment.hw_class}\t{state}")
     return 0
 
 
 def _broker_up(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = home_of(args)
     _, ports = home.broker()
     broker = MosquittoBroker(
         folder=home.broker_folder,
@@ -133,7 +121,7 @@ def _broker_up(args: argparse.Namespace) -> int:
 
 
 def _coordinator_run(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = home_of(args)
     config = coordinator_config(
         home,
         Path(args.data) if args.data else home.root / "coordinator-data",
@@ -157,13 +145,8 @@ def _operator(home: Home) -> Session:
     return Session(home.service_endpoint(OPERATOR), client_id=OPERATOR)
 
 
-def _watcher(home: Home) -> Session:
-    """A read-only account, so reading a status never displaces the operator's session."""
-    return Session(home.service_endpoint(WATCHER), client_id=WATCHER)
-
-
 def _rollout_start(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = home_of(args)
     model = Path(args.model)
     rollout_id = check_name(
         args.id or f"{args.name or model.stem}-{int(time.time())}", "rollout id"
@@ -192,113 +175,9 @@ def _rollout_start(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status_line(status: RolloutStatus) -> str:
-    c = status.counts
-    wave = f"{min(status.wave + 1, len(status.waves_percent))}/{len(status.waves_percent)}"
-    release = str(status.release)
-    if len(set(status.releases.values())) > 1:  # a variant per class
-        release = ", ".join(f"{name}={r}" for name, r in sorted(status.releases.items()))
-    line = (
-        f"{status.id} gen {status.generation} {status.phase.value} wave {wave} "
-        f"release {release} members {c.members} targeted {c.targeted} "
-        f"updated {c.updated} healthy {c.healthy} unhealthy {c.unhealthy}"
-    )
-    if status.reason:
-        line += f" — {status.reason}"
-    return line + (f" [{status.cause.value}]" if status.cause is not None else "")
-
-
-EXIT_FAILED = 3
-"""``rollout status``: the rollout ended rolled back or rejected."""
-
-
-def _outcome(status: RolloutStatus) -> int:
-    """The exit code a status stands for: 0, or :data:`EXIT_FAILED` for a failed end."""
-    return EXIT_FAILED if status.phase in (Phase.ROLLED_BACK, Phase.REJECTED) else 0
-
-
-def _show(status: RolloutStatus, *, as_json: bool) -> None:
-    text = json.dumps(status.model_dump(mode="json")) if as_json else _status_line(status)
-    print(text, flush=True)
-
-
-def _rollout_status(args: argparse.Namespace) -> int:
-    home = _home(args)
-    check_name(args.rollout_id, "rollout id")
-
-    async def go() -> int:
-        async with _watcher(home) as session:
-            if not args.watch:
-                status = await read_status(session, args.rollout_id)
-                if status is None:
-                    print(f"no status for {args.rollout_id}", file=sys.stderr)
-                    return 1
-                _show(status, as_json=args.json)
-                return _outcome(status)
-            try:
-                async with (
-                    asyncio.timeout(args.timeout or None),
-                    contextlib.aclosing(watch_status(session, args.rollout_id)) as updates,
-                ):
-                    async for status in updates:
-                        _show(status, as_json=args.json)
-                        if status.phase.final:
-                            return _outcome(status)
-            except TimeoutError:
-                print(f"{args.rollout_id}: not final after {args.timeout:g} s", file=sys.stderr)
-        return 1
-
-    return asyncio.run(go())
-
-
-def _rollout_list(args: argparse.Namespace) -> int:
-    home = _home(args)
-
-    async def go() -> list[RolloutStatus]:
-        async with _watcher(home) as session:
-            return await list_statuses(session)
-
-    statuses = asyncio.run(go())
-    if args.json:
-        print(json.dumps([status.model_dump(mode="json") for status in statuses]))
-    else:
-        for status in statuses:
-            print(_status_line(status))
-    return 0
-
-
-def _fleet_ls(args: argparse.Namespace) -> int:
-    home = _home(args)
-
-    async def go() -> list[DeviceRow]:
-        async with _watcher(home) as session:
-            return await read_fleet(session)
-
-    rows = [r for r in asyncio.run(go()) if args.hw_class in (None, r.hw_class)]
-    if args.json:
-        print(json.dumps([dataclasses.asdict(row) for row in rows]))
-        return 0
-    now = time.time()
-    header = ("device", "class", "release", "mode", "health", "last seen", "link")
-    cells = [
-        (
-            r.device_id,
-            r.hw_class or "-",
-            r.release or "-",
-            r.mode or "-",
-            r.health or "-",
-            "-" if r.last_seen is None else f"{max(now - r.last_seen, 0):.0f}s ago",
-            "online" if r.online else "offline",
-        )
-        for r in rows
-    ]
-    print(text_table(header, cells))
-    return 0
-
-
 def _rollout_change(desired: Desired) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        home = _home(args)
+        home = home_of(args)
         check_name(args.rollout_id, "rollout id")
 
         async def go() -> int:
@@ -331,7 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     _membership_commands(sub)
     _service_commands(sub)
     _rollout_commands(sub)
-    _fleet_commands(sub)
+    add_view_commands(sub)
     add_model_commands(sub)
     p = sub.add_parser("demo", help="broker, coordinator, fleet and three rollouts, live")
     p.add_argument("--devices-per-class", type=int, default=12)
@@ -407,16 +286,6 @@ def _service_commands(sub: Commands[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=_agent_run)
 
 
-def _fleet_commands(sub: Commands[argparse.ArgumentParser]) -> None:
-    fleet = sub.add_parser("fleet", help="the fleet as it reports").add_subparsers(required=True)
-    p = fleet.add_parser(
-        "ls", help="devices: class, release, mode, health, last seen, online or offline"
-    )
-    p.add_argument("--class", dest="hw_class", help="only this hardware class")
-    p.add_argument("--json", action="store_true", help="one JSON document: a list of devices")
-    p.set_defaults(func=_fleet_ls)
-
-
 def _rollout_commands(sub: Commands[argparse.ArgumentParser]) -> None:
     rollout = sub.add_parser("rollout", help="rollouts").add_subparsers(required=True)
     p = rollout.add_parser("start", help="publish a model and a signed rollout spec")
@@ -439,17 +308,7 @@ def _rollout_commands(sub: Commands[argparse.ArgumentParser]) -> None:
     p.add_argument("--wave-timeout", type=float, help="seconds before a stuck wave rolls back")
     p.add_argument("--id", help="rollout id (default: name-timestamp)")
     p.set_defaults(func=_rollout_start)
-    p = rollout.add_parser("status", help="print a rollout's status")
-    p.add_argument("rollout_id")
-    p.add_argument("--watch", action="store_true", help="follow until the rollout ends")
-    p.add_argument("--timeout", type=float, default=0.0, help="with --watch: give up after")
-    p.add_argument(
-        "--json", action="store_true", help="one JSON document (JSON lines with --watch)"
-    )
-    p.set_defaults(func=_rollout_status)
-    p = rollout.add_parser("list", help="every rollout's status, by id")
-    p.add_argument("--json", action="store_true", help="one JSON document: a list of statuses")
-    p.set_defaults(func=_rollout_list)
+    add_rollout_views(rollout)
     for verb, desired in (
         ("pause", Desired.PAUSED),
         ("resume", Desired.ACTIVE),

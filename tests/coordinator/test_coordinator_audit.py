@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.audit import AuditLog
+from coordinator.audit import AuditLog, read_audit
 from coordinator.store import CoordinatorStore
 
 
@@ -76,3 +76,27 @@ def test_the_log_is_private_to_its_owner(tmp_path: Path) -> None:
     finally:
         log.close()
     assert all(p.stat().st_mode & 0o077 == 0 for p in tmp_path.glob("audit.sqlite*"))
+
+
+def test_a_reader_sees_one_rollouts_entries_while_the_coordinator_writes(tmp_path: Path) -> None:
+    path = tmp_path / "audit.sqlite"
+    log = AuditLog(path)
+    try:
+        log.append({"at": 1.0, "event": "admitted", "rollout": "r1", "detail": "wave 1"})
+        log.append({"at": 2.0, "event": "admitted", "rollout": "r2", "detail": "wave 1"})
+        log.append({"at": 3.0, "event": "rolled_back", "rollout": "r1", "detail": "timed out"})
+        assert [e["event"] for e in read_audit(path, "r1")] == ["admitted", "rolled_back"]
+        assert len(read_audit(path)) == 3
+        log.append({"at": 4.0, "event": "completed", "rollout": "r2", "detail": "done"})
+        assert [e["event"] for e in read_audit(path, "r2")] == ["admitted", "completed"]
+    finally:
+        log.close()
+    size = path.stat().st_size
+    read_audit(path)
+    assert path.stat().st_size == size  # read only: nothing written
+
+
+def test_reading_a_missing_log_says_where_it_looked(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no audit log at"):
+        read_audit(tmp_path / "audit.sqlite")
+    assert not (tmp_path / "audit.sqlite").exists()

@@ -16,9 +16,10 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from agent import Bundle
-from edgefleet.cli import EXIT_FAILED, main
+from edgefleet.cli import main
 from edgefleet.fleet import Fleet
 from edgefleet.home import Home
+from edgefleet.viewcli import EXIT_FAILED
 from models import DemoModel
 from schemas import Cause, Phase, Role, RolloutStatus, TrustedState
 from tests.integration.fleetkit import INTEL, JETSON, MakeFleet, live
@@ -140,6 +141,16 @@ def test_rollout_commands_drive_a_live_fleet(
             Phase.ROLLED_BACK,
             Cause.OPERATOR_ABORT,
         )
+
+        store = str(fleet.workdir / "coordinator")
+        assert _cli(fleet, "audit", "second", "--data", store, "--json") == 0
+        decisions = json.loads(capsys.readouterr().out)
+        assert {d["rollout"] for d in decisions} == {"second"}
+        assert any("aborted by operator" in d["detail"] for d in decisions), decisions
+        assert _cli(fleet, "audit", "second", "--data", store) == 0
+        assert len(capsys.readouterr().out.splitlines()) == len(decisions)
+        assert _cli(fleet, "audit", "nothing-here", "--data", store) == 1
+        assert "no audit entries for nothing-here" in capsys.readouterr().err
 
         assert _cli(fleet, "rollout", "list") == 0
         lines = capsys.readouterr().out.splitlines()
