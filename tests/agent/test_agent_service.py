@@ -22,7 +22,7 @@ import pytest
 
 from agent import Agent, AgentConfig, Bundle, Feed
 from agent.artifacts import ArtifactKind, ArtifactStore
-from agent.events import EngineEvent, FailedRelease, StorageFailed, StorageOk
+from agent.events import Desired, EngineEvent, FailedRelease, StorageFailed, StorageOk
 from agent.journal import Journal
 from agent.lifecycle import Stage
 from agent.limits import Limits
@@ -363,11 +363,14 @@ def test_fetch_timeout_is_retried_not_remembered(
     asyncio.run(scenario())
 
 
-def test_stable_target_that_failed_is_tried_again_under_a_later_seq(
+def test_stable_target_that_failed_is_not_tried_again_at_a_resign_only_once_it_changes(
     home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release
 ) -> None:
     stock(tmp_path, demo_models["digits-v1"])
     broken = v1.model_copy(update={"inputs": (v1.inputs[0].model_copy(update={"name": "x"}),)})
+    changed = broken.model_copy(
+        update={"health": v1.health.model_copy(update={"soak_seconds": 9.0})}
+    )
     agent = make(home, tmp_path)
 
     def load_failures() -> int:
@@ -378,16 +381,20 @@ def test_stable_target_that_failed_is_tried_again_under_a_later_seq(
             await deliver(agent, topics.trust(), home.trust())
             await deliver_manifest(agent, signed(home, 1, broken))
             await until(lambda: load_failures() == 1, "the load to fail", task)
-            await asyncio.sleep(0.5)  # not retried under the same seq
-            assert load_failures() == 1
             await deliver_manifest(agent, signed(home, 2, broken))
-            await until(lambda: load_failures() == 2, "another try under seq 2", task)
+            await asyncio.sleep(0.5)  # a re-sign of the same release: not tried again
+            assert load_failures() == 1
+            await deliver_manifest(agent, signed(home, 3, changed))
+            await until(lambda: load_failures() == 2, "a try of the changed release", task)
             assert agent.stage is Stage.IDLE
 
     asyncio.run(scenario())
-    sha = broken.artifact.sha256
-    assert agent.failed_releases == (FailedRelease(sha, seq=1), FailedRelease(sha, seq=2))
-    assert AgentStore(tmp_path / "state.json").load().failed == (f"seq1:{sha}", f"seq2:{sha}")
+    failed = (
+        FailedRelease.of(Desired(broken, None, 1)),
+        FailedRelease.of(Desired(changed, None, 3)),
+    )
+    assert agent.failed_releases == failed
+    assert AgentStore(tmp_path / "state.json").load().failed == tuple(f.stored() for f in failed)
 
 
 # -- golden self-tests: fetched beside the model, judged before the swap ------------------
