@@ -231,8 +231,8 @@ class UpdateEngine:
     def _on_targeted(self, event: EngineEvent) -> list[Command]:
         """Take a manifest's target. A re-signed manifest (same release and rollout,
         new seq) only updates the bookkeeping: it never supersedes work in flight, but
-        it does re-arm a target the device rests without (a stable target that failed
-        is retried under a later seq)."""
+        it does re-arm a target the device rests without (not a failed release: that
+        stays failed in its scope, see :class:`FailedRelease`)."""
         assert isinstance(event, Targeted)
         old, new = self._desired, event.desired
         self._desired = new
