@@ -338,6 +338,35 @@ def test_a_real_change_during_a_soak_puts_the_previous_model_back(
 # -- 3: a fetch that timed out is retried; stable failures are per seq --------------------
 
 
+def test_an_agent_stopped_mid_soak_closes_the_record_and_soaks_again_at_its_next_start(
+    home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release, v2: Release
+) -> None:
+    """Cancellation (its owner stops it) is no crash: the crash-loop guard stays quiet."""
+    stock(tmp_path, demo_models["digits-v1"], demo_models["digits-v2"])
+    long_soak = with_budget(v2, soak_seconds=600.0)
+    state_file = tmp_path / "state.json"
+
+    async def soaking(agent: Agent, *, fresh: bool) -> None:
+        async with running(agent) as task:
+            if fresh:
+                await deliver(agent, topics.trust(), home.trust())
+                await deliver_manifest(agent, signed(home, 1, v1))
+                await serving(agent, task, v1)
+                await deliver_manifest(agent, signed(home, 2, v1, long_soak))
+            # else from the stored manifest
+            await until(lambda: agent.stage is Stage.SOAKING, "the candidate's soak", task)
+            await until(lambda: AgentStore(state_file).load().soaking, "the record", task)
+
+    first = make(home, tmp_path)
+    asyncio.run(soaking(first, fresh=True))
+    stored = AgentStore(state_file).load()
+    assert (stored.soaking, stored.active, stored.failed) == (None, v1, ())
+    again = make(home, tmp_path)
+    asyncio.run(soaking(again, fresh=False))
+    assert again.last_health == first.last_health, "no crash reported"
+    assert again.failed_releases == ()
+
+
 def test_fetch_timeout_is_retried_not_remembered(
     home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release
 ) -> None:
