@@ -16,6 +16,8 @@ lifecycle lives here, so it is tested in milliseconds with ``now`` made up:
 * which failures are verdicts (a model that does not load or fails its self-test)
   and which are retried after a backoff (a timeout, bytes that do not match, the
   agent's own trouble); failed releases are not tried again in their scope;
+* the crash-loop guard: ``Memory.soaking`` records a soak (written before the swap); a
+  start that finds it open fails the release (``crashed_during_soak``) and reverts;
 * storage trouble: which parts fail, since when, and the ``degraded`` mode they cause.
 
 Results of work carry their ``attempt``: one of work superseded meanwhile is ignored.
@@ -53,6 +55,7 @@ from agent.events import (
     SelfTest,
     SelfTested,
     StateChanged,
+    Stopping,
     StorageFailed,
     StorageOk,
     StoragePart,
@@ -63,9 +66,9 @@ from agent.events import (
 from agent.health import SoakStats, code_of, judge
 from agent.lifecycle import Stage, Step, advance
 from agent.limits import Limits
+from agent.trouble import StorageTrouble
 from broker.backoff import Backoff, Retry
 from schemas import EventKind, HealthReport, Mode, Reason, Release, Verdict
-from schemas.device import MAX_REASON_CHARS
 from schemas.errors import bound_text
 
 __all__ = ["UpdateEngine"]
@@ -117,8 +120,7 @@ class UpdateEngine:
         self._work: _Work | None = None
         self._attempts = 0
         self._retry_at: float | None = None
-        self._trouble: dict[StoragePart, str] = {}
-        self._trouble_since: dict[StoragePart, float] = {}
+        self._trouble = StorageTrouble(limits.storage_reason_chars)
         self._handlers: dict[type, Callable[[EngineEvent], list[Command]]] = {
             Restored: self._on_restored,
             Targeted: self._on_targeted,
@@ -129,6 +131,7 @@ class UpdateEngine:
             Tick: self._on_tick,
             StorageFailed: self._on_storage_failed,
             StorageOk: self._on_storage_ok,
+            Stopping: self._on_stopping,
         }
 
     @staticmethod
@@ -167,14 +170,11 @@ class UpdateEngine:
     @property
     def degraded_reason(self) -> str | None:
         """Why storage fails now (None when it all works)."""
-        if not self._trouble:
-            return None
-        trouble = "; ".join(self._trouble[k] for k in sorted(self._trouble))
-        return bound_text(trouble, MAX_REASON_CHARS)
+        return self._trouble.reason
 
     @property
     def trouble(self) -> dict[str, str]:
-        return {part.value: why for part, why in self._trouble.items()}
+        return self._trouble.by_part()
 
     @property
     def wake_at(self) -> float | None:
@@ -200,13 +200,39 @@ class UpdateEngine:
             self._active = event.memory.active
             self._loaded = {event.memory.active.artifact.sha256}
             self._stage = advance(self._stage, Step.SERVED, has_model=True)
-        return [StateChanged()]
+        soaking = event.memory.soaking
+        return [StateChanged()] if soaking is None else self._crashed(soaking, event.now)
+
+    def _crashed(self, soaking: Desired, now: float) -> list[Command]:
+        """The soak of ``soaking`` never ended: it took the agent down. The model served
+        before it (the one restored) serves; the release fails in its scope."""
+        self._memory = replace(self._memory, soaking=None)
+        reason = Reason.CRASHED_DURING_SOAK
+        report = self._report(soaking, Verdict.UNHEALTHY, (reason.value,), None, now)
+        self._remember_failed(soaking)
+        back = "nothing" if self._active is None else self._active.release_id
+        assert soaking.release is not None
+        detail = f"{soaking.release.release_id} {reason} (found at start); back to {back}"
+        return [
+            Revert(self._active),
+            *self._step(Step.CRASHED),
+            Persist(self._memory),
+            Report(report),
+            Emit(EventKind.ROLLBACK, reason, self._detail(detail), soaking),
+        ]
+
+    def _on_stopping(self, _event: EngineEvent) -> list[Command]:
+        """An orderly stop is no crash: close the soak's record."""
+        if self._memory.soaking is None:
+            return []
+        self._memory = replace(self._memory, soaking=None)
+        return [Persist(self._memory)]
 
     def _on_targeted(self, event: EngineEvent) -> list[Command]:
         """Take a manifest's target. A re-signed manifest (same release and rollout,
         new seq) only updates the bookkeeping: it never supersedes work in flight, but
-        it does re-arm a target the device rests without (a stable target that failed
-        is retried under a later seq)."""
+        it does re-arm a target the device rests without (not a failed release: that
+        stays failed in its scope, see :class:`FailedRelease`)."""
         assert isinstance(event, Targeted)
         old, new = self._desired, event.desired
         self._desired = new
@@ -216,14 +242,19 @@ class UpdateEngine:
         )
         if work is not None and promoted:
             # The rollout completed while this device still works on its candidate, now
-            # the stable release: finish that work rather than start it over.
-            return []
+            # the stable release: finish that work rather than start it over (a crash
+            # from now on fails the stable release).
+            if work.soak is None:
+                return []
+            self._memory = replace(self._memory, soaking=new)
+            return [Persist(self._memory)]
         if new.work == old.work and (work is not None or self._serves(new)):
             return []
         out: list[Command] = []
         if work is not None:
             # The work no longer matters: serve what was served before it.
             out += self._end(work, Step.SUPERSEDED)
+            out += [Persist(self._memory)] if work.soak is not None else []
             self._retry.reset()
         return out + self._start()
 
@@ -283,7 +314,9 @@ class UpdateEngine:
         length = budget.soak_seconds + budget.min_inferences / self._inference_hz
         work.soak = SoakStats(started=event.now)
         work.deadline = event.now + length * factor + self._limits.soak_grace_s
-        return [Swap(release, work.attempt, keep), *self._step(Step.LOADED)]
+        # The record first: the service swaps only once it is written.
+        self._memory = replace(self._memory, soaking=self._desired)
+        return [Persist(self._memory), Swap(release, work.attempt, keep), *self._step(Step.LOADED)]
 
     def _on_inferred(self, event: EngineEvent) -> list[Command]:
         assert isinstance(event, Inferred)
@@ -302,29 +335,22 @@ class UpdateEngine:
         """``part`` of storage failed: the device is degraded, with the reason in its
         retained state, until a write there works again."""
         assert isinstance(event, StorageFailed)
-        why = bound_text(f"{event.part}: {event.why}", self._limits.storage_reason_chars)
-        first = event.part not in self._trouble
-        self._trouble[event.part] = why
-        if not first:
+        why = self._trouble.failed(event.part, event.why, event.now)
+        if why is None:
             return []
-        self._trouble_since[event.part] = event.now
         return [Log(logging.ERROR, f"storage failing, {why}"), StateChanged()]
 
     def _on_storage_ok(self, event: EngineEvent) -> list[Command]:
         assert isinstance(event, StorageOk)
-        why = self._trouble.pop(event.part, None)
-        if why is None:
+        ended = self._trouble.ok(event.part, event.now)
+        if ended is None:
             return []
-        lasted = event.now - self._trouble_since.pop(event.part, event.now)
+        why, lasted = ended
+        detail = self._detail(f"{why} (for {lasted:.0f} s); works again")
         out: list[Command] = [
             Log(logging.WARNING, f"storage works again ({why}, for {lasted:.0f} s)"),
             StateChanged(),
-            Emit(
-                EventKind.STORAGE_RECOVERED,
-                None,
-                self._detail(f"{why} (for {lasted:.0f} s); works again"),
-                None,
-            ),
+            Emit(EventKind.STORAGE_RECOVERED, None, detail, None),
         ]
         if event.part is StoragePart.ARTIFACTS and self._work is None:
             out += self._start()  # an update waiting for space goes on now
@@ -372,6 +398,7 @@ class UpdateEngine:
         out: list[Command] = [Cancel(work.attempt)]
         if work.soak is not None:
             self._active = work.previous
+            self._memory = replace(self._memory, soaking=None)
             out.append(Revert(work.previous))
         return out + self._step(step)
 
@@ -419,7 +446,10 @@ class UpdateEngine:
             self._work = None
             known_good = (*self._memory.known_good, release.artifact.sha256)
             self._memory = replace(
-                self._memory, active=release, known_good=known_good[-self._limits.known_good :]
+                self._memory,
+                active=release,
+                known_good=known_good[-self._limits.known_good :],
+                soaking=None,
             )
             applied = f"serving {release.release_id}"
             return [
@@ -460,11 +490,8 @@ class UpdateEngine:
             release=desired.release.release_id,
             verdict=verdict,
             reasons=reasons,
-            inferences=0 if stats is None else stats.inferences,
-            errors=0 if stats is None else stats.errors,
-            p95_latency_ms=None if stats is None else stats.p95_ms(),
-            soak_seconds=0.0 if stats is None else now - stats.started,
             at=now,
+            **SoakStats.figures(stats, now),
         )
         self._memory = replace(self._memory, last_health=report)
         return report

@@ -8,13 +8,14 @@ result of work since superseded is recognised and ignored.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 from agent.health import HealthCode
-from schemas import EventKind, HealthReport, Reason, Release
+from schemas import EventKind, HealthReport, Reason, Release, encode
 
 __all__ = [
     "NOTHING",
@@ -41,6 +42,7 @@ __all__ = [
     "SelfTest",
     "SelfTested",
     "StateChanged",
+    "Stopping",
     "StorageFailed",
     "StorageOk",
     "StoragePart",
@@ -73,38 +75,44 @@ class Desired:
 
 NOTHING = Desired(None, None, 0)
 
-_STABLE = re.compile(r"seq(\d+)")
+_LEGACY_STABLE = re.compile(r"seq\d+")
+_STABLE = "stable@"
 
 
 @dataclass(frozen=True)
 class FailedRelease:
     """A release that failed here, remembered so that it is not tried again in its
-    scope: its rollout, or for a stable target its manifest seq only (a later manifest
-    gives it another try)."""
+    scope: its rollout, or for a stable target the release itself (``release``, a
+    digest of its signed content). A re-signed manifest does not try it again; a manifest
+    that changes the release (another artifact, budget, runtime...) does."""
 
     sha256: str
     rollout_id: str | None = None
-    seq: int | None = None
+    release: str | None = None
 
     @classmethod
     def of(cls, desired: Desired) -> FailedRelease:
-        assert desired.sha256 is not None
+        assert desired.release is not None
+        sha256 = desired.release.artifact.sha256
         if desired.rollout_id is not None:
-            return cls(desired.sha256, rollout_id=desired.rollout_id)
-        return cls(desired.sha256, seq=desired.seq)
+            return cls(sha256, rollout_id=desired.rollout_id)
+        return cls(sha256, release=hashlib.sha256(encode(desired.release)).hexdigest()[:16])
 
     def stored(self) -> str:
-        """As the state file keeps it: ``<rollout>:<sha256>`` or ``seq<N>:<sha256>``."""
-        scope = self.rollout_id if self.rollout_id is not None else f"seq{self.seq}"
+        """As the state file keeps it: ``<rollout>:<sha256>`` or
+        ``stable@<release digest>:<sha256>``."""
+        scope = self.rollout_id if self.rollout_id is not None else f"{_STABLE}{self.release}"
         return f"{scope}:{self.sha256}"
 
     @classmethod
-    def parse(cls, text: str) -> FailedRelease:
-        """The key a state file kept (see :meth:`stored`)."""
+    def parse(cls, text: str) -> FailedRelease | None:
+        """The key a state file kept (see :meth:`stored`); None for a stable key of an
+        earlier agent (``seq<N>:<sha256>``), whose scope ended at its next manifest."""
         scope, _, sha256 = text.rpartition(":")
-        stable = _STABLE.fullmatch(scope)
-        if stable is not None:
-            return cls(sha256, seq=int(stable.group(1)))
+        if scope.startswith(_STABLE):
+            return cls(sha256, release=scope.removeprefix(_STABLE))
+        if _LEGACY_STABLE.fullmatch(scope):
+            return None
         return cls(sha256, rollout_id=scope)
 
 
@@ -117,6 +125,9 @@ class Memory:
     """sha256 of releases that passed a soak here."""
     failed: tuple[FailedRelease, ...] = ()
     last_health: HealthReport | None = None
+    soaking: Desired | None = None
+    """The target being soaked, written before its swap and cleared when its soak ends:
+    found at a start, the candidate took the agent down (see ``UpdateEngine``)."""
 
 
 class FailureKind(StrEnum):
@@ -203,6 +214,12 @@ class Tick:
 
 
 @dataclass(frozen=True)
+class Stopping:
+    """The agent stops in order (a requested stop, or its owner cancelled it): a soak
+    in flight was cut short, not crashed, and is tried again at the next start."""
+
+
+@dataclass(frozen=True)
 class StorageFailed:
     part: StoragePart
     why: str
@@ -225,6 +242,7 @@ EngineEvent = (
     | Tick
     | StorageFailed
     | StorageOk
+    | Stopping
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +46,18 @@ class SoakStats:
         if not self.latencies_ms:
             return None
         return float(np.percentile(self.latencies_ms, 95))
+
+    @staticmethod
+    def figures(stats: SoakStats | None, now: float) -> dict[str, Any]:
+        """A health report's figures of the soak ``stats`` (None: there was none)."""
+        if stats is None:
+            return {"inferences": 0, "errors": 0, "p95_latency_ms": None, "soak_seconds": 0.0}
+        return {
+            "inferences": stats.inferences,
+            "errors": stats.errors,
+            "p95_latency_ms": stats.p95_ms(),
+            "soak_seconds": now - stats.started,
+        }
 
     def ready(self, budget: HealthBudget, now: float) -> bool:
         """Soaked long enough, over enough inferences, to be judged."""

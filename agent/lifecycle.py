@@ -13,6 +13,8 @@ waiting for the coordinator. A newer target may supersede any stage in flight.
         is back in service
     FETCHING/LOADING/SOAKING --superseded--> SERVING (IDLE without a model): the
         failure or update that was in flight no longer matters; the new target starts over
+    IDLE/SERVING --crashed--> DEGRADED: at a start, a soak was found open (the candidate
+        took the agent down); the previous model serves
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class Step(StrEnum):
     SERVED = "served"
     """The target is already loaded and known good: swapped in without a soak."""
     SUPERSEDED = "superseded"
+    CRASHED = "crashed"
+    """Found at a start: the soak before it never ended."""
 
 
 _MODES: Final = {
@@ -75,6 +79,7 @@ TRANSITIONS: Final[dict[tuple[Stage, Step], Stage]] = {
     (Stage.LOADING, Step.FAILED): Stage.DEGRADED,
     (Stage.SOAKING, Step.FAILED): Stage.DEGRADED,
     **{(s, Step.SUPERSEDED): Stage.SERVING for s in IN_FLIGHT},
+    **{(s, Step.CRASHED): Stage.DEGRADED for s in _RESTING},
 }
 
 

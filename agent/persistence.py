@@ -15,8 +15,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from agent.events import EngineEvent, FailedRelease, Memory, StorageFailed, StorageOk, StoragePart
-from agent.store import AgentStore, PersistedState
+from agent.events import (
+    Desired,
+    EngineEvent,
+    FailedRelease,
+    Memory,
+    StorageFailed,
+    StorageOk,
+    StoragePart,
+)
+from agent.store import AgentStore, PersistedState, SoakRecord
 
 __all__ = ["StateKeeper"]
 
@@ -84,15 +92,21 @@ class StateKeeper:
             known_good=memory.known_good,
             failed=tuple(f.stored() for f in memory.failed),
             last_health=memory.last_health,
+            soaking=_record(memory.soaking),
         )
 
     @staticmethod
     def memory_of(state: PersistedState) -> Memory:
+        failed = (FailedRelease.parse(f) for f in state.failed)
+        soaking = state.soaking
         return Memory(
             active=state.active,
             known_good=state.known_good,
-            failed=tuple(FailedRelease.parse(f) for f in state.failed),
+            failed=tuple(f for f in failed if f is not None),
             last_health=state.last_health,
+            soaking=None
+            if soaking is None
+            else Desired(soaking.release, soaking.rollout_id, soaking.seq),
         )
 
     async def save(self, **changes: object) -> None:
@@ -118,3 +132,9 @@ class StateKeeper:
                 return
             self._written = state
         self._feed(StorageOk(StoragePart.STATE, self._clock()))
+
+
+def _record(soaking: Desired | None) -> SoakRecord | None:
+    if soaking is None or soaking.release is None:
+        return None
+    return SoakRecord(release=soaking.release, rollout_id=soaking.rollout_id, seq=soaking.seq)

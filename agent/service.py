@@ -43,6 +43,7 @@ from agent.events import (
     EngineEvent,
     FailedRelease,
     Restored,
+    Stopping,
     StorageFailed,
     StorageOk,
     StoragePart,
@@ -280,10 +281,12 @@ class Agent:
                 log.info("%s: stopped", self.device_id)
         finally:
             # Cancelled or stopped: what was counted since the last window is kept, and
-            # the newest state written (a write still waiting its turn would be lost).
+            # the newest state written (a write still waiting its turn would be lost),
+            # with a soak cut short by this stop no longer open: it was no crash.
             with contextlib.suppress(sqlite3.Error, OSError):
                 await self._journal.commit_window()
             if self._keeper.is_open:
+                self._feed(Stopping())
                 await self._keeper.write()
             await asyncio.to_thread(self._close_stores)
 

@@ -21,7 +21,14 @@ from schemas import HealthReport, Release
 from schemas.errors import bound_text
 from storage import atomic_write
 
-__all__ = ["MAX_WHY_CHARS", "AgentStore", "DamagedFileError", "PersistedState", "set_aside"]
+__all__ = [
+    "MAX_WHY_CHARS",
+    "AgentStore",
+    "DamagedFileError",
+    "PersistedState",
+    "SoakRecord",
+    "set_aside",
+]
 
 MAX_WHY_CHARS = 200
 """What was wrong with a damaged file, as far as an event tells it."""
@@ -67,6 +74,17 @@ def set_aside(path: Path) -> Path:
     return aside
 
 
+class SoakRecord(BaseModel):
+    """The target being soaked: written before its swap, cleared when the soak ends.
+    Found at a start, the release took the agent down (the crash-loop guard)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    release: Release
+    rollout_id: str | None
+    seq: int
+
+
 class PersistedState(BaseModel):
     model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
 
@@ -78,8 +96,10 @@ class PersistedState(BaseModel):
     """sha256 of releases that passed a soak here."""
     failed: tuple[str, ...] = ()
     """``<rollout>:<sha256>`` of releases that failed here and are not retried in that
-    rollout; ``seq<N>:<sha256>`` for a stable target, retried under a later manifest."""
+    rollout; ``stable@<release digest>:<sha256>`` for a stable target, retried only once
+    a manifest changes the release (earlier agents kept ``seq<N>:<sha256>``)."""
     last_health: HealthReport | None = None
+    soaking: SoakRecord | None = None
 
 
 class AgentStore:

@@ -1,9 +1,11 @@
 """Carrying out the update engine's commands: the only place they touch the world.
 
 :meth:`Updater.feed` hands an event to the engine and acts on the commands it returns.
-Those that only change what is served or shown (swap, revert, cancel, state, log, the
-last rejection) take effect at once, so that inference and the published state never
-lag behind the engine. The rest go in order to :meth:`Updater.run`, the update task:
+Those that only change what is served or shown (revert, cancel, state, log, the last
+rejection, a swap to a model already held) take effect at once, so that inference and
+the published state never lag behind the engine. The rest go in order to
+:meth:`Updater.run`, the update task: the swap to a candidate waits there for the write
+before it, the soak's record (the crash-loop guard, see :mod:`agent.engine`);
 writes, reports and events are awaited one after the other (the report before the event:
 it is what the coordinator waits for), and fetching, loading and self-testing run as
 tasks of their own whose results come back as events. Blocking work runs in threads.
@@ -123,13 +125,8 @@ class Updater:
 
     def _at_once(self, command: Command) -> bool:
         """Carry out ``command`` if it takes effect at once; False if it waits its turn."""
-        if isinstance(command, Swap):
-            sha = command.release.artifact.sha256
-            attempt = command.attempt
-            slot = self.slots[sha] if attempt is None else self._tested.pop(attempt)
-            keep = {} if command.keep is None else {command.keep: self.slots[command.keep]}
-            self.slots = {**keep, sha: slot}
-            self._inference.slot = slot
+        if isinstance(command, Swap) and command.attempt is None:
+            self._swap(command, self.slots[command.release.artifact.sha256])
         elif isinstance(command, Revert):
             to = command.to
             self._inference.slot = None if to is None else self.slots[to.artifact.sha256]
@@ -147,6 +144,11 @@ class Updater:
         else:
             return False
         return True
+
+    def _swap(self, command: Swap, slot: ModelSlot) -> None:
+        keep = {} if command.keep is None else {command.keep: self.slots[command.keep]}
+        self.slots = {**keep, command.release.artifact.sha256: slot}
+        self._inference.slot = slot
 
     def note(self, reason: Reason, detail: str) -> None:
         """Show a rejection in the device's state (the last one is shown)."""
@@ -183,6 +185,11 @@ class Updater:
         elif isinstance(command, Emit):
             reason = None if command.reason is None else command.reason.value
             await self._journal.emit(command.kind, reason, command.detail, command.desired)
+        elif isinstance(command, Swap):
+            assert command.attempt is not None
+            slot = self._tested.pop(command.attempt, None)
+            if slot is not None:  # else cancelled while its record was written
+                self._swap(command, slot)
         elif isinstance(command, Fetch | Load | SelfTest):
             self._spawn(command, tg)
         else:  # pragma: no cover (the others take effect at once)

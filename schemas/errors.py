@@ -64,6 +64,9 @@ class Reason(StrEnum):
     MODEL_LOAD_FAILED = "model_load_failed"
     SELF_TEST_FAILED = "self_test_failed"
     PROFILE_MISMATCH = "profile_mismatch"
+    CRASHED_DURING_SOAK = "crashed_during_soak"
+    """The agent found its soak of the release still open at a start: the release took
+    the process or the machine down (a health report's reason, not a rejection)."""
 
 
 class EdgefleetError(Exception):

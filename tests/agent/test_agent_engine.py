@@ -36,6 +36,7 @@ from agent.events import (
     SelfTest,
     SelfTested,
     StateChanged,
+    Stopping,
     StorageFailed,
     StorageOk,
     StoragePart,
@@ -284,7 +285,8 @@ def test_load_failure_without_a_model_to_fall_back_on_leaves_the_device_idle() -
     done = e.handle(Loaded(fetch.attempt, 0.0, failure=failure))
     assert e.stage is Stage.IDLE
     assert one(done, Report).report.verdict is Verdict.UNHEALTHY
-    assert e.memory.failed == (FailedRelease(sha(V1), seq=1),)
+    assert e.memory.failed == (FailedRelease.of(stable(V1, 1)),)
+    assert e.memory.failed[0].release is not None, "a stable scope"
 
 
 def test_corrupt_fetch_is_retried_after_a_backoff_never_judged() -> None:
@@ -335,20 +337,27 @@ def test_an_error_of_the_agent_itself_is_logged_and_retried() -> None:
     assert e.wake_at == 1.0
 
 
-def test_failed_release_is_not_retried_in_its_rollout_but_a_stable_one_is_under_a_later_seq() -> (
-    None
-):
+def test_failed_release_is_not_retried_in_its_rollout() -> None:
     e = serving(V1)
     to_soak(e, candidate(V2, 2))
     infer(e, V2, 5, now=3.0, ms=50.0)  # rolled back
     assert e.handle(Targeted(candidate(V2, 3), 4.0)) == [], "same rollout: not again"
     assert e.handle(Tick(100.0)) == []
+    assert of(e.handle(Targeted(candidate(V2, 4, rollout="r2"), 5.0)), Fetch), "another rollout"
+
+
+def test_failed_stable_release_is_not_retried_at_a_resign_only_once_the_release_changes() -> None:
     broken = serving()
     fetch = one(broken.handle(Targeted(stable(V1, 1), 0.0)), Fetch)
     failure = Failure(FailureKind.REJECTED, "bad", Reason.MODEL_LOAD_FAILED)
     broken.handle(Fetched(fetch.attempt, 0.0, model=MODEL))
     broken.handle(Loaded(fetch.attempt, 0.0, failure=failure))
-    assert of(broken.handle(Targeted(stable(V1, 2), 1.0)), Fetch), "another seq: another try"
+    assert broken.handle(Targeted(stable(V1, 2), 1.0)) == [], "a re-sign: not again"
+    assert broken.handle(Tick(1000.0)) == []
+    assert broken.handle(Targeted(stable(V1, 3), 2.0)) == [], "nor at the next one"
+    # The same artifact under a changed release (here its budget) is another release.
+    relaxed = V1.model_copy(update={"health": BUDGET.model_copy(update={"p95_latency_ms": 99})})
+    assert one(broken.handle(Targeted(stable(relaxed, 4), 3.0)), Fetch).release == relaxed
 
 
 # -- targets that change -----------------------------------------------------------------
@@ -391,7 +400,9 @@ def test_resigned_manifest_does_not_disturb_a_soak() -> None:
 def test_candidate_promoted_during_its_soak_finishes_that_soak() -> None:
     e = serving(V1)
     to_soak(e, candidate(V2, 2))
-    assert e.handle(Targeted(stable(V2, 3), 1.0)) == []
+    # Only the soak's record follows the promotion: a crash now fails the stable release.
+    assert e.handle(Targeted(stable(V2, 3), 1.0)) == [Persist(e.memory)]
+    assert e.memory.soaking == stable(V2, 3)
     assert one(infer(e, V2, 5, now=2.0), Report).report.rollout_id == "r1"
     assert (e.stage, e.active) == (Stage.SERVING, V2)
 
@@ -433,6 +444,96 @@ def test_restart_mid_soak_serves_the_last_kept_model_and_starts_the_update_over(
     assert (e.stage, e.active) == (Stage.SERVING, V1)
     assert e.memory.failed == (FailedRelease(sha(V3), rollout_id="r0"),)
     assert one(e.handle(Targeted(candidate(V2, 2), 0.0)), Fetch).release == V2
+
+
+# -- the crash-loop guard ---------------------------------------------------------------
+
+
+def test_the_soak_is_recorded_before_the_swap_and_closed_by_its_verdict() -> None:
+    e = serving(V1)
+    fetch = one(e.handle(Targeted(candidate(V2, 2), 0.0)), Fetch)
+    e.handle(Fetched(fetch.attempt, 0.0, model=MODEL))
+    e.handle(Loaded(fetch.attempt, 0.0))
+    swapped = e.handle(SelfTested(fetch.attempt, 0.0))
+    kinds = [type(c) for c in swapped]
+    assert kinds.index(Persist) < kinds.index(Swap), "the service swaps once it is written"
+    assert one(swapped, Persist).memory.soaking == candidate(V2, 2)
+    assert one(infer(e, V2, 5, now=2.0), Persist).memory.soaking is None
+
+
+@pytest.mark.parametrize("ms", [1.0, 50.0], ids=["healthy", "unhealthy"])
+def test_a_soak_judged_either_way_closes_its_record(ms: float) -> None:
+    e = serving(V1)
+    to_soak(e, candidate(V2, 2))
+    assert e.memory.soaking is not None
+    assert one(infer(e, V2, 5, now=3.0, ms=ms), Persist).memory.soaking is None
+
+
+def test_a_superseded_soak_closes_its_record() -> None:
+    e = serving(V1)
+    to_soak(e, candidate(V2, 2))
+    done = e.handle(Targeted(candidate(V3, 3, rollout="r2"), 1.0))
+    assert one(done, Persist).memory.soaking is None
+    assert e.memory.failed == (), "superseded is no verdict"
+
+
+def test_an_orderly_stop_closes_the_record_and_the_next_start_soaks_again() -> None:
+    e = serving(V1)
+    to_soak(e, candidate(V2, 2))
+    assert one(e.handle(Stopping()), Persist).memory.soaking is None
+    assert e.handle(Stopping()) == [], "nothing open"
+    again = serving(V1, soaking=e.memory.soaking)
+    assert one(again.handle(Targeted(candidate(V2, 2), 0.0)), Fetch).release == V2
+
+
+def test_start_with_the_soak_still_open_reverts_reports_and_never_retries_it() -> None:
+    e = engine()
+    memory = Memory(active=V1, known_good=(sha(V1),), soaking=candidate(V2, 2))
+    done = e.handle(Restored(memory, serving=True, now=50.0))
+    assert one(done, Revert) == Revert(V1)
+    assert (e.active, e.stage, e.mode) == (V1, Stage.DEGRADED, Mode.DEGRADED)
+    report = one(done, Report).report
+    assert (report.verdict, report.reasons) == (Verdict.UNHEALTHY, ("crashed_during_soak",))
+    assert (report.release, report.rollout_id, report.manifest_seq) == (V2.release_id, "r1", 2)
+    assert report.at == 50.0
+    event = one(done, Emit)
+    assert (event.kind, event.reason) == (EventKind.ROLLBACK, Reason.CRASHED_DURING_SOAK)
+    assert event.detail.endswith(f"back to {V1.release_id}")
+    kept = one(done, Persist).memory
+    assert kept.soaking is None, "the guard fires once"
+    assert kept.failed == (FailedRelease(sha(V2), rollout_id="r1"),)
+    assert kept.last_health == report
+    kinds = [type(c) for c in done]
+    assert kinds.index(Persist) < kinds.index(Report) < kinds.index(Emit)
+    # The retained manifest comes again, and re-signed: never that release again.
+    assert e.handle(Targeted(candidate(V2, 2), 51.0)) == []
+    assert e.handle(Targeted(candidate(V2, 3), 52.0)) == []
+    assert e.handle(Tick(10_000.0)) == []
+
+
+def test_start_with_the_record_closed_reports_nothing() -> None:
+    e = engine()
+    done = e.handle(Restored(Memory(active=V1, known_good=(sha(V1),)), serving=True, now=0.0))
+    assert done == [StateChanged()]
+    assert e.stage is Stage.SERVING
+
+
+def test_a_stable_release_that_crashed_is_retried_only_once_a_manifest_changes_it() -> None:
+    e = engine()
+    memory = Memory(active=V1, known_good=(sha(V1),), soaking=stable(V2, 5))
+    e.handle(Restored(memory, serving=True, now=0.0))
+    assert e.handle(Targeted(stable(V2, 5), 1.0)) == []
+    assert e.handle(Targeted(stable(V2, 6), 2.0)) == [], "a re-sign"
+    changed = V2.model_copy(update={"runtime": Runtime(providers=("CUDAExecutionProvider",))})
+    assert one(e.handle(Targeted(stable(changed, 7), 3.0)), Fetch).release == changed
+
+
+def test_start_with_the_soak_open_and_no_model_to_go_back_to_is_idle() -> None:
+    e = engine()
+    done = e.handle(Restored(Memory(soaking=stable(V1, 1)), serving=False, now=0.0))
+    assert one(done, Revert) == Revert(None)
+    assert e.stage is Stage.IDLE
+    assert one(done, Emit).detail.endswith("back to nothing")
 
 
 def test_restart_whose_model_does_not_load_is_idle_and_fetches_it_again() -> None:
@@ -489,7 +590,7 @@ def test_remembered_releases_and_texts_are_bounded_by_the_limits() -> None:
         e.handle(Fetched(fetch.attempt, 0.0, model=MODEL))
         done = e.handle(Loaded(fetch.attempt, 0.0, failure=failure))
         assert len(one(done, Emit).detail) == 100
-    assert [f.seq for f in e.memory.failed] == [5, 6]
+    assert [f.sha256 for f in e.memory.failed] == [sha(release("e")), sha(release("f"))]
     e.handle(StorageFailed(StoragePart.STATE, "y" * 10_000, 0.0))
     assert e.degraded_reason is not None
     assert len(e.degraded_reason) == 20
@@ -499,7 +600,8 @@ def test_remembered_releases_and_texts_are_bounded_by_the_limits() -> None:
     "key",
     [
         FailedRelease("ab" * 32, rollout_id="r1"),
-        FailedRelease("ab" * 32, seq=7),
+        FailedRelease("ab" * 32, release="0123456789abcdef"),
+        FailedRelease.of(stable(V1, 3)),
         FailedRelease("ab" * 32, rollout_id="canary:eu"),
     ],
 )
@@ -509,5 +611,6 @@ def test_failed_release_keys_read_back_as_the_state_file_keeps_them(key: FailedR
 
 def test_failed_release_keys_of_earlier_state_files_still_read() -> None:
     sha256 = "cd" * 32
-    assert FailedRelease.parse(f"seq12:{sha256}") == FailedRelease(sha256, seq=12)
+    # A stable key of an earlier agent: its scope, one manifest seq, is over.
+    assert FailedRelease.parse(f"seq12:{sha256}") is None
     assert FailedRelease.parse(f"r1:{sha256}") == FailedRelease(sha256, rollout_id="r1")

@@ -59,8 +59,15 @@ def test_a_device_with_a_model_lands_where_the_theory_of_operation_says(
 
 
 def test_the_theory_of_operation_names_every_transition() -> None:
-    # 3 targets, 4 served, fetched, loaded, healthy, unhealthy, 3 failed, 3 superseded
-    assert len(TRANSITIONS) == 3 + 4 + 4 + 3 + 3
+    # 3 targets, 4 served, fetched, loaded, healthy, unhealthy, 3 failed, 3 superseded,
+    # 3 crashed
+    assert len(TRANSITIONS) == 3 + 4 + 4 + 3 + 3 + 3
+
+
+@pytest.mark.parametrize("stage", [Stage.IDLE, Stage.SERVING])
+def test_a_soak_found_open_at_a_start_leaves_the_device_degraded(stage: Stage) -> None:
+    assert advance(stage, Step.CRASHED, has_model=True) is Stage.DEGRADED
+    assert advance(stage, Step.CRASHED, has_model=False) is Stage.IDLE
 
 
 def test_update_walk_from_serving_to_soaked() -> None:

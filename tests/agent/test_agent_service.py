@@ -22,7 +22,7 @@ import pytest
 
 from agent import Agent, AgentConfig, Bundle, Feed
 from agent.artifacts import ArtifactKind, ArtifactStore
-from agent.events import EngineEvent, FailedRelease, StorageFailed, StorageOk
+from agent.events import Desired, EngineEvent, FailedRelease, StorageFailed, StorageOk
 from agent.journal import Journal
 from agent.lifecycle import Stage
 from agent.limits import Limits
@@ -338,6 +338,35 @@ def test_a_real_change_during_a_soak_puts_the_previous_model_back(
 # -- 3: a fetch that timed out is retried; stable failures are per seq --------------------
 
 
+def test_an_agent_stopped_mid_soak_closes_the_record_and_soaks_again_at_its_next_start(
+    home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release, v2: Release
+) -> None:
+    """Cancellation (its owner stops it) is no crash: the crash-loop guard stays quiet."""
+    stock(tmp_path, demo_models["digits-v1"], demo_models["digits-v2"])
+    long_soak = with_budget(v2, soak_seconds=600.0)
+    state_file = tmp_path / "state.json"
+
+    async def soaking(agent: Agent, *, fresh: bool) -> None:
+        async with running(agent) as task:
+            if fresh:
+                await deliver(agent, topics.trust(), home.trust())
+                await deliver_manifest(agent, signed(home, 1, v1))
+                await serving(agent, task, v1)
+                await deliver_manifest(agent, signed(home, 2, v1, long_soak))
+            # else from the stored manifest
+            await until(lambda: agent.stage is Stage.SOAKING, "the candidate's soak", task)
+            await until(lambda: AgentStore(state_file).load().soaking, "the record", task)
+
+    first = make(home, tmp_path)
+    asyncio.run(soaking(first, fresh=True))
+    stored = AgentStore(state_file).load()
+    assert (stored.soaking, stored.active, stored.failed) == (None, v1, ())
+    again = make(home, tmp_path)
+    asyncio.run(soaking(again, fresh=False))
+    assert again.last_health == first.last_health, "no crash reported"
+    assert again.failed_releases == ()
+
+
 def test_fetch_timeout_is_retried_not_remembered(
     home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release
 ) -> None:
@@ -363,11 +392,14 @@ def test_fetch_timeout_is_retried_not_remembered(
     asyncio.run(scenario())
 
 
-def test_stable_target_that_failed_is_tried_again_under_a_later_seq(
+def test_stable_target_that_failed_is_not_tried_again_at_a_resign_only_once_it_changes(
     home: Home, tmp_path: Path, demo_models: dict[str, DemoModel], v1: Release
 ) -> None:
     stock(tmp_path, demo_models["digits-v1"])
     broken = v1.model_copy(update={"inputs": (v1.inputs[0].model_copy(update={"name": "x"}),)})
+    changed = broken.model_copy(
+        update={"health": v1.health.model_copy(update={"soak_seconds": 9.0})}
+    )
     agent = make(home, tmp_path)
 
     def load_failures() -> int:
@@ -378,16 +410,20 @@ def test_stable_target_that_failed_is_tried_again_under_a_later_seq(
             await deliver(agent, topics.trust(), home.trust())
             await deliver_manifest(agent, signed(home, 1, broken))
             await until(lambda: load_failures() == 1, "the load to fail", task)
-            await asyncio.sleep(0.5)  # not retried under the same seq
-            assert load_failures() == 1
             await deliver_manifest(agent, signed(home, 2, broken))
-            await until(lambda: load_failures() == 2, "another try under seq 2", task)
+            await asyncio.sleep(0.5)  # a re-sign of the same release: not tried again
+            assert load_failures() == 1
+            await deliver_manifest(agent, signed(home, 3, changed))
+            await until(lambda: load_failures() == 2, "a try of the changed release", task)
             assert agent.stage is Stage.IDLE
 
     asyncio.run(scenario())
-    sha = broken.artifact.sha256
-    assert agent.failed_releases == (FailedRelease(sha, seq=1), FailedRelease(sha, seq=2))
-    assert AgentStore(tmp_path / "state.json").load().failed == (f"seq1:{sha}", f"seq2:{sha}")
+    failed = (
+        FailedRelease.of(Desired(broken, None, 1)),
+        FailedRelease.of(Desired(changed, None, 3)),
+    )
+    assert agent.failed_releases == failed
+    assert AgentStore(tmp_path / "state.json").load().failed == tuple(f.stored() for f in failed)
 
 
 # -- golden self-tests: fetched beside the model, judged before the swap ------------------

@@ -17,8 +17,9 @@ import pytest
 from agent import Agent, Outbox
 from agent.artifacts import ArtifactKind
 from agent.engine import UpdateEngine
-from agent.events import StorageFailed, StoragePart
+from agent.events import Desired, FailedRelease, Memory, StorageFailed, StoragePart
 from agent.outbox import TELEMETRY
+from agent.persistence import StateKeeper
 from agent.runtime import InferenceResult
 from agent.store import AgentStore, DamagedFileError, PersistedState
 from agent.telemetry import TelemetryWindow
@@ -588,3 +589,24 @@ def test_a_state_file_of_any_other_shape_is_damage_never_a_silent_fresh_start(
         AgentStore(path).load()
     assert caught.value.path == path
     assert AgentStore(tmp_path / "absent.json").load() == PersistedState()
+
+
+def test_the_soak_record_and_failed_releases_survive_the_state_file(
+    tmp_path: Path, v1: Release
+) -> None:
+    soaking = Desired(v1, "r1", 4)
+    memory = Memory(
+        active=v1,
+        failed=(FailedRelease.of(Desired(v1, None, 2)), FailedRelease.of(soaking)),
+        soaking=soaking,
+    )
+    keeper = StateKeeper(
+        tmp_path / "state.json", device_id="d", feed=lambda _: None, clock=lambda: 0.0
+    )
+    keeper.remember_memory(memory)
+    store = AgentStore(tmp_path / "state.json")
+    store.save(keeper.state)
+    assert StateKeeper.memory_of(store.load()) == memory
+    # An earlier agent's stable key (scoped to one manifest seq) is dropped.
+    legacy = store.load().model_copy(update={"failed": (f"seq3:{'ab' * 32}",), "soaking": None})
+    assert StateKeeper.memory_of(legacy) == Memory(active=v1)
