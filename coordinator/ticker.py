@@ -93,6 +93,7 @@ class Ticker:
         if self._heartbeat.due(now, watching=known):
             await self._beat(now)
         ended = False
+        core.fleet.watch_only(r.id for r in core.rollouts.values() if not r.phase.final)
         for rollout_id in list(core.rollouts):
             try:
                 ended = await self._tick_rollout(rollout_id, now, known=known) or ended
