@@ -63,8 +63,9 @@ class CoordinatorConfig:
     """The root-signed TrustDoc envelope to publish; the root key stays offline."""
     root_keys: dict[str, Ed25519PublicKey]
     tick_s: float = 0.5
-    settle_s: float = 2.0
-    """After connecting, how long before the fleet view counts as complete."""
+    fence_s: float = 10.0
+    """After connecting, how long the fence may take to come back before it is sent
+    again (``coordinator.clock.Settling``)."""
     artifact_timeout_s: float = 60.0
     session_expiry_s: int = 7 * 24 * 3600
     reconnect: Backoff = RECONNECT

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 
 from broker.transport import Transport, TransportError
 from coordinator.artifacts import ArtifactStore
+from coordinator.clock import Settling
 from coordinator.config import CoordinatorConfig
 from coordinator.custody import BrokerArtifacts, named_refs
 from coordinator.fleet import FleetView
@@ -75,6 +77,9 @@ class Core:
             seen_kept=config.limits.reports_remembered,
             device_reason_chars=config.limits.device_reason_chars,
         )
+        self.settling = Settling(nonce=secrets.token_hex(8), resend_s=config.fence_s)
+        """When the fleet view is complete: the link sends the fence, the ingest sees it
+        come back, the ticker asks."""
         self.classes: dict[str, ClassRecord] = {}
         self.rollouts: dict[str, RolloutRecord] = {}
         self.refusals: dict[str, Refusal] = {}

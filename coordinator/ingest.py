@@ -92,6 +92,9 @@ class Ingest:
             self._on_device(name, parsed.channel, message.payload)
         elif parsed.kind is TopicKind.COORDINATOR_PRESENCE:
             self._on_presence(message)
+        elif parsed.kind is TopicKind.COORDINATOR_FENCE:
+            if self._core.settling.came_back(message.payload):
+                self._core.changed.set()
         else:
             self._on_cache(parsed, message.payload)
 

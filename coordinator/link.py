@@ -111,7 +111,7 @@ class Link:
                 failure = f"broker unreachable ({exc})"
             finally:
                 core.transport = core.tg = None
-                self._ticker.settling.unlinked()
+                core.settling.unlinked()
                 core.ready.clear()
             delay = retry.next_delay()
             if failure is not None:
@@ -148,7 +148,10 @@ class Link:
 
     async def _linked(self, transport: Transport) -> None:
         core = self._core
-        await transport.subscribe(*(topics.all_devices(c) for c in DeviceChannel))
+        # The fence filter last: its messages come after the device topics' retained ones.
+        await transport.subscribe(
+            *(topics.all_devices(c) for c in DeviceChannel), topics.coordinator_fence()
+        )
         core.transport = transport
         async with asyncio.TaskGroup() as tg:
             core.tg = tg
@@ -160,7 +163,10 @@ class Link:
         core = self._core
         async for generation in transport.connections():
             core.ready.clear()
-            self._ticker.settling.linked(generation, core.monotonic())
+            # Every subscription of this connection is acknowledged by now: the fence
+            # comes back behind their retained messages.
+            fence = core.settling.linked(generation, core.monotonic())
+            await core.publish(topics.coordinator_fence(), fence, retain=False)
             # Guarded: a record that cannot be published is skipped, never a crash loop.
             await core.guarded("re-assert", self._reassert(transport))
             core.ready.set()

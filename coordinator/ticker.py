@@ -12,13 +12,14 @@ import contextlib
 import logging
 
 from coordinator import clock, rollout
-from coordinator.clock import Heartbeat, Settling
+from coordinator.clock import Heartbeat
 from coordinator.core import Core, describe
 from coordinator.intake import Intake
 from coordinator.keeper import Keeper
 from coordinator.rollout import Action
 from coordinator.signer import Signer
 from coordinator.store import ClassRecord
+from schemas import topics
 
 __all__ = ["Ticker"]
 
@@ -31,16 +32,19 @@ class Ticker:
         self._signer = signer
         self._keeper = keeper
         self._intake = intake
-        self.settling = Settling(core.config.settle_s)
         self._heartbeat = Heartbeat(core.config.heartbeat_s)
         self._clearing: asyncio.Task[None] | None = None
 
     def fleet_known(self) -> bool:
-        """Retained device topics arrive right after subscribing; until they had time
-        to, the fleet view is partial (and while disconnected, stale)."""
-        transport = self._core.transport
-        return transport is not None and self.settling.known(
-            self._core.monotonic(), connected=transport.connected, generation=transport.generation
+        """Retained device topics arrive right after subscribing; until the fence came
+        back behind them, the fleet view is partial (and while disconnected, stale). The
+        connection's re-assert must be done too: it shifts the wave clocks over the
+        downtime (:meth:`resume`) before any of them may time out."""
+        core, transport = self._core, self._core.transport
+        return (
+            transport is not None
+            and core.ready.is_set()
+            and core.settling.known(connected=transport.connected, generation=transport.generation)
         )
 
     async def resume(self) -> None:
@@ -74,6 +78,10 @@ class Ticker:
                 async with asyncio.timeout(core.config.tick_s):
                     await core.changed.wait()
             core.changed.clear()
+            fence = core.settling.resend(core.monotonic())
+            if fence is not None:
+                log.info("coordinator: the fence is not back yet; sent again")
+                core.spawn("fence", core.publish(topics.coordinator_fence(), fence, retain=False))
             if self._intake.deferred and self.fleet_known():
                 self._intake.retry_deferred()
             await core.guarded("tick", self.tick())
@@ -93,6 +101,7 @@ class Ticker:
         if self._heartbeat.due(now, watching=known):
             await self._beat(now)
         ended = False
+        core.fleet.watch_only(r.id for r in core.rollouts.values() if not r.phase.final)
         for rollout_id in list(core.rollouts):
             try:
                 ended = await self._tick_rollout(rollout_id, now, known=known) or ended

@@ -32,6 +32,7 @@ __all__ = [
     "artifact_meta",
     "check_name",
     "class_manifest",
+    "coordinator_fence",
     "coordinator_presence",
     "device",
     "device_all",
@@ -74,6 +75,7 @@ class TopicKind(StrEnum):
     ROLLOUT_STATUS = "rollout_status"
     DEVICE = "device"
     COORDINATOR_PRESENCE = "coordinator_presence"
+    COORDINATOR_FENCE = "coordinator_fence"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,6 +159,12 @@ def device(device_id: str, channel: DeviceChannel) -> str:
 
 def coordinator_presence() -> str:
     return f"{PREFIX}/coordinator/presence"
+
+
+def coordinator_fence() -> str:
+    """Where the coordinator sends itself a message, never retained, to learn that
+    everything the broker sent before it was read (``coordinator.clock.Settling``)."""
+    return f"{PREFIX}/coordinator/fence"
 
 
 def all_devices(channel: DeviceChannel) -> str:
@@ -252,6 +260,8 @@ def _parse_parts(parts: list[str]) -> ParsedTopic:
             )
         case ["coordinator", "presence"]:
             parsed = ParsedTopic(kind=TopicKind.COORDINATOR_PRESENCE)
+        case ["coordinator", "fence"]:
+            parsed = ParsedTopic(kind=TopicKind.COORDINATOR_FENCE)
         case _:
             msg = "unknown topic"
             raise ValueError(msg)

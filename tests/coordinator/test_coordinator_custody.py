@@ -168,14 +168,46 @@ def test_heartbeats_are_due_only_while_watching_and_at_most_every_period() -> No
     assert beat.due(T0 + 2.0, watching=True)
 
 
-def test_the_fleet_view_settles_after_settle_s_on_the_same_connection() -> None:
-    settling = Settling(settle_s=2.0)
-    assert not settling.known(100.0, connected=True, generation=1)
-    settling.linked(1, 100.0)
-    assert not settling.known(101.9, connected=True, generation=1)
-    assert settling.known(102.0, connected=True, generation=1)
-    assert not settling.known(102.0, connected=False, generation=1)
+def test_the_fleet_view_is_known_once_the_fence_of_the_same_connection_came_back() -> None:
+    settling = Settling(nonce="n1", resend_s=10.0)
+    assert not settling.known(connected=True, generation=1)
+    fence = settling.linked(1, 100.0)
+    # However long it takes: only the fence coming back settles the view.
+    assert not settling.known(connected=True, generation=1)
+    assert settling.came_back(fence)
+    assert settling.known(connected=True, generation=1)
+    assert not settling.came_back(fence)  # once is enough
+    assert not settling.known(connected=False, generation=1)
     # A reconnect the re-assert loop has not caught up with: not settled.
-    assert not settling.known(102.0, connected=True, generation=2)
+    assert not settling.known(connected=True, generation=2)
     settling.unlinked()
-    assert not settling.known(200.0, connected=True, generation=1)
+    assert not settling.known(connected=True, generation=1)
+    assert not settling.came_back(fence)
+
+
+def test_no_older_fence_settles_the_view() -> None:
+    earlier = Settling(nonce="process-1", resend_s=10.0)
+    settling = Settling(nonce="process-2", resend_s=10.0)
+    old_process = earlier.linked(1, 100.0)
+    old_connection = settling.linked(1, 100.0)
+    old_session = settling.linked(2, 105.0)
+    settling.linked(1, 110.0)  # a new session: its generations start at 1 again
+    # A kept session delivers an earlier process's or connection's fence first.
+    assert not settling.came_back(old_process)
+    assert not settling.came_back(old_connection)
+    assert not settling.came_back(old_session)
+    assert not settling.came_back(b"garbage")
+    assert not settling.known(connected=True, generation=1)
+    assert settling.came_back(settling.fence())
+    assert settling.known(connected=True, generation=1)
+
+
+def test_a_fence_that_does_not_come_back_is_sent_again() -> None:
+    settling = Settling(nonce="n1", resend_s=10.0)
+    assert settling.resend(500.0) is None  # not linked
+    fence = settling.linked(1, 100.0)
+    assert settling.resend(109.9) is None
+    assert settling.resend(110.0) == fence
+    assert settling.resend(119.9) is None
+    assert settling.came_back(fence)
+    assert settling.resend(200.0) is None

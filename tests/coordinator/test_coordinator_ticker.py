@@ -33,7 +33,9 @@ def test_a_timed_out_wave_is_stored_audited_and_published_with_its_cause(
             ticker = Ticker(core, signer, keeper, Intake(core, fetcher, keeper, signer))
             core.transport = transport
             core.monotonic = lambda: 100.0
-            ticker.settling.linked(transport.generation, 0.0)  # settled long ago
+            # Settled long ago: re-asserted, and the fence of this connection came back.
+            core.ready.set()
+            assert core.settling.came_back(core.settling.linked(transport.generation, 0.0))
             # The last wave (an empty early one is passed over), begun at T0, 600 s allowed.
             core.rollouts["rollout-7"] = make_record(wave=2)
             async with asyncio.timeout(10.0):
@@ -62,3 +64,31 @@ def test_a_timed_out_wave_is_stored_audited_and_published_with_its_cause(
         assert (entry["event"], entry["detail"]) == ("roll_back", text)
     finally:
         store.close()
+
+
+def test_the_view_is_known_only_once_the_fence_is_back_and_the_re_assert_done(
+    tmp_path: Path,
+) -> None:
+    transport = ScriptedTransport(fail=False)
+
+    async def main() -> None:
+        core = Core(make_config(tmp_path, KeyPair.generate()), clock=lambda: T0)
+        try:
+            fetcher = Fetcher(core)
+            keeper = Keeper(core, fetcher)
+            signer = Signer(core)
+            ticker = Ticker(core, signer, keeper, Intake(core, fetcher, keeper, signer))
+            core.transport = transport
+            fence = core.settling.linked(transport.generation, 0.0)
+            core.ready.set()
+            assert not ticker.fleet_known()  # re-asserted, the fence not back
+            core.settling.came_back(fence)
+            core.ready.clear()
+            # The fence is back, but the wave clocks may not yet be shifted over downtime.
+            assert not ticker.fleet_known()
+            core.ready.set()
+            assert ticker.fleet_known()
+        finally:
+            core.store.close()
+
+    asyncio.run(main())

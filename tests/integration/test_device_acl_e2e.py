@@ -43,6 +43,7 @@ async def _acl(fleet: Fleet) -> None:
         topics.rollout_status("evil"),
         topics.artifact_meta(sha),
         topics.coordinator_presence(),
+        topics.coordinator_fence(),
         *(topics.device(other, channel) for channel in DeviceChannel),
     ]
     own = topics.device(device, DeviceChannel.EVENTS)

@@ -76,6 +76,7 @@ def _parse_rejected(topic: str) -> None:
         (t.rollout_spec("r-1.2_x"), ParsedTopic(kind=TopicKind.ROLLOUT_SPEC, name="r-1.2_x")),
         (t.rollout_status("r1"), ParsedTopic(kind=TopicKind.ROLLOUT_STATUS, name="r1")),
         (t.coordinator_presence(), ParsedTopic(kind=TopicKind.COORDINATOR_PRESENCE)),
+        (t.coordinator_fence(), ParsedTopic(kind=TopicKind.COORDINATOR_FENCE)),
         *[
             (
                 t.device("dev-0001", channel),
