@@ -14,7 +14,8 @@ rollout's current wave; then health reports arrive between ticks. Measured:
 
 Human-readable lines come first; the last line is one JSON object with every figure.
 
-Run: ``.venv/bin/python bench/fleetview.py [--devices N] [--ticks N]``
+Run from the repository root, as a module (the baseline recount is the tests' reference):
+``.venv/bin/python -m bench.fleetview [--devices N] [--ticks N]``
 """
 
 from __future__ import annotations
