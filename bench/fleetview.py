@@ -29,27 +29,9 @@ from collections.abc import Callable
 
 from coordinator.fleet import FleetView
 from coordinator.rollout import RolloutRecord
-from schemas import DeviceState, HealthReport, Mode, Verdict, WaveCounts
-from tests.coordinator.records import CLASS, T0, make_record
+from schemas import DeviceState, HealthReport, Verdict, WaveCounts
+from tests.coordinator.records import CLASS, T0, device_state, make_record
 from tests.coordinator.recount import recount
-
-
-def _state(device_id: str, sha256: str | None) -> DeviceState:
-    return DeviceState(
-        device_id=device_id,
-        hw_class=CLASS,
-        mode=Mode.SERVING,
-        active_release=None,
-        active_sha256=sha256,
-        target_release=None,
-        rollout_id=None,
-        applied_seq=3,
-        trust_version=1,
-        inferences_total=0,
-        last_inference_at=None,
-        last_rejection=None,
-        updated_at=T0,
-    )
 
 
 def _report(record: RolloutRecord, device_id: str, n: int) -> HealthReport:
@@ -92,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     record = make_record(wave=1)  # 50 %: half the fleet is in the wave
     sha = record.candidates[CLASS].artifact.sha256
     ids = [f"cam-{i:05d}" for i in range(args.devices)]
-    states = [_state(d, sha if i % 2 else None) for i, d in enumerate(ids)]
+    states = [device_state(d, sha256=sha if i % 2 else None) for i, d in enumerate(ids)]
 
     unwatched = _feed(FleetView(), ids, states)
     fleet = FleetView()

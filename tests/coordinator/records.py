@@ -6,7 +6,17 @@ from __future__ import annotations
 from typing import Any
 
 from coordinator.rollout import RolloutRecord
-from schemas import ArtifactRef, HealthBudget, Phase, Release, Runtime, TensorSpec, Variant
+from schemas import (
+    ArtifactRef,
+    DeviceState,
+    HealthBudget,
+    Mode,
+    Phase,
+    Release,
+    Runtime,
+    TensorSpec,
+    Variant,
+)
 
 __all__ = ["CLASS", "T0", "make_record", "make_release", "make_variant"]
 
@@ -58,3 +68,25 @@ def make_record(**changes: Any) -> RolloutRecord:
         updated_at=T0,
     )
     return record.model_copy(update=changes)
+
+
+def device_state(
+    device_id: str, *, hw_class: str = CLASS, sha256: str | None = None
+) -> DeviceState:
+    """A serving device's retained state as the fleet view reads it: its class and the
+    sha256 of the model it runs."""
+    return DeviceState(
+        device_id=device_id,
+        hw_class=hw_class,
+        mode=Mode.SERVING,
+        active_release=None,
+        active_sha256=sha256,
+        target_release=None,
+        rollout_id=None,
+        applied_seq=3,
+        trust_version=1,
+        inferences_total=0,
+        last_inference_at=None,
+        last_rejection=None,
+        updated_at=T0,
+    )

@@ -6,37 +6,15 @@ from __future__ import annotations
 from coordinator.fleet import FleetView
 from coordinator.rollout import RolloutRecord, cutoff_bp
 from schemas import (
-    DeviceState,
     HealthReport,
     LogHistogram,
     Manifest,
-    Mode,
     RolloutCohort,
     TelemetrySummary,
     Verdict,
     WaveCounts,
 )
-
-CLASS = "jetson-vision-standard"
-T0 = 1_700_000_000.0
-
-
-def _state(device_id: str, *, hw_class: str = CLASS, sha256: str | None = None) -> DeviceState:
-    return DeviceState(
-        device_id=device_id,
-        hw_class=hw_class,
-        mode=Mode.SERVING,
-        active_release=None,
-        active_sha256=sha256,
-        target_release=None,
-        rollout_id=None,
-        applied_seq=3,
-        trust_version=1,
-        inferences_total=0,
-        last_inference_at=None,
-        last_rejection=None,
-        updated_at=T0,
-    )
+from tests.coordinator.records import CLASS, T0, device_state
 
 
 def _report(
@@ -84,7 +62,7 @@ def _manifest(record: RolloutRecord) -> Manifest:
 
 def _online(fleet: FleetView, device_id: str, **state: str) -> None:
     fleet.on_presence(device_id, online=True)
-    fleet.on_state(_state(device_id, **state))
+    fleet.on_state(device_state(device_id, **state))
 
 
 def _split_by_cohort(record: RolloutRecord, n: int) -> tuple[list[str], list[str]]:
@@ -140,7 +118,7 @@ def test_offline_device_is_not_waited_for_unless_it_already_reported(
     quiet, reported = inside[:2]
     fleet = FleetView()
     for device_id in (quiet, reported):
-        fleet.on_state(_state(device_id))
+        fleet.on_state(device_state(device_id))
         fleet.on_presence(device_id, online=False)
     assert fleet.counts(record) == WaveCounts(members=2, targeted=0)
 
@@ -208,7 +186,7 @@ def test_reports_about_another_rollout_or_release_are_not_counted(
     for device_id in online:
         _online(fleet, device_id)
     for device_id in offline:
-        fleet.on_state(_state(device_id))
+        fleet.on_state(device_state(device_id))
     for devices in (online, offline):
         fleet.on_health(_report(record, devices[0], Verdict.UNHEALTHY, rollout_id="rollout-6"))
         fleet.on_health(_report(record, devices[1], Verdict.UNHEALTHY, release="digits-v1@00"))

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from coordinator.fleet import FleetView
 from coordinator.rollout import RolloutRecord
-from schemas import DeviceState, HealthReport, Mode, Verdict
-from tests.coordinator.records import CLASS, T0, make_record, make_release
+from schemas import DeviceState, HealthReport, Verdict
+from tests.coordinator.records import CLASS, T0, device_state, make_record, make_release
 from tests.coordinator.recount import recount
 
 OTHER_CLASS = "medical-cart-cpu"
@@ -92,21 +92,7 @@ updates = st.one_of(
 
 
 def _state(update: State) -> DeviceState:
-    return DeviceState(
-        device_id=update.device_id,
-        hw_class=update.hw_class,
-        mode=Mode.SERVING,
-        active_release=None,
-        active_sha256=update.sha256,
-        target_release=None,
-        rollout_id=None,
-        applied_seq=3,
-        trust_version=1,
-        inferences_total=0,
-        last_inference_at=None,
-        last_rejection=None,
-        updated_at=T0,
-    )
+    return device_state(update.device_id, hw_class=update.hw_class, sha256=update.sha256)
 
 
 def _report(update: Health) -> HealthReport:
