@@ -149,7 +149,9 @@ def batches(live: Live, size: int) -> st.SearchStrategy[list[Sample]]:
     @st.composite
     def cloud_sample(draw: st.DrawFn) -> Sample:
         """What only the coordinator's account may write: a leaked password's reach."""
-        where = draw(st.sampled_from(("status", "trust", "manifest", "meta", "chunk", "presence")))
+        where = draw(
+            st.sampled_from(("status", "trust", "manifest", "meta", "chunk", "presence", "fence"))
+        )
         valid: st.SearchStrategy[bytes]
         if where == "status":
             rollout_id = draw(rollout_ids)
@@ -192,11 +194,16 @@ def batches(live: Live, size: int) -> st.SearchStrategy[list[Sample]]:
             account = OPERATOR if staged else COORDINATOR
             payload = draw(fz.hostile(valid))
             return Sample(account, topic, payload[0], True, f"{where}, {payload[1]}")
+        elif where == "fence":
+            # A fence that is not this process's own for this connection settles nothing.
+            topic = topics.coordinator_fence()
+            valid = st.one_of(st.binary(max_size=64), st.just(b"0" * 32 + b"/1"))
         else:
             topic = topics.coordinator_presence()
             valid = st.sampled_from((ONLINE, OFFLINE))
         payload = draw(fz.hostile(valid))
-        return Sample(COORDINATOR, topic, payload[0], True, f"{where}, {payload[1]}")
+        retain = where != "fence" or draw(st.booleans())
+        return Sample(COORDINATOR, topic, payload[0], retain, f"{where}, {payload[1]}")
 
     return st.lists(
         st.one_of(device_sample(), device_sample(), spec_sample(), cloud_sample()),
