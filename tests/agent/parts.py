@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -17,6 +17,7 @@ from agent.limits import Limits
 from agent.outbox import Outbox
 from broker.transport import Message
 from schemas import ArtifactRef
+from tests.broker.memory import MemoryTransport
 
 DEVICE = "jetson-000"
 
@@ -33,41 +34,10 @@ def journal(data_dir: Path, fed: list[EngineEvent] | None = None) -> Journal:
     )
 
 
-class Scripted:
-    """A link on which a subscription delivers, in order, the messages scripted for it
-    (as a broker delivers the retained messages of an artifact, in some order)."""
-
-    def __init__(self, deliver: Callable[[Message], object]) -> None:
-        self._deliver = deliver
-        self.script: list[Message] = []
-        self.connected = True
-        self.generation = 1
-        self.client_id = DEVICE
-
-    async def publish(
-        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float = 30
-    ) -> None:
-        raise NotImplementedError
-
-    async def subscribe(self, *topic_filters: str, qos: int = 1, timeout: float = 30) -> None:  # noqa: ARG002
-        script, self.script = self.script, []
-        for message in script:
-            self._deliver(message)
-
-    async def unsubscribe(self, *topic_filters: str, timeout: float = 30) -> None:
-        """Nothing to undo."""
-
-    def messages(self) -> AsyncIterator[Message]:
-        raise NotImplementedError
-
-    def connections(self) -> AsyncIterator[int]:
-        raise NotImplementedError
-
-
 class Fetching:
     """A fetcher over the artifact store of a data folder, fed by a scripted link."""
 
-    def __init__(self, fetcher: Fetcher, link: Scripted) -> None:
+    def __init__(self, fetcher: Fetcher, link: MemoryTransport) -> None:
         self.fetcher = fetcher
         self.store = fetcher.store
         self._link = link
@@ -77,7 +47,7 @@ class Fetching:
     ) -> Path:
         """Fetch ``ref``, the link delivering what ``queue`` holds, in order."""
         while not queue.empty():
-            self._link.script.append(queue.get_nowait())
+            self._link.pending.append(queue.get_nowait())
         return await self.fetcher.fetch(ref, kind)
 
 
@@ -86,7 +56,7 @@ async def fetching(data_dir: Path, *, timeout_s: float = 5.0) -> AsyncIterator[F
     """A fetcher over the artifact store in ``data_dir``, telling damage through a
     journal over its outbox (so that it lands where an agent's would)."""
     told = journal(data_dir)
-    link: Scripted | None = None
+    link: MemoryTransport | None = None
     fetcher = Fetcher(
         ArtifactStore(data_dir / "artifacts"),
         device_id=DEVICE,
@@ -97,7 +67,7 @@ async def fetching(data_dir: Path, *, timeout_s: float = 5.0) -> AsyncIterator[F
         timeout_s=timeout_s,
         resubscribe_s=0.1,
     )
-    link = Scripted(fetcher.offer)
+    link = MemoryTransport(deliver=fetcher.offer, client_id=DEVICE)
     try:
         yield Fetching(fetcher, link)
     finally:

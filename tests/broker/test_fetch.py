@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -19,6 +19,7 @@ from schemas.codec import encode
 from schemas.errors import Reason
 from schemas.manifest import ArtifactRef
 from tests.broker.localfleet import LocalFleet
+from tests.broker.memory import MemoryTransport
 
 DATA = bytes(range(256)) * 40  # 10,240 B: five 2 KiB chunks
 META, CHUNKS = split_artifact(DATA, name="m.onnx", chunk_size=2048)
@@ -37,56 +38,6 @@ def in_loop(test: Callable[[], Awaitable[None]]) -> Callable[[], None]:
         asyncio.run(bounded())
 
     return run
-
-
-def _matches(topic_filter: str, topic: str) -> bool:
-    return topic_filter.endswith("/+") and topic.rsplit("/", 1)[0] == topic_filter[:-2]
-
-
-@dataclass
-class MemoryTransport:
-    """Retained messages in a dict; a subscription delivers the matching ones to ``deliver``."""
-
-    retained: dict[str, bytes] = field(default_factory=dict)
-    deliver: Callable[[Message], bool] = lambda _m: False
-    subscriptions: list[tuple[str, ...]] = field(default_factory=list)
-    unsubscriptions: list[tuple[str, ...]] = field(default_factory=list)
-    flood: list[Message] = field(default_factory=list)
-    """Delivered once, on the first subscription, before the retained messages."""
-    connected: bool = True
-    generation: int = 1
-    client_id: str = "memory"
-    dropped: int = 0
-
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        timeout: float = 30.0,  # noqa: ARG002
-    ) -> None:
-        if retain:
-            self.retained[topic] = payload
-        self.deliver(Message(topic=topic, payload=payload, retain=False, qos=qos))
-
-    async def subscribe(self, *topic_filters: str, qos: int = 1, timeout: float = 30.0) -> None:  # noqa: ARG002
-        self.subscriptions.append(topic_filters)
-        flood, self.flood = self.flood, []
-        self.dropped += sum(not self.deliver(message) for message in flood)
-        for topic, payload in list(self.retained.items()):
-            if any(_matches(f, topic) for f in topic_filters):
-                self.deliver(Message(topic=topic, payload=payload, retain=True, qos=qos))
-
-    async def unsubscribe(self, *topic_filters: str, timeout: float = 30.0) -> None:  # noqa: ARG002
-        self.unsubscriptions.append(topic_filters)
-
-    def messages(self) -> AsyncIterator[Message]:
-        raise NotImplementedError
-
-    def connections(self) -> AsyncIterator[int]:
-        raise NotImplementedError
 
 
 @dataclass
@@ -273,7 +224,7 @@ async def test_past_the_byte_budget_messages_are_dropped_then_asked_for_again() 
     # genuine retained messages behind it are dropped, not queued.
     junk_topic = topics.artifact_chunk(META.sha256, 9999)
     junk = Message(topic=junk_topic, payload=b"j" * 4096, retain=False, qos=0)
-    transport.flood = [junk] * 400
+    transport.pending = [junk] * 400
     assert await _fetch(fetcher, transport, MemorySink()) == DATA
     assert transport.dropped > 0
     assert len(transport.subscriptions) == 2  # asked again for what it dropped
