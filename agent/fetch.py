@@ -24,7 +24,7 @@ from pathlib import Path
 from agent.artifacts import ArtifactKind, ArtifactStore
 from agent.events import EngineEvent, StorageFailed, StorageOk, StoragePart
 from agent.store import DamagedFileError
-from broker.fetch import ArtifactFetcher
+from broker.fetch import ArtifactFetcher, describe_indexes
 from broker.transport import Message, Transport, TransportError
 from schemas import ArtifactMeta, ArtifactRef, RejectedError, topics
 from schemas.artifact import ChunkCollector
@@ -35,12 +35,6 @@ log = logging.getLogger(__name__)
 
 Damaged = Callable[[DamagedFileError, str], Awaitable[None]]
 """Tells of a damaged file and what became of it."""
-
-
-def _indexes(indexes: set[int]) -> str:
-    shown = sorted(indexes)
-    more = f" and {len(shown) - 8} more" if len(shown) > 8 else ""
-    return ", ".join(str(i) for i in shown[:8]) + more
 
 
 class StoreSink:
@@ -172,7 +166,7 @@ class Fetcher:
         folder = self.store.path(ref.sha256, ArtifactKind.MODEL).parent.parent
         exc = DamagedFileError(
             folder / "partial" / ref.sha256,
-            f"kept chunks {_indexes(sink.damaged)} fail their sha256 (changed on disk)",
+            f"kept chunks {describe_indexes(sink.damaged)} fail their sha256 (changed on disk)",
         )
         sink.damaged = set()
         await self._damaged(exc, "deleted, fetched again")

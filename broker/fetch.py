@@ -36,7 +36,13 @@ from schemas.errors import ArtifactError, Reason, RejectedError, bound_text
 from schemas.manifest import ArtifactRef
 from schemas.topics import TopicKind
 
-__all__ = ["DEFAULT_BUDGET_BYTES", "ArtifactFetcher", "ChunkSink", "FetchFailed"]
+__all__ = [
+    "DEFAULT_BUDGET_BYTES",
+    "ArtifactFetcher",
+    "ChunkSink",
+    "FetchFailed",
+    "describe_indexes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +273,9 @@ class ArtifactFetcher:
                 and progress.corrupt
                 and progress.seen.issuperset(range(len(meta.chunks)))
             ):
+                corrupt = describe_indexes(progress.corrupt)
                 raise FetchFailed(
-                    Reason.CHUNK_CORRUPT,
-                    f"chunks {_indexes(progress.corrupt)} of {ref.sha256[:12]} fail their sha256",
+                    Reason.CHUNK_CORRUPT, f"chunks {corrupt} of {ref.sha256[:12]} fail their sha256"
                 )
 
     async def _take_meta(self, progress: _Progress, sink: ChunkSink[Any], payload: bytes) -> None:
@@ -325,7 +331,7 @@ class ArtifactFetcher:
         progress.corrupt.discard(index)
 
 
-def _indexes(indexes: set[int]) -> str:
+def describe_indexes(indexes: set[int]) -> str:
     """A short list of chunk indexes for a message."""
     shown = sorted(indexes)[:8]
     more = len(indexes) - len(shown)
