@@ -27,6 +27,7 @@ __all__ = [
     "ReleaseBundle",
     "format_bundle",
     "read_bundle",
+    "sha256_hex",
     "write_bundle",
 ]
 
@@ -184,13 +185,14 @@ def _checked(folder: Path, name: str, sha256: str, size: int) -> Path:
         data = path.read_bytes()
     except OSError as exc:
         raise UsageError(f"bundle file {path} cannot be read: {exc}") from exc
-    if len(data) != size or _sha256(data) != sha256:
+    if len(data) != size or sha256_hex(data) != sha256:
         raise UsageError(
             f"bundle file {path} changed since it was written: {len(data)} bytes with sha256 "
-            f"{_sha256(data)[:16]}..., bundle.json records {size} bytes, {sha256[:16]}..."
+            f"{sha256_hex(data)[:16]}..., bundle.json records {size} bytes, {sha256[:16]}..."
         )
     return path
 
 
-def _sha256(data: bytes) -> str:
+def sha256_hex(data: bytes) -> str:
+    """The sha256 of ``data``, in hex, as ``bundle.json`` records it."""
     return hashlib.sha256(data).hexdigest()

@@ -26,7 +26,6 @@ latency on this machine, accuracy), makes golden vectors (:mod:`models.golden`) 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import re
 import tempfile
@@ -56,6 +55,7 @@ from models.bundle import (
     ReleaseBundle,
     format_bundle,
     read_bundle,
+    sha256_hex,
     write_bundle,
 )
 from models.datafile import DataSet
@@ -196,9 +196,9 @@ def optimize(
                 precision=build.precision,
                 file=file,
                 golden=golden_file,
-                sha256=_sha256(build.data),
+                sha256=sha256_hex(build.data),
                 size=len(build.data),
-                golden_sha256=_sha256(golden),
+                golden_sha256=sha256_hex(golden),
                 golden_size=len(golden),
                 accuracy=accuracy,
                 p50_ms=p50,
@@ -210,7 +210,7 @@ def optimize(
         out_dir,
         bundle,
         BundleSource(
-            model_path.name, _sha256(model), len(model), calibration.source, holdout.source
+            model_path.name, sha256_hex(model), len(model), calibration.source, holdout.source
         ),
         holdout_samples=len(holdout.x),
         threads=threads,
@@ -312,7 +312,7 @@ def _tagged(data: bytes, label: str, source: bytes) -> bytes:
     # The source's measured accuracy is not this build's: optimize measures each build.
     stale = {"holdout_accuracy", "holdout_samples"}
     props = {p.key: p.value for p in proto.metadata_props if p.key not in stale}
-    props.update({"variant": label, "variant_of": _sha256(source)})
+    props.update({"variant": label, "variant_of": sha256_hex(source)})
     onnx.helper.set_model_props(proto, dict(sorted(props.items())))
     return _serialize(proto)
 
@@ -344,10 +344,6 @@ def _signature(
 def _serialize(model: onnx.ModelProto) -> bytes:
     data: bytes = model.SerializeToString(deterministic=True)
     return data
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 class _QuantizerLog(logging.Filter):
