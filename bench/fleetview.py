@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     unwatched = _feed(FleetView(), ids, states)
     fleet = FleetView()
-    fleet.counts(record)  # watched from the start, as a live rollout is
+    fleet.counts(record, CLASS)  # watched from the start, as a live rollout is
     watched = _feed(fleet, ids, states)
 
     baseline_ms: list[float] = []
@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     for tick in range(args.ticks):
         for n in range(tick * 20, tick * 20 + 20):  # reports between two ticks
             fleet.on_health(_report(record, ids[n % len(ids)], n))
-        base, expected = _timed(lambda: recount(fleet, record))
-        kept, counts = _timed(lambda: fleet.counts(record))
+        fleet.tick(float(tick))
+        base, expected = _timed(lambda: recount(fleet, record, CLASS))
+        kept, counts = _timed(lambda: fleet.counts(record, CLASS))
         if counts != expected:
             print(f"tick {tick}: kept {counts} != recount {expected}", file=sys.stderr)
             return 1

@@ -2,7 +2,7 @@
 
 from coordinator.config import CoordinatorConfig, CoordinatorLimits
 from coordinator.profiles import DEFAULT_PROFILES, ClassProfile, load_profiles
-from coordinator.rollout import Action, RolloutRecord, decide
+from coordinator.rollout import Action, RolloutRecord, step
 from coordinator.service import Coordinator, serve
 from coordinator.store import StoreDamagedError
 
@@ -15,7 +15,7 @@ __all__ = [
     "CoordinatorLimits",
     "RolloutRecord",
     "StoreDamagedError",
-    "decide",
     "load_profiles",
     "serve",
+    "step",
 ]

@@ -46,12 +46,22 @@ def resume(records: Iterable[RolloutRecord], last_beat: float | None, now: float
     if last_beat is None or now <= last_beat:
         return Resumed(0.0, ())
     gap = now - last_beat
-    shifted = tuple(
-        r.model_copy(update={"wave_started_at": r.wave_started_at + gap})
-        for r in records
-        if r.phase is Phase.WAVE
-    )
+    shifted = tuple(_shifted(r, gap) for r in records if r.phase is Phase.WAVE)
     return Resumed(gap, shifted)
+
+
+def _shifted(record: RolloutRecord, gap: float) -> RolloutRecord:
+    """Every wave clock and pacing base of ``record`` ``gap`` seconds later."""
+    lanes = {
+        name: lane.model_copy(
+            update={
+                "entered_at": lane.entered_at + gap,
+                "published_at": None if lane.published_at is None else lane.published_at + gap,
+            }
+        )
+        for name, lane in record.lanes.items()
+    }
+    return record.model_copy(update={"lanes": lanes})
 
 
 @dataclass

@@ -30,6 +30,7 @@ from schemas import (
     ArtifactMeta,
     ArtifactRef,
     Cause,
+    LaneStatus,
     Phase,
     RejectedError,
     RolloutStatus,
@@ -39,6 +40,7 @@ from schemas import (
     topics,
 )
 from schemas.errors import MAX_DETAIL_CHARS, bound_text
+from schemas.rollout import MAX_SILENT_SHOWN
 
 __all__ = ["Core", "describe"]
 
@@ -76,6 +78,7 @@ class Core:
         self.fleet = FleetView(
             seen_kept=config.limits.reports_remembered,
             device_reason_chars=config.limits.device_reason_chars,
+            unhealthy_quoted=config.limits.unhealthy_quoted,
         )
         self.settling = Settling(nonce=secrets.token_hex(8), resend_s=config.fence_s)
         """When the fleet view is complete: the link sends the fence, the ingest sees it
@@ -240,6 +243,20 @@ class Core:
             return None
         return None if status is None else encode(status)
 
+    def _lane_status(self, record: RolloutRecord, name: str) -> LaneStatus:
+        lane = record.lanes[name]
+        silent = self.fleet.silent(record, name, MAX_SILENT_SHOWN) if lane.counts.silent else []
+        return LaneStatus(
+            phase=lane.phase,
+            wave=lane.wave,
+            cutoff_bp=lane.cutoff_bp,
+            counts=lane.counts,
+            silent=tuple(silent),
+            reason=None if lane.reason is None else self.bound(lane.reason),
+            cause=lane.cause,
+            waiting=lane.waiting,
+        )
+
     def _status(self, rollout_id: str) -> RolloutStatus | None:
         record = self.rollouts.get(rollout_id)
         if record is not None:
@@ -248,7 +265,11 @@ class Core:
                 generation=record.generation,
                 phase=record.phase,
                 wave=record.wave,
-                waves_percent=record.waves_percent,
+                waves_percent=tuple(w.percent or 0.0 for w in record.waves)
+                if all(w.percent is not None for w in record.waves)
+                else (),
+                waves=record.waves,
+                lanes={name: self._lane_status(record, name) for name in record.lanes},
                 counts=record.counts,
                 classes=record.classes,
                 release=record.release_id if record.candidates else None,

@@ -6,12 +6,14 @@ de-duplicated by their ids: consumers are idempotent.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+import bisect
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import overload
 
-from coordinator.rollout import RolloutRecord, cutoff_bp
+from coordinator.rollout import LaneInput, RolloutRecord
 from schemas import DeviceState, HealthReport, TelemetrySummary, Verdict, WaveCounts, bucket
 from schemas.errors import Reason, bound_text
 
@@ -43,25 +45,81 @@ class DeviceView:
         return None if self.state is None else self.state.hw_class
 
 
-_Part = tuple[int, int, int, int, int]
-"""One device's part of a wave's counts: members, targeted, updated, healthy, unhealthy."""
-_NOTHING: _Part = (0, 0, 0, 0, 0)
+_Part = tuple[int, int, int, int, int, int, int]
+"""One device's part of a wave's counts, in the order of :class:`schemas.WaveCounts`:
+members, targeted, updated, healthy, unhealthy, silent, pending."""
+_NOTHING: _Part = (0, 0, 0, 0, 0, 0, 0)
 
 
-def _wave_key(record: RolloutRecord) -> tuple[object, ...]:
-    """Everything of a record that decides who counts how: a tally is rebuilt when it
-    changes (a new wave, a new generation)."""
-    releases = sorted((n, r.release_id, r.artifact.sha256) for n, r in record.candidates.items())
-    return (record.classes, record.canaries, cutoff_bp(record), tuple(releases))
+class _Ranked(Sequence[int]):
+    """The devices of one class, sorted by their bucket for one rollout: the engine's
+    ``ranked`` buckets, and the devices a raised cutoff newly covers."""
+
+    def __init__(self, salt: str) -> None:
+        self.salt = salt
+        self.pairs: list[tuple[int, str]] = []
+
+    def add(self, device_id: str) -> None:
+        bisect.insort(self.pairs, (bucket(self.salt, device_id), device_id))
+
+    def remove(self, device_id: str) -> None:
+        pair = (bucket(self.salt, device_id), device_id)
+        index = bisect.bisect_left(self.pairs, pair)
+        if index < len(self.pairs) and self.pairs[index] == pair:
+            del self.pairs[index]
+
+    def between(self, low: int, high: int) -> list[str]:
+        """The devices with ``low <= bucket < high``."""
+        start = bisect.bisect_left(self.pairs, (low, ""))
+        end = bisect.bisect_left(self.pairs, (high, ""))
+        return [device_id for _, device_id in self.pairs[start:end]]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[int]: ...
+    def __getitem__(self, index: int | slice) -> int | Sequence[int]:
+        if isinstance(index, slice):
+            return [b for b, _ in self.pairs[index]]
+        return self.pairs[index][0]
+
+
+def _lane_key(record: RolloutRecord, name: str) -> tuple[object, ...]:
+    """Everything of a lane that decides who counts how, but its cutoff (a raised
+    cutoff only adds devices): a tally is rebuilt when it changes."""
+    lane, release = record.lanes[name], record.candidates[name]
+    return (
+        record.canaries,
+        release.release_id,
+        release.artifact.sha256,
+        lane.wave,
+        lane.published_at,
+        lane.policy.for_wave(record.waves[lane.wave]).silence_s,
+    )
 
 
 class _Tally:
-    """A wave's counts, summed from every device's part."""
+    """One class's wave of one rollout: its counts, summed from every device's part, and
+    who was targeted when."""
 
-    def __init__(self, key: tuple[object, ...], record: RolloutRecord) -> None:
+    def __init__(self, key: tuple[object, ...], record: RolloutRecord, name: str) -> None:
         self.key = key
         self.record = record
-        self._sums = [0, 0, 0, 0, 0]
+        self.name = name
+        lane = record.lanes[name]
+        self.cutoff = lane.cutoff_bp
+        self.published = lane.published_at is not None
+        self.silence_s = lane.policy.for_wave(record.waves[lane.wave]).silence_s
+        self.candidate = record.candidates[name]
+        self.targeted: dict[str, float] = {}
+        """Device -> when it was first online (or reported) since the wave's manifest
+        went out: its silence limit counts from then."""
+        self.deadlines: deque[tuple[float, str]] = deque()
+        self.silent: set[str] = set()
+        self._sums = [0] * len(_NOTHING)
 
     def add(self, part: _Part, sign: int) -> None:
         if part is not _NOTHING:
@@ -69,14 +127,57 @@ class _Tally:
                 self._sums[i] += sign * value
 
     def counts(self) -> WaveCounts:
-        members, targeted, updated, healthy, unhealthy = self._sums
+        members, targeted, updated, healthy, unhealthy, silent, pending = self._sums
         return WaveCounts(
             members=members,
             targeted=targeted,
             updated=updated,
             healthy=healthy,
             unhealthy=unhealthy,
+            silent=silent,
+            pending=pending,
         )
+
+    def in_cohort(self, view: DeviceView) -> bool:
+        if view.hw_class != self.name:
+            return False
+        if view.device_id in self.record.canaries:
+            return True
+        return bucket(self.record.id, view.device_id) < self.cutoff
+
+    def reported(self, view: DeviceView) -> bool:
+        report = view.health
+        return (
+            report is not None
+            and report.rollout_id == self.record.id
+            and report.release == self.candidate.release_id
+            and is_verdict(report)
+        )
+
+    def target(self, view: DeviceView, now: float) -> None:
+        """Note ``view`` as targeted from ``now`` if it is a member to ask, and not yet."""
+        device_id = view.device_id
+        if (
+            self.published
+            and device_id not in self.targeted
+            and (view.online or self.reported(view))
+            and self.in_cohort(view)
+        ):
+            self.targeted[device_id] = now
+            self.deadlines.append((now + self.silence_s, device_id))
+
+    def part(self, view: DeviceView) -> _Part:
+        """What one device adds to the counts."""
+        if not self.in_cohort(view):
+            return _NOTHING
+        state = view.state
+        updated = int(state is not None and state.active_sha256 == self.candidate.artifact.sha256)
+        if self.reported(view):
+            healthy = view.health is not None and view.health.verdict is Verdict.HEALTHY
+            return (1, 1, updated, int(healthy), int(not healthy), 0, 0)
+        if view.device_id in self.targeted:
+            return (1, 1, updated, 0, 0, int(view.device_id in self.silent), 0)
+        return (1, 0, updated, 0, 0, 0, int(self.published and not view.online))
 
 
 @dataclass
@@ -85,12 +186,19 @@ class FleetView:
     """Report and summary ids remembered for de-duplication, newest kept."""
     device_reason_chars: int = 300
     """One device's part of a rollback reason: several fit in the status's reason."""
+    unhealthy_quoted: int = 3
+    """Unhealthy devices a rollback quotes."""
     devices: dict[str, DeviceView] = field(default_factory=dict)
     """Changed only through the ``on_*`` methods and :meth:`forget`, which keep the
     counts."""
+    now: float = 0.0
+    """The time of the last :meth:`tick`: devices are targeted as of then."""
     _seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
-    _tallies: dict[str, _Tally] = field(default_factory=dict)
-    """Rollout id -> the counts of its current wave, kept as devices report."""
+    _tallies: dict[tuple[str, str], _Tally] = field(default_factory=dict)
+    """(rollout id, class) -> the counts of that class's current wave, kept as devices
+    report."""
+    _ranks: dict[str, dict[str, _Ranked]] = field(default_factory=dict)
+    """Class -> rollout id -> its devices by bucket, kept as devices come and go."""
 
     def device(self, device_id: str) -> DeviceView:
         return self.devices.setdefault(device_id, DeviceView(device_id))
@@ -140,81 +248,148 @@ class FleetView:
         view.errors += summary.errors
         return True
 
-    def in_cohort(self, record: RolloutRecord, view: DeviceView) -> bool:
-        if view.hw_class not in record.classes:
-            return False
-        if view.device_id in record.canaries:
-            return True
-        return bucket(record.id, view.device_id) < cutoff_bp(record)
+    # -- counting -------------------------------------------------------------------
 
-    def counts(self, record: RolloutRecord) -> WaveCounts:
-        """Counts for the rollout's current wave.
+    def tick(self, now: float) -> None:
+        """Devices that come online are targeted as of ``now``; every targeted device
+        without a verdict past its silence limit is silent from now on. O(expired)."""
+        self.now = now
+        for tally in self._tallies.values():
+            while tally.deadlines and tally.deadlines[0][0] <= now:
+                deadline, device_id = tally.deadlines.popleft()
+                view = self.devices.get(device_id)
+                if (
+                    view is None
+                    or tally.targeted.get(device_id, -1.0) + tally.silence_s != deadline
+                    or tally.reported(view)
+                ):
+                    continue
+                tally.add(tally.part(view), -1)
+                tally.silent.add(device_id)
+                tally.add(tally.part(view), 1)
 
-        Targeted devices are the cohort's online ones plus any that already reported
-        on this rollout: a device that is offline converges by itself later and is
-        not waited for.
+    def lane(self, record: RolloutRecord, name: str) -> LaneInput:
+        """What the engine needs of one class of a rollout: the counts of its current
+        wave, its devices by bucket, and the words of its unhealthy devices.
 
         Kept up to date as devices report (O(rollouts) per message): only the first
-        call for a rollout's wave reads the whole fleet.
+        call for a class's wave reads the whole fleet.
         """
-        key = _wave_key(record)
-        tally = self._tallies.get(record.id)
-        if tally is None or tally.key != key:
-            tally = _Tally(key, record)
-            for view in self.devices.values():
-                tally.add(self._part(record, view), 1)
-            self._tallies[record.id] = tally
-        return tally.counts()
-
-    def watch_only(self, rollout_ids: Iterable[str]) -> None:
-        """Stop counting for rollouts other than ``rollout_ids`` (the live ones)."""
-        keep = set(rollout_ids)
-        for rollout_id in [r for r in self._tallies if r not in keep]:
-            del self._tallies[rollout_id]
-
-    def _part(self, record: RolloutRecord, view: DeviceView) -> _Part:
-        """What one device adds to the rollout's counts."""
-        if not self.in_cohort(record, view):
-            return _NOTHING
-        candidate = record.candidates[view.hw_class or ""]
-        report = view.health
-        reported = (
-            report is not None
-            and report.rollout_id == record.id
-            and report.release == candidate.release_id
-            and is_verdict(report)
+        tally = self._tally(record, name)
+        quoted = self.unhealthy_quoted
+        return LaneInput(
+            counts=tally.counts(),
+            ranked=self._ranked(record.id, name),
+            unhealthy=lambda: self.unhealthy_reasons(record, name, quoted),
         )
-        if not (view.online or reported):
-            return (1, 0, 0, 0, 0)
-        updated = view.state is not None and view.state.active_sha256 == candidate.artifact.sha256
-        healthy = reported and report is not None and report.verdict is Verdict.HEALTHY
-        return (1, 1, int(updated), int(healthy), int(reported and not healthy))
+
+    def counts(self, record: RolloutRecord, name: str) -> WaveCounts:
+        return self._tally(record, name).counts()
+
+    def silent(self, record: RolloutRecord, name: str, limit: int) -> list[str]:
+        """The first ``limit`` silent devices of the class's wave, by id."""
+        tally = self._tallies.get((record.id, name))
+        if tally is None:
+            return []
+        still = (
+            d for d in tally.silent if d in self.devices and not tally.reported(self.devices[d])
+        )
+        return sorted(still)[:limit]
+
+    def watch_only(self, records: Iterable[RolloutRecord]) -> None:
+        """Stop counting for rollouts and classes other than the live ones given."""
+        keep = {(r.id, n) for r in records for n, lane in r.lanes.items() if lane.live}
+        for key in [k for k in self._tallies if k not in keep]:
+            del self._tallies[key]
+        for name, ranks in self._ranks.items():
+            for rollout_id in [r for r in ranks if (r, name) not in keep]:
+                del ranks[rollout_id]
+
+    def _ranked(self, rollout_id: str, name: str) -> _Ranked:
+        ranks = self._ranks.setdefault(name, {})
+        ranked = ranks.get(rollout_id)
+        if ranked is None:
+            ranked = ranks[rollout_id] = _Ranked(rollout_id)
+            for view in self.devices.values():
+                if view.hw_class == name:
+                    ranked.add(view.device_id)
+        return ranked
+
+    def _tally(self, record: RolloutRecord, name: str) -> _Tally:
+        key = _lane_key(record, name)
+        tally = self._tallies.get((record.id, name))
+        if tally is None or tally.key != key:
+            tally = _Tally(key, record, name)
+            for view in self.devices.values():
+                tally.target(view, self.now)
+                tally.add(tally.part(view), 1)
+            self._tallies[(record.id, name)] = tally
+        elif tally.record is not record:
+            tally.record = record
+            cutoff = record.lanes[name].cutoff_bp
+            if cutoff > tally.cutoff:
+                self._widen(tally, cutoff)
+        return tally
+
+    def _widen(self, tally: _Tally, cutoff: int) -> None:
+        """A paced cutoff raised: the devices it newly covers join the counts."""
+        newly = self._ranked(tally.record.id, tally.name).between(tally.cutoff, cutoff)
+        tally.cutoff = cutoff
+        for device_id in newly:
+            view = self.devices[device_id]
+            if view.device_id not in tally.record.canaries:
+                tally.target(view, self.now)
+                tally.add(tally.part(view), 1)
 
     @contextmanager
     def _changing(self, view: DeviceView) -> Iterator[None]:
-        """Move ``view``'s part of every tally from before the change to after it."""
-        tallies = list(self._tallies.values())
-        before = [self._part(t.record, view) for t in tallies]
+        """Move ``view``'s part of every tally of its class from before the change to
+        after it, and keep the classes' rankings."""
+        was = view.hw_class
+        before = {key: t.part(view) for key, t in self._tallies.items() if t.name == was}
         yield
         present = self.devices.get(view.device_id) is view
-        for tally, part in zip(tallies, before, strict=True):
-            tally.add(part, -1)
+        now = view.hw_class if present else None
+        if now != was:
+            for ranked in self._ranks.get(was or "", {}).values():
+                ranked.remove(view.device_id)
+            for ranked in self._ranks.get(now or "", {}).values():
+                ranked.add(view.device_id)
+        for key, tally in self._tallies.items():
+            if tally.name not in (was, now):
+                continue
+            tally.add(before.get(key, _NOTHING), -1)
             if present:
-                tally.add(self._part(tally.record, view), 1)
+                tally.target(view, self.now)
+                tally.add(tally.part(view), 1)
 
-    def unhealthy_reasons(self, record: RolloutRecord, limit: int = 3) -> list[str]:
-        """``device: reason`` for the first unhealthy reports on the rollout's wave."""
+    def in_cohort(self, record: RolloutRecord, view: DeviceView) -> bool:
+        """Whether the class's manifest sends ``view`` the candidate now."""
+        name = view.hw_class
+        if name is None or name not in record.lanes:
+            return False
+        if view.device_id in record.canaries:
+            return True
+        return bucket(record.id, view.device_id) < record.lanes[name].cutoff_bp
+
+    def unhealthy_reasons(self, record: RolloutRecord, name: str, limit: int = 3) -> list[str]:
+        """``device: reason`` for the first unhealthy reports on the class's wave."""
         found = []
+        candidate = record.candidates[name]
         for view in sorted(self.devices.values(), key=lambda v: v.device_id):
             report = view.health
             if (
-                self.in_cohort(record, view)
+                view.hw_class == name
+                and self.in_cohort(record, view)
                 and report is not None
                 and report.rollout_id == record.id
+                and report.release == candidate.release_id
                 and report.verdict is Verdict.UNHEALTHY
                 and is_verdict(report)
             ):
                 # Reasons are the device's own words: bounded here, where they are quoted.
                 said = ", ".join(report.reasons) or "unhealthy"
                 found.append(bound_text(f"{view.device_id}: {said}", self.device_reason_chars))
-        return found[:limit]
+                if len(found) >= limit:
+                    break
+        return found

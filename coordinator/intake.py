@@ -267,15 +267,15 @@ class Intake:
             )
             refusal = selection.refusal(core.limits.reason_chars)
             phase, reason = specs.admitted_phase(refusal, newest)
-            wave = 0
+            reached: dict[str, int] = {}
             if phase is Phase.WAVE:
                 status = specs.retained_status(core.retained_statuses.get(spec.id))
-                wave = specs.retained_wave(status, newest)
-                if wave:
+                reached = specs.retained_waves(status, newest)
+                if reached:
                     log.warning(
-                        "coordinator: rollout %s resumes at wave %d, its retained status's",
+                        "coordinator: rollout %s resumes at its retained status's waves: %s",
                         spec.id,
-                        wave + 1,
+                        ", ".join(f"{name} {wave + 1}" for name, wave in sorted(reached.items())),
                     )
             record = specs.new_record(
                 spec,
@@ -285,12 +285,12 @@ class Intake:
                 profiles=core.config.profiles,
                 candidates=selection.releases,
                 reason=reason,
+                reached=reached,
             ).model_copy(
                 update={
                     "generation": newest.generation,
                     "desired": newest.desired,
                     "spec": newest_payload,
-                    "wave": wave,
                 }
             )
             verdict = "admitted" if refusal is None else "rejected"

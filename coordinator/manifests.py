@@ -2,12 +2,13 @@
 signed again. Pure: the store, the clock and the broker stay with the caller.
 
 Theory of operation. A class's manifest names its stable release and, while a started
-rollout in a wave or paused covers the class, that rollout's cohort (candidate, salt,
-the current wave's bucket cutoff, canaries). :func:`plan` compares that content with
-what the class record last signed: a change, or a manifest past half its TTL, takes the
-next seq. The seq is stored before the manifest is published, and a store that is
-behind the broker (new or lost) first continues above the seq the broker retains
-(:func:`recover`), so a device never sees a seq go back or repeat with other content.
+rollout in a wave or paused covers the class and the class's lane has entered its first
+wave and not ended, that rollout's cohort (candidate, salt, the lane's bucket cutoff,
+canaries). :func:`plan` compares that content with what the class record last signed:
+a change, or a manifest past half its TTL, takes the next seq. The seq is stored before
+the manifest is published, and a store that is behind the broker (new or lost) first
+continues above the seq the broker retains (:func:`recover`), so a device never sees a
+seq go back or repeat with other content.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from coordinator.rollout import RolloutRecord, cutoff_bp
+from coordinator.rollout import RolloutRecord
 from coordinator.store import ClassRecord
 from schemas import (
     MANIFEST_KIND,
     MAX_SEQ,
     KeyPair,
+    LanePhase,
     Manifest,
     Phase,
     RejectedError,
@@ -52,12 +54,19 @@ def desired_content(
 ) -> tuple[Release | None, RolloutCohort | None]:
     """The stable release and the cohort of the started live rollout covering ``name``."""
     for record in rollouts:
-        if record.phase in (Phase.WAVE, Phase.PAUSED) and record.started and name in record.classes:
+        lane = record.lanes.get(name)
+        if (
+            record.phase in (Phase.WAVE, Phase.PAUSED)
+            and record.started
+            and lane is not None
+            and lane.target_bp is not None  # its first wave entered: it has a cutoff
+            and lane.phase in (LanePhase.WAVE, LanePhase.PASSED)
+        ):
             cohort = RolloutCohort(
                 id=record.id,
                 candidate=record.candidates[name],
                 salt=record.id,
-                cutoff_bp=cutoff_bp(record),
+                cutoff_bp=lane.cutoff_bp,
                 canaries=record.canaries,
             )
             return stable, cohort

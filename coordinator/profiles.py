@@ -8,12 +8,12 @@ device sees it.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Final, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from coordinator.rollout import Policy
 from models.precision import Precision
 from schemas import HealthBudget, RolloutSpec, Runtime
 
@@ -23,8 +23,8 @@ __all__ = [
     "AccuracyGate",
     "ClassProfile",
     "RolloutDefaults",
+    "class_policy",
     "load_profiles",
-    "rollout_policy",
 ]
 
 DEFAULT_PROFILES = Path(__file__).with_name("classes.toml")
@@ -46,15 +46,18 @@ class AccuracyGate(BaseModel):
 
 
 class RolloutDefaults(BaseModel):
-    """What a rollout spec leaves unset (None) is taken from its classes' profiles.
-
-    The waves are not among them: a spec always names its own."""
+    """What a rollout spec leaves unset (None) is taken from each class's own profile:
+    every class of a rollout is judged on its own. The waves are not among them: a spec
+    always names its own."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     success_ratio: float = Field(default=1.0, gt=0.0, le=1.0)
     max_failure_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     wave_timeout_s: float = Field(default=900.0, gt=0.0, allow_inf_nan=False)
+    min_soak_s: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+    silence_s: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    """None: three times the release's soak plus a minute."""
 
 
 class ClassProfile(BaseModel):
@@ -86,29 +89,27 @@ class ClassProfile(BaseModel):
         return Runtime(providers=self.providers, intra_op_threads=self.intra_op_threads)
 
 
-def rollout_policy(spec: RolloutSpec, profiles: Mapping[str, ClassProfile]) -> RolloutDefaults:
-    """The ratios and timeout a rollout runs with: the spec's own where it sets them,
-    else the strictest default of its (known) classes — the highest success ratio, the
-    lowest failure ratio — and the longest wave timeout, so the class with the longest
-    soak is not cut short (waiting only delays; it never promotes without evidence)."""
-    defaults = [profiles[c].rollout for c in spec.classes if c in profiles] or [RolloutDefaults()]
-    return RolloutDefaults(
-        success_ratio=(
-            spec.success_ratio
-            if spec.success_ratio is not None
-            else max(d.success_ratio for d in defaults)
-        ),
-        max_failure_ratio=(
-            spec.max_failure_ratio
-            if spec.max_failure_ratio is not None
-            else min(d.max_failure_ratio for d in defaults)
-        ),
-        wave_timeout_s=(
-            spec.wave_timeout_s
-            if spec.wave_timeout_s is not None
-            else max(d.wave_timeout_s for d in defaults)
-        ),
+def class_policy(
+    spec: RolloutSpec, profile: ClassProfile | None, health: HealthBudget | None
+) -> Policy:
+    """How one class's waves are judged where a wave leaves it unset: the spec's own
+    values, else the class profile's defaults. Without a silence limit of its own, a
+    device may take three soaks and a minute (to fetch, load and self-test) before it
+    counts as silent."""
+    defaults = RolloutDefaults() if profile is None else profile.rollout
+    soak = 0.0 if health is None else health.soak_seconds
+    silence = defaults.silence_s if defaults.silence_s is not None else 3 * soak + 60.0
+    return Policy(
+        success_ratio=_first(spec.success_ratio, defaults.success_ratio),
+        max_failure_ratio=_first(spec.max_failure_ratio, defaults.max_failure_ratio),
+        timeout_s=_first(spec.wave_timeout_s, defaults.wave_timeout_s),
+        min_soak_s=_first(spec.min_soak_s, defaults.min_soak_s),
+        silence_s=_first(spec.silence_s, silence),
     )
+
+
+def _first(own: float | None, default: float) -> float:
+    return default if own is None else own
 
 
 def load_profiles(path: Path = DEFAULT_PROFILES) -> dict[str, ClassProfile]:

@@ -19,7 +19,7 @@ from schemas.rollout import MAX_REASON_CHARS
 __all__ = ["REFUSALS", "WAVE_VERDICTS", "RolloutReason"]
 
 WAVE_VERDICTS: Final = frozenset(
-    {Cause.UNHEALTHY, Cause.PROMOTED, Cause.EMPTY_WAVE, Cause.TIMED_OUT}
+    {Cause.UNHEALTHY, Cause.SILENT, Cause.PROMOTED, Cause.EMPTY_WAVE, Cause.TIMED_OUT}
 )
 """Causes decided on a wave's counts: they carry the wave and its counts."""
 REFUSALS: Final = frozenset(
@@ -37,8 +37,10 @@ _TEXT: Final[dict[Cause, str]] = {
     Cause.OPERATOR_ABORT: "aborted by operator",
     Cause.OPERATOR_PAUSE: "paused by operator",
     Cause.UNHEALTHY: "wave {n}: {c.unhealthy} of {c.reported} reporting devices unhealthy",
+    Cause.SILENT: "wave {n}: {c.silent} of {c.targeted} targeted devices silent",
     Cause.PROMOTED: "wave {n}: {c.healthy} of {c.targeted} devices healthy",
-    Cause.EMPTY_WAVE: "wave {n}: reaches no device",
+    Cause.EMPTY_WAVE: "wave {n}: no device to ask ({c.pending} offline)",
+    Cause.OTHER_CLASS_FAILED: "another class failed (all or nothing)",
     Cause.TIMED_OUT: "wave {n}: timed out with {c.healthy} of {c.targeted} healthy",
     Cause.SPEC_REFUSED: "spec refused: {problems}",
     Cause.CLASSES_UNAVAILABLE: "{problems}",

@@ -35,13 +35,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from coordinator.profiles import ClassProfile, rollout_policy
+from coordinator.profiles import ClassProfile, class_policy
 from coordinator.reasons import RolloutReason
-from coordinator.rollout import RolloutRecord
+from coordinator.rollout import Lane, RolloutRecord
 from coordinator.store import Refusal
 from schemas import (
     Cause,
     Desired,
+    LanePhase,
     Phase,
     Reason,
     RejectedError,
@@ -69,7 +70,7 @@ __all__ = [
     "read",
     "refusals_to_forget",
     "retained_status",
-    "retained_wave",
+    "retained_waves",
     "standing",
 ]
 
@@ -302,24 +303,43 @@ def new_record(
     profiles: Mapping[str, ClassProfile],
     candidates: dict[str, Release],
     reason: RolloutReason | None,
+    reached: Mapping[str, int] | None = None,
 ) -> RolloutRecord:
-    """The record of ``spec`` entering ``phase``, and why."""
-    policy = rollout_policy(spec, profiles)
+    """The record of ``spec`` entering ``phase``, and why: one lane per class, each
+    judged by its own policy, entering its first wave (or the wave it had ``reached``
+    by a retained status) at the first tick that sees the whole fleet."""
+    lane_phase = {
+        Phase.COMPLETED: LanePhase.COMPLETED,
+        Phase.ROLLED_BACK: LanePhase.ROLLED_BACK,
+        Phase.REJECTED: LanePhase.ROLLED_BACK,
+    }.get(phase, LanePhase.WAVE)
+    lanes = {
+        name: Lane(
+            phase=lane_phase,
+            wave=(reached or {}).get(name, 0),
+            entered_at=now,
+            policy=class_policy(
+                spec,
+                profiles.get(name),
+                candidates[name].health if name in candidates else None,
+            ),
+        )
+        for name in spec.classes
+    }
     return RolloutRecord(
         id=spec.id,
         generation=spec.generation,
         spec=payload,
         classes=spec.classes,
         candidates=candidates,
-        waves_percent=spec.waves_percent,
+        waves=spec.waves,
         canaries=spec.canaries,
-        success_ratio=policy.success_ratio,
-        max_failure_ratio=policy.max_failure_ratio,
-        wave_timeout_s=policy.wave_timeout_s,
+        rate_per_min=spec.rate_per_min,
+        all_or_nothing=spec.all_or_nothing,
+        windows=spec.windows,
+        lanes=lanes,
         desired=spec.desired,
         phase=phase,
-        wave=0,
-        wave_started_at=now,
         reason=None if reason is None else str(reason),
         cause=None if reason is None else reason.cause,
         updated_at=now,
@@ -338,10 +358,15 @@ def finished_record(
     record = new_record(
         spec, payload, now, status.phase, profiles=profiles, candidates={}, reason=None
     )
+    lanes = {
+        name: lane.model_copy(
+            update={"wave": min(status.wave, len(spec.waves) - 1), "counts": status.counts}
+        )
+        for name, lane in record.lanes.items()
+    }
     return record.model_copy(
         update={
-            "wave": status.wave,
-            "counts": status.counts,
+            "lanes": lanes,
             "reason": status.reason,
             "cause": status.cause,
             "updated_at": status.updated_at,
@@ -371,9 +396,17 @@ def admitted_phase(
     return Phase.WAVE, None
 
 
-def retained_wave(status: RolloutStatus | None, spec: RolloutSpec) -> int:
-    """The wave a live rollout had reached by its retained status: a store that lost
-    the rollout resumes there instead of shrinking the wave back to the first."""
+def retained_waves(status: RolloutStatus | None, spec: RolloutSpec) -> dict[str, int]:
+    """The wave each class of a live rollout had reached by its retained status: a store
+    that lost the rollout resumes there instead of shrinking its waves back to the first.
+    A status from before lanes gives every class its one wave."""
     if status is None or status.phase is not Phase.WAVE or status.generation != spec.generation:
-        return 0
-    return min(status.wave, len(spec.waves_percent) - 1)
+        return {}
+    last = len(spec.waves) - 1
+    if not status.lanes:
+        return {name: min(status.wave, last) for name in spec.classes} if status.wave else {}
+    return {
+        name: min(lane.wave, last)
+        for name, lane in status.lanes.items()
+        if name in spec.classes and lane.phase is LanePhase.WAVE and lane.wave
+    }

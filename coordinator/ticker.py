@@ -16,7 +16,6 @@ from coordinator.clock import Heartbeat
 from coordinator.core import Core, describe
 from coordinator.intake import Intake
 from coordinator.keeper import Keeper
-from coordinator.rollout import Action
 from coordinator.signer import Signer
 from coordinator.store import ClassRecord
 from schemas import topics
@@ -101,7 +100,8 @@ class Ticker:
         if self._heartbeat.due(now, watching=known):
             await self._beat(now)
         ended = False
-        core.fleet.watch_only(r.id for r in core.rollouts.values() if not r.phase.final)
+        core.fleet.watch_only(r for r in core.rollouts.values() if not r.phase.final)
+        core.fleet.tick(now)
         for rollout_id in list(core.rollouts):
             try:
                 ended = await self._tick_rollout(rollout_id, now, known=known) or ended
@@ -109,6 +109,7 @@ class Ticker:
                 log.error("coordinator: rollout %s tick failed: %s", rollout_id, describe(exc))
                 log.debug("coordinator: rollout %s tick failed", rollout_id, exc_info=True)
         await self._signer.sync()
+        await self._clocks_started(now)
         if ended:
             await self._keeper.prune()
 
@@ -119,13 +120,15 @@ class Ticker:
             record = core.rollouts.get(rollout_id)
             if record is None or record.phase.final:
                 return False
-            quoted = core.limits.unhealthy_quoted
             step = rollout.step(
                 record,
-                core.fleet.counts(record),
+                {
+                    name: core.fleet.lane(record, name)
+                    for name, lane in record.lanes.items()
+                    if lane.live
+                },
                 now,
                 fleet_known=known,
-                unhealthy=lambda: core.fleet.unhealthy_reasons(record, quoted),
                 reason_chars=core.limits.reason_chars,
             )
             if step is None:
@@ -134,23 +137,47 @@ class Ticker:
                 await self._store(step)
             else:
                 core.rollouts[rollout_id] = step.record
+        for change in step.changes:
+            log.info(
+                "coordinator: rollout %s%s %s",
+                rollout_id,
+                "" if change.name is None else f" {change.name}",
+                change.action.value,
+            )
         if step.transition:
-            log.info("coordinator: rollout %s %s", rollout_id, step.action.value)
             await self._signer.sync()
         await core.publish_status(rollout_id)
         return step.record.phase.final
 
+    async def _clocks_started(self, now: float) -> None:
+        """The manifests are out: the waves whose target they now carry start their
+        clocks (stored, so a restart does not start them again later)."""
+        core = self._core
+        async with core.rollout_lock:
+            started = [
+                record
+                for record in (rollout.published(r, now) for r in core.rollouts.values())
+                if record is not None
+            ]
+            for record in started:
+                await core.write(core.store.put_rollout, record)
+                core.rollouts[record.id] = record
+        for record in started:
+            await core.publish_status(record.id)
+
     async def _store(self, step: rollout.Step) -> None:
         """Under the rollout lock: the record after a transition, and the candidates
-        promoted to stable when it completed."""
+        promoted to stable when their class completed."""
         core = self._core
-        if step.action is Action.COMPLETE:
+        if step.promoted:
             # Under the sync lock: a sync in flight would otherwise store its newer seq
             # between our read of the class record and our write of it, and lose it.
             async with core.sync_lock:
-                for name, release in step.record.candidates.items():
+                for name in step.promoted:
+                    release = step.record.candidates[name]
                     current = core.classes.get(name, ClassRecord(name=name))
                     await core.put_class(current.model_copy(update={"stable": release}))
-        await core.save(
-            step.record, step.action.value, "" if step.reason is None else str(step.reason)
-        )
+        await core.write(core.store.put_rollout, step.record)
+        core.rollouts[step.record.id] = step.record
+        for change in step.changes:
+            await core.audit(change.action.value, step.record.id, change.text(step.record))

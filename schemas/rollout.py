@@ -149,9 +149,15 @@ class RolloutSpec(WireModel):
         min_length=1, max_length=64
     )
     candidate: Candidate
-    waves: tuple[WaveSpec, ...] = Field(min_length=1, max_length=20)
+    waves: tuple[WaveSpec, ...] = Field(
+        default=(), min_length=1, max_length=20, validate_default=True
+    )
     """Count waves first (increasing), then percent waves (increasing), the last at 100
-    percent. ``waves_percent=[...]`` is accepted as a shorthand for percent waves."""
+    percent."""
+    waves_percent: tuple[float, ...] = Field(default=(), exclude=True)
+    """The waves' percents when every wave states one, else empty: never on the wire.
+    Given instead of ``waves``, it is their shorthand (and how specs signed before waves
+    were objects say them)."""
     canaries: tuple[Annotated[str, Field(pattern=NAME_PATTERN)], ...] = Field(
         default=(), max_length=1000
     )
@@ -177,11 +183,15 @@ class RolloutSpec(WireModel):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "waves_percent" in data and "waves" not in data:
-            data = dict(data)
-            percents = data.pop("waves_percent")
-            if isinstance(percents, list | tuple):
-                data["waves"] = [{"percent": p} for p in percents]
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        percents = data.pop("waves_percent", None)
+        if "waves" not in data and isinstance(percents, list | tuple):
+            data["waves"] = [{"percent": p} for p in percents]
+        elif percents is not None:
+            msg = "give waves or waves_percent, not both"
+            raise ValueError(msg)
         return data
 
     @field_validator("waves")
@@ -210,12 +220,12 @@ class RolloutSpec(WireModel):
             raise ValueError(msg)
         return self
 
-    @property
-    def waves_percent(self) -> tuple[float, ...]:
-        """The waves' percents, when every wave states one (else empty)."""
-        if any(w.percent is None for w in self.waves):
-            return ()
-        return tuple(w.percent for w in self.waves if w.percent is not None)
+    @model_validator(mode="after")
+    def _percents(self) -> RolloutSpec:
+        percents = tuple(w.percent for w in self.waves if w.percent is not None)
+        if len(percents) == len(self.waves):
+            object.__setattr__(self, "waves_percent", percents)
+        return self
 
 
 class Phase(StrEnum):
@@ -263,8 +273,6 @@ class Cause(StrEnum):
     wave's silence limit, more than ``max_failure_ratio`` allows."""
     OTHER_CLASS_FAILED = "other_class_failed"
     """Rolled back with the rest of an ``all_or_nothing`` rollout."""
-    MIXED = "mixed"
-    """The rollout ended with some classes completed and others rolled back."""
     SPEC_REFUSED = "spec_refused"
     """Spec bytes that cannot be acted on (signature, schema, replayed under another id)."""
     CLASSES_UNAVAILABLE = "classes_unavailable"

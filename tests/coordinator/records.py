@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from coordinator.rollout import RolloutRecord
+from coordinator.rollout import Lane, Policy, RolloutRecord
+from coordinator.waves import percent_cutoff
 from schemas import (
     ArtifactRef,
     DeviceState,
@@ -16,9 +17,10 @@ from schemas import (
     Runtime,
     TensorSpec,
     Variant,
+    WaveSpec,
 )
 
-__all__ = ["CLASS", "T0", "make_record", "make_release", "make_variant"]
+__all__ = ["CLASS", "POLICY", "T0", "make_record", "make_release", "make_variant", "with_lane"]
 
 CLASS = "jetson-vision-standard"
 T0 = 1_700_000_000.0
@@ -49,25 +51,51 @@ def make_release(name: str = "digits-v2", sha256: str = "ab" * 32, **changes: An
     return release.model_copy(update=changes)
 
 
-def make_record(**changes: Any) -> RolloutRecord:
-    """A rollout of ``make_release()`` for ``CLASS`` in its first wave of 10/50/100 %."""
+POLICY = Policy(
+    success_ratio=1.0, max_failure_ratio=0.0, timeout_s=600.0, min_soak_s=0.0, silence_s=120.0
+)
+
+
+def make_record(
+    *,
+    wave: int = 0,
+    waves_percent: tuple[float, ...] = (10.0, 50.0, 100.0),
+    policy: Policy = POLICY,
+    **changes: Any,
+) -> RolloutRecord:
+    """A rollout of ``make_release()`` for ``CLASS`` (or the ``classes`` and
+    ``candidates`` given), every class in ``wave`` of ``waves_percent``, its manifest
+    out since T0."""
+    waves = tuple(WaveSpec(percent=p) for p in waves_percent)
+    classes = changes.pop("classes", (CLASS,))
+    cutoff = percent_cutoff(waves_percent[wave])
+    lane = Lane(
+        wave=wave,
+        target_bp=cutoff,
+        cutoff_bp=cutoff,
+        entered_at=T0,
+        published_at=T0,
+        policy=policy,
+    )
     record = RolloutRecord(
         id="rollout-7",
         generation=1,
         spec=b"signed spec bytes",
-        classes=(CLASS,),
-        candidates={CLASS: make_release()},
-        waves_percent=(10.0, 50.0, 100.0),
+        classes=classes,
+        candidates={name: make_release() for name in classes},
+        waves=waves,
         canaries=("cam-canary",),
-        success_ratio=1.0,
-        max_failure_ratio=0.0,
-        wave_timeout_s=600.0,
+        lanes=dict.fromkeys(classes, lane),
         phase=Phase.WAVE,
-        wave=0,
-        wave_started_at=T0,
         updated_at=T0,
     )
     return record.model_copy(update=changes)
+
+
+def with_lane(record: RolloutRecord, name: str = CLASS, **changes: Any) -> RolloutRecord:
+    """``record`` with one lane changed."""
+    lanes = {**record.lanes, name: record.lanes[name].model_copy(update=changes)}
+    return record.model_copy(update={"lanes": lanes})
 
 
 def device_state(

@@ -1,6 +1,7 @@
-"""The reference for the fleet view's counts: every device read again, the way
-``FleetView.counts`` counted before it kept its counts as devices report. The property
-tests hold the kept counts to it; ``bench/fleetview.py`` times it as its baseline."""
+"""The reference for the fleet view's counts: every device of a class read again, given
+who the view holds as targeted and silent (those depend on when devices came and went,
+which a recount cannot see). The property tests hold the kept counts to it;
+``bench/fleetview.py`` times it as its baseline."""
 
 from __future__ import annotations
 
@@ -11,35 +12,43 @@ from schemas import Verdict, WaveCounts
 __all__ = ["recount"]
 
 
-def recount(fleet: FleetView, record: RolloutRecord) -> WaveCounts:
-    """The rollout's current wave counted from every device of ``fleet``."""
-    members = targeted = updated = healthy = unhealthy = 0
+def recount(fleet: FleetView, record: RolloutRecord, name: str) -> WaveCounts:
+    """The class's current wave counted from every device of ``fleet``."""
+    tally = fleet._tallies.get((record.id, name))
+    targeted_at = {} if tally is None else tally.targeted
+    silent_ids = set() if tally is None else tally.silent
+    published = record.lanes[name].published_at is not None
+    candidate = record.candidates[name]
+    members = targeted = updated = healthy = unhealthy = silent = pending = 0
     for view in fleet.devices.values():
-        if not fleet.in_cohort(record, view):
+        if view.hw_class != name or not fleet.in_cohort(record, view):
             continue
         members += 1
-        candidate = record.candidates[view.hw_class or ""]
+        if view.state is not None and view.state.active_sha256 == candidate.artifact.sha256:
+            updated += 1
         report = view.health
-        reported = (
+        if (
             report is not None
             and report.rollout_id == record.id
             and report.release == candidate.release_id
             and is_verdict(report)
-        )
-        if not (view.online or reported):
-            continue
-        targeted += 1
-        if view.state is not None and view.state.active_sha256 == candidate.artifact.sha256:
-            updated += 1
-        if reported and report is not None:
-            if report.verdict is Verdict.HEALTHY:
-                healthy += 1
-            else:
-                unhealthy += 1
+        ):
+            targeted += 1
+            healthy += report.verdict is Verdict.HEALTHY
+            unhealthy += report.verdict is not Verdict.HEALTHY
+        elif view.device_id in targeted_at:
+            targeted += 1
+            silent += view.device_id in silent_ids
+        else:
+            # A member online since the wave's manifest went out is targeted, always.
+            assert not (published and view.online), view.device_id
+            pending += published
     return WaveCounts(
         members=members,
         targeted=targeted,
         updated=updated,
         healthy=healthy,
         unhealthy=unhealthy,
+        silent=silent,
+        pending=pending,
     )

@@ -151,7 +151,10 @@ def test_a_resume_shifts_live_waves_by_the_time_unobserved() -> None:
     paused = make_record(id="paused", phase=Phase.PAUSED)
     resumed = clock.resume([wave, paused], last_beat=T0 + 10, now=T0 + 70)
     assert resumed.gap == 60
-    assert [(r.id, r.wave_started_at) for r in resumed.shifted] == [("rollout-7", T0 + 60)]
+    assert [(r.id, r.lanes[CLASS].published_at) for r in resumed.shifted] == [
+        ("rollout-7", T0 + 60)
+    ]
+    assert resumed.shifted[0].lanes[CLASS].entered_at == T0 + 60
 
 
 def test_no_resume_on_a_first_start_or_a_clock_gone_back() -> None:

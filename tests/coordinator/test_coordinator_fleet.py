@@ -4,7 +4,8 @@ least once and out of order; counting must be idempotent and keep the newest."""
 from __future__ import annotations
 
 from coordinator.fleet import FleetView
-from coordinator.rollout import RolloutRecord, cutoff_bp
+from coordinator.rollout import RolloutRecord
+from coordinator.waves import percent_cutoff
 from schemas import (
     HealthReport,
     LogHistogram,
@@ -14,7 +15,7 @@ from schemas import (
     Verdict,
     WaveCounts,
 )
-from tests.coordinator.records import CLASS, T0, device_state
+from tests.coordinator.records import CLASS, T0, device_state, with_lane
 
 
 def _report(
@@ -54,10 +55,16 @@ def _manifest(record: RolloutRecord) -> Manifest:
             id=record.id,
             candidate=record.candidates[CLASS],
             salt=record.id,
-            cutoff_bp=cutoff_bp(record),
+            cutoff_bp=record.lanes[CLASS].cutoff_bp,
             canaries=record.canaries,
         ),
     )
+
+
+def _at(record: RolloutRecord, wave: int) -> RolloutRecord:
+    """``record`` with its class in ``wave``, the wave's manifest out."""
+    cutoff = percent_cutoff(record.waves[wave].percent or 0.0)
+    return with_lane(record, wave=wave, target_bp=cutoff, cutoff_bp=cutoff)
 
 
 def _online(fleet: FleetView, device_id: str, **state: str) -> None:
@@ -77,13 +84,13 @@ def test_cohort_is_exactly_the_devices_the_manifest_sends_to_the_candidate(
     record: RolloutRecord,
 ) -> None:
     for wave in range(3):
-        at_wave = record.model_copy(update={"wave": wave})
+        at_wave = _at(record, wave)
         inside, outside = _split_by_cohort(at_wave, 200)
         assert (inside and outside) or wave == 2
         fleet = FleetView()
         for device_id in [*inside, *outside, *at_wave.canaries]:
             _online(fleet, device_id)
-        assert fleet.counts(at_wave).targeted == len(inside) + len(at_wave.canaries)
+        assert fleet.counts(at_wave, CLASS).targeted == len(inside) + len(at_wave.canaries)
         for device_id in [*inside, *at_wave.canaries]:
             assert fleet.in_cohort(at_wave, fleet.device(device_id))
         for device_id in outside:
@@ -96,8 +103,8 @@ def test_canary_is_targeted_whatever_its_bucket(record: RolloutRecord) -> None:
     fleet = FleetView()
     _online(fleet, outside[0])
     _online(fleet, outside[1])
-    assert fleet.counts(canary_record).targeted == 1
-    assert fleet.counts(record).targeted == 0
+    assert fleet.counts(canary_record, CLASS).targeted == 1
+    assert fleet.counts(record, CLASS).targeted == 0
 
 
 def test_devices_of_other_classes_or_of_unknown_class_are_not_targeted(
@@ -108,7 +115,7 @@ def test_devices_of_other_classes_or_of_unknown_class_are_not_targeted(
     fleet.on_presence("cam-canary-2", online=True)  # its state has not arrived yet
     fleet.on_health(_report(record, "cam-canary-2", Verdict.HEALTHY))
     canaries = record.model_copy(update={"canaries": ("cam-canary", "cam-canary-2")})
-    assert fleet.counts(canaries) == WaveCounts()
+    assert fleet.counts(canaries, CLASS) == WaveCounts()
 
 
 def test_offline_device_is_not_waited_for_unless_it_already_reported(
@@ -120,10 +127,10 @@ def test_offline_device_is_not_waited_for_unless_it_already_reported(
     for device_id in (quiet, reported):
         fleet.on_state(device_state(device_id))
         fleet.on_presence(device_id, online=False)
-    assert fleet.counts(record) == WaveCounts(members=2, targeted=0)
+    assert fleet.counts(record, CLASS) == WaveCounts(members=2, targeted=0, pending=2)
 
     fleet.on_health(_report(record, reported, Verdict.HEALTHY))
-    assert fleet.counts(record) == WaveCounts(members=2, targeted=1, healthy=1)
+    assert fleet.counts(record, CLASS) == WaveCounts(members=2, targeted=1, healthy=1, pending=1)
 
 
 def test_forgotten_device_is_no_member_of_any_wave(record: RolloutRecord) -> None:
@@ -134,7 +141,7 @@ def test_forgotten_device_is_no_member_of_any_wave(record: RolloutRecord) -> Non
         _online(fleet, device_id)
     fleet.on_health(_report(record, revoked, Verdict.UNHEALTHY))
     fleet.forget(revoked)
-    assert fleet.counts(record) == WaveCounts(members=1, targeted=1)
+    assert fleet.counts(record, CLASS) == WaveCounts(members=1, targeted=1)
 
 
 def test_counts_updated_healthy_and_unhealthy_devices(record: RolloutRecord) -> None:
@@ -147,7 +154,7 @@ def test_counts_updated_healthy_and_unhealthy_devices(record: RolloutRecord) -> 
     fleet.on_health(_report(record, inside[0], Verdict.HEALTHY))
     fleet.on_health(_report(record, inside[1], Verdict.HEALTHY))
     fleet.on_health(_report(record, inside[2], Verdict.UNHEALTHY))
-    assert fleet.counts(record) == WaveCounts(
+    assert fleet.counts(record, CLASS) == WaveCounts(
         members=5, targeted=5, updated=4, healthy=2, unhealthy=1
     )
 
@@ -163,7 +170,7 @@ def test_redelivered_health_report_is_ignored(record: RolloutRecord) -> None:
     assert fleet.on_health(first)
     assert fleet.on_health(second)
     assert not fleet.on_health(first)
-    assert fleet.counts(record) == WaveCounts(members=1, targeted=1, healthy=1)
+    assert fleet.counts(record, CLASS) == WaveCounts(members=1, targeted=1, healthy=1)
 
 
 def test_older_health_report_does_not_replace_a_newer_one(record: RolloutRecord) -> None:
@@ -172,9 +179,9 @@ def test_older_health_report_does_not_replace_a_newer_one(record: RolloutRecord)
     _online(fleet, device_id)
     assert fleet.on_health(_report(record, device_id, Verdict.HEALTHY, at=T0 + 10.0))
     assert not fleet.on_health(_report(record, device_id, Verdict.UNHEALTHY, at=T0 + 5.0))
-    assert fleet.counts(record) == WaveCounts(members=1, targeted=1, healthy=1)
+    assert fleet.counts(record, CLASS) == WaveCounts(members=1, targeted=1, healthy=1)
     assert fleet.on_health(_report(record, device_id, Verdict.UNHEALTHY, at=T0 + 20.0))
-    assert fleet.counts(record) == WaveCounts(members=1, targeted=1, unhealthy=1)
+    assert fleet.counts(record, CLASS) == WaveCounts(members=1, targeted=1, unhealthy=1)
 
 
 def test_reports_about_another_rollout_or_release_are_not_counted(
@@ -190,7 +197,7 @@ def test_reports_about_another_rollout_or_release_are_not_counted(
     for devices in (online, offline):
         fleet.on_health(_report(record, devices[0], Verdict.UNHEALTHY, rollout_id="rollout-6"))
         fleet.on_health(_report(record, devices[1], Verdict.UNHEALTHY, release="digits-v1@00"))
-    assert fleet.counts(record) == WaveCounts(members=4, targeted=2)
+    assert fleet.counts(record, CLASS) == WaveCounts(members=4, targeted=2, pending=2)
 
 
 def test_redelivered_telemetry_summary_is_counted_once() -> None:
@@ -223,14 +230,14 @@ def test_unhealthy_reasons_name_the_devices_and_their_reasons(record: RolloutRec
         update={"reasons": ("p95_latency_ms:35.00>10.00",)}
     )
     fleet.on_health(slow)
-    assert fleet.unhealthy_reasons(record) == [f"{inside[1]}: p95_latency_ms:35.00>10.00"]
+    assert fleet.unhealthy_reasons(record, CLASS) == [f"{inside[1]}: p95_latency_ms:35.00>10.00"]
 
 
 def test_corrupt_chunk_or_fetch_timeout_is_not_a_verdict_on_the_candidate(
     record: RolloutRecord,
 ) -> None:
-    inside, _ = _split_by_cohort(record.model_copy(update={"wave": 2}), 3)
-    at_last = record.model_copy(update={"wave": 2})
+    inside, _ = _split_by_cohort(_at(record, 2), 3)
+    at_last = _at(record, 2)
     fleet = FleetView()
     for device_id in inside:
         _online(fleet, device_id)
@@ -245,14 +252,14 @@ def test_corrupt_chunk_or_fetch_timeout_is_not_a_verdict_on_the_candidate(
             update={"reasons": ("chunk_corrupt", "p95_latency_ms:35.10>10.00")}
         )
     )
-    counts = fleet.counts(at_last)
+    counts = fleet.counts(at_last, CLASS)
     assert (counts.unhealthy, counts.healthy) == (1, 0)
-    reasons = fleet.unhealthy_reasons(at_last)
+    reasons = fleet.unhealthy_reasons(at_last, CLASS)
     assert [r.split(":")[0] for r in reasons] == [model]
 
 
 def test_unhealthy_reasons_quote_each_device_bounded(record: RolloutRecord) -> None:
-    at_last = record.model_copy(update={"wave": 2})
+    at_last = _at(record, 2)
     inside, _ = _split_by_cohort(at_last, 3)
     fleet = FleetView()
     _online(fleet, inside[0])
@@ -261,7 +268,7 @@ def test_unhealthy_reasons_quote_each_device_bounded(record: RolloutRecord) -> N
             update={"reasons": tuple("e" * 200 for _ in range(16))}
         )
     )
-    (reason,) = fleet.unhealthy_reasons(at_last)
+    (reason,) = fleet.unhealthy_reasons(at_last, CLASS)
     assert reason.startswith(inside[0])
     assert len(reason) <= 300
     assert reason.endswith("…")

@@ -67,6 +67,13 @@ class Count:
     record: int
 
 
+@dataclass(frozen=True)
+class Tick:
+    """Time passes: targeted devices without a verdict may fall silent."""
+
+    seconds: float
+
+
 devices = st.sampled_from(DEVICES)
 updates = st.one_of(
     st.builds(Presence, devices, st.booleans()),
@@ -88,6 +95,7 @@ updates = st.one_of(
     ),
     st.builds(Forget, devices),
     st.builds(Count, st.integers(0, len(RECORDS) - 1)),
+    st.builds(Tick, st.sampled_from((1.0, 60.0, 200.0))),
 )
 
 
@@ -122,18 +130,24 @@ def _apply(fleet: FleetView, update: object) -> None:
     elif isinstance(update, Forget):
         fleet.forget(update.device_id)
     elif isinstance(update, Count):
-        record = RECORDS[update.record]
-        assert fleet.counts(record) == recount(fleet, record)
+        _check(fleet, RECORDS[update.record])
+    elif isinstance(update, Tick):
+        fleet.tick(fleet.now + update.seconds)
+
+
+def _check(fleet: FleetView, record: RolloutRecord) -> None:
+    for name in record.lanes:
+        assert fleet.counts(record, name) == recount(fleet, record, name)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(updates, max_size=60))
 def test_counts_kept_as_devices_report_equal_a_full_recount(sequence: list[object]) -> None:
-    fleet = FleetView()
+    fleet = FleetView(now=T0)
     for update in sequence:
         _apply(fleet, update)
     for record in RECORDS:
-        assert fleet.counts(record) == recount(fleet, record)
+        _check(fleet, record)
 
 
 @settings(max_examples=100, deadline=None)
@@ -141,12 +155,12 @@ def test_counts_kept_as_devices_report_equal_a_full_recount(sequence: list[objec
 def test_a_rollout_no_longer_watched_is_counted_afresh(
     first: list[object], then: list[object]
 ) -> None:
-    fleet = FleetView()
+    fleet = FleetView(now=T0)
     record: RolloutRecord = RECORDS[0]
     for update in first:
         _apply(fleet, update)
-    fleet.counts(record)
+    _check(fleet, record)
     fleet.watch_only(())
     for update in then:
         _apply(fleet, update)
-    assert fleet.counts(record) == recount(fleet, record)
+    _check(fleet, record)

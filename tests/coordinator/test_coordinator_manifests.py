@@ -3,6 +3,8 @@ TTL, and continuing above the broker's retained seq. Pure: no store, broker or c
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from coordinator import manifests
@@ -99,7 +101,7 @@ def test_a_started_live_rollout_puts_its_cohort_in_the_next_seq() -> None:
     ],
 )
 def test_a_rollout_not_started_ended_or_elsewhere_names_no_cohort(
-    changes: dict[str, object],
+    changes: dict[str, Any],
 ) -> None:
     record = _signed(KeyPair.generate(), ClassRecord(name=CLASS, stable=STABLE))
     assert manifests.plan(record, [make_record(**changes)], TTL, T0 + 1) is None

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from coordinator.profiles import DEFAULT_PROFILES, load_profiles, rollout_policy
+from coordinator.profiles import DEFAULT_PROFILES, class_policy, load_profiles
 from schemas import ArtifactRef, Candidate, RolloutSpec, TensorSpec, Variant
 
 GOOD = """
@@ -104,22 +104,32 @@ def _spec(classes: tuple[str, ...], **fields: float) -> RolloutSpec:
     )
 
 
-def test_a_spec_that_leaves_ratios_and_timeout_unset_takes_its_classes_defaults() -> None:
+def test_each_class_is_judged_by_its_own_defaults_where_the_spec_is_silent() -> None:
     profiles = load_profiles()
-    gpu = rollout_policy(_spec(("factory-gateway-gpu",)), profiles)
-    assert (gpu.success_ratio, gpu.max_failure_ratio, gpu.wave_timeout_s) == (0.95, 0.05, 1800.0)
-    # Several classes: the strictest ratios, the longest timeout (the slowest soak).
-    mixed = rollout_policy(_spec(("factory-gateway-gpu", "medical-cart-cpu")), profiles)
-    assert (mixed.success_ratio, mixed.max_failure_ratio, mixed.wave_timeout_s) == (
-        1.0,
-        0.0,
-        7200.0,
-    )
+    spec = _spec(("factory-gateway-gpu", "medical-cart-cpu"))
+    gpu = class_policy(spec, profiles["factory-gateway-gpu"], None)
+    assert (gpu.success_ratio, gpu.max_failure_ratio, gpu.timeout_s) == (0.95, 0.05, 1800.0)
+    cart = class_policy(spec, profiles["medical-cart-cpu"], None)
+    assert (cart.success_ratio, cart.max_failure_ratio, cart.timeout_s) == (1.0, 0.0, 7200.0)
     # What the spec sets wins.
-    own = rollout_policy(
+    own = class_policy(
         _spec(
-            ("medical-cart-cpu",), success_ratio=0.5, max_failure_ratio=0.25, wave_timeout_s=30.0
+            ("medical-cart-cpu",),
+            success_ratio=0.5,
+            max_failure_ratio=0.25,
+            wave_timeout_s=30.0,
+            min_soak_s=5.0,
+            silence_s=40.0,
         ),
-        profiles,
+        profiles["medical-cart-cpu"],
+        None,
     )
-    assert (own.success_ratio, own.max_failure_ratio, own.wave_timeout_s) == (0.5, 0.25, 30.0)
+    assert (own.success_ratio, own.max_failure_ratio, own.timeout_s) == (0.5, 0.25, 30.0)
+    assert (own.min_soak_s, own.silence_s) == (5.0, 40.0)
+
+
+def test_without_a_silence_limit_a_device_has_three_soaks_and_a_minute() -> None:
+    profiles = load_profiles()
+    jetson = profiles["jetson-vision-standard"]
+    policy = class_policy(_spec((jetson.name,)), jetson, jetson.health)
+    assert policy.silence_s == 3 * jetson.health.soak_seconds + 60.0

@@ -28,7 +28,7 @@ COUNTS = WaveCounts(members=6, targeted=5, updated=4, healthy=3, unhealthy=1)
         ),
         (
             RolloutReason(cause=Cause.EMPTY_WAVE, wave=0, counts=WaveCounts()),
-            "wave 1: reaches no device",
+            "wave 1: no device to ask (0 offline)",
         ),
         (
             RolloutReason(cause=Cause.TIMED_OUT, wave=2, counts=COUNTS),

@@ -19,6 +19,8 @@ from schemas import (
     Cause,
     Desired,
     KeyPair,
+    LanePhase,
+    LaneStatus,
     Phase,
     Reason,
     Role,
@@ -392,11 +394,23 @@ def test_a_lost_store_resumes_at_the_retained_wave_of_the_same_generation(
 ) -> None:
     spec = _read(trusted, sign()).spec
     assert spec is not None
-    assert specs.retained_wave(_status(Phase.WAVE, wave=1), spec) == 1
-    assert specs.retained_wave(_status(Phase.WAVE, wave=9), spec) == 2  # the last wave
-    assert specs.retained_wave(_status(Phase.WAVE, generation=2, wave=1), spec) == 0
-    assert specs.retained_wave(_status(Phase.PAUSED, wave=1), spec) == 0
-    assert specs.retained_wave(None, spec) == 0
+    every = dict.fromkeys(spec.classes, 1)
+    assert specs.retained_waves(_status(Phase.WAVE, wave=1), spec) == every
+    last = dict.fromkeys(spec.classes, 2)
+    assert specs.retained_waves(_status(Phase.WAVE, wave=9), spec) == last  # the last wave
+    assert specs.retained_waves(_status(Phase.WAVE, generation=2, wave=1), spec) == {}
+    assert specs.retained_waves(_status(Phase.PAUSED, wave=1), spec) == {}
+    assert specs.retained_waves(None, spec) == {}
+    # A status with lanes: each class resumes at its own wave; ended classes do not.
+    name = spec.classes[0]
+    lanes = {
+        name: LaneStatus(phase=LanePhase.WAVE, wave=1, cutoff_bp=5000, counts=WaveCounts()),
+        "gone": LaneStatus(phase=LanePhase.WAVE, wave=1, cutoff_bp=5000, counts=WaveCounts()),
+    }
+    with_lanes = _status(Phase.WAVE, wave=0).model_copy(update={"lanes": lanes})
+    assert specs.retained_waves(with_lanes, spec) == {name: 1}
+    ended = {name: lanes[name].model_copy(update={"phase": LanePhase.ROLLED_BACK})}
+    assert specs.retained_waves(with_lanes.model_copy(update={"lanes": ended}), spec) == {}
     assert specs.retained_status(b"junk") is None
     assert specs.retained_status(encode(_status(Phase.WAVE))) == _status(Phase.WAVE)
 

@@ -11,6 +11,7 @@ import pytest
 from coordinator.rollout import RolloutRecord
 from coordinator.store import ClassRecord, CoordinatorStore, Refusal, StoreDamagedError
 from schemas import Cause, Phase, WaveCounts
+from tests.coordinator.records import with_lane
 
 
 def test_classes_rollouts_and_audit_survive_close_and_reopen(
@@ -48,10 +49,10 @@ def test_every_write_replaces_the_file_whole_and_leaves_no_temp_files(
     path = tmp_path / "store.json"
     store = CoordinatorStore(path)
     store.put_rollout(record)
-    for wave, phase in [(1, Phase.WAVE), (1, Phase.PAUSED), (3, Phase.COMPLETED)]:
+    for wave, phase in [(1, Phase.WAVE), (1, Phase.PAUSED), (2, Phase.COMPLETED)]:
         before = path.read_bytes()
         with path.open("rb") as reader:  # a reader that opened the file before the write
-            store.put_rollout(record.model_copy(update={"wave": wave, "phase": phase}))
+            store.put_rollout(with_lane(record, wave=wave).model_copy(update={"phase": phase}))
             store.audit({"wave": wave, "phase": phase.value})
             # It still sees the whole previous document: the file was renamed over, not
             # rewritten in place.
@@ -123,7 +124,10 @@ def test_a_record_keeps_its_cause_and_one_stored_before_causes_loads_without(
     # An older coordinator wrote records without the key.
     older = record.model_copy(update={"id": "older", "reason": "aborted by operator"})
     data = json.loads(path.read_text())
-    data["rollouts"]["2"] = {"id": "older", "json": older.model_dump_json(exclude={"cause"})}
+    data["rollouts"]["2"] = {
+        "id": "older",
+        "json": older.model_dump_json(exclude={"cause": True, "lanes": {"__all__": {"cause"}}}),
+    }
     assert '"cause"' not in data["rollouts"]["2"]["json"]
     path.write_text(json.dumps(data))
 

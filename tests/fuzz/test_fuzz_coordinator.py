@@ -403,7 +403,9 @@ async def _fuzz(fleet: Fleet, demo_models: dict[str, DemoModel]) -> None:
                 services.start_coordinator(artifact_timeout_s=3.0)
                 services.start_agent(AGENT)
                 operator = await publishers.session(OPERATOR)
-                await roll_out(operator, fleet, wire, live.model, rollout_id="install-v1")
+                await roll_out(
+                    operator, fleet, wire, live.model, rollout_id="install-v1", classes=(JETSON,)
+                )
                 check = Checker(live, services, publishers, wire, crashes)
                 await check.ensure_rollout()
                 attacks = issue7_attacks(live)

@@ -182,8 +182,10 @@ async def roll_out(
     waves: tuple[float, ...] = (100.0,),
     canaries: tuple[str, ...] = (),
     expect: Phase = Phase.COMPLETED,
+    classes: tuple[str, ...] | None = None,
 ) -> RolloutStatus:
-    """Publish ``model`` and a signed spec; wait for the rollout's final status."""
+    """Publish ``model`` and a signed spec for ``classes`` (the fleet's, by default);
+    wait for the rollout's final status."""
     await start_rollout(
         operator,
         fleet.home,
@@ -191,7 +193,7 @@ async def roll_out(
         rollout_id=rollout_id,
         name=model.name,
         profiles=profiles(fleet),
-        classes=tuple(fleet.classes),
+        classes=tuple(fleet.classes) if classes is None else classes,
         waves=waves,
         canaries=canaries,
     )
