@@ -319,8 +319,9 @@ class SimDevice:
         """Run the release the manifest assigns, if it is another one, and soak it."""
         release = taken.desired.release
         self._rollout_id = taken.desired.rollout_id
-        if release is None or release == self._target:
-            return
+        target = self._target
+        if release is None or (target is not None and release.artifact == target.artifact):
+            return  # nothing to run yet, or the same build (a re-sign, a promotion)
         if self._soak is not None:
             self._soak.cancel()
         self._target = release
