@@ -18,8 +18,8 @@ report again). Which devices they are follows from a stable hash of their ids. T
 :class:`Gate` holds health reports back while closed, so that a burst of reports can be
 released at one moment (``bench/fleet.py``).
 
-A :class:`Simulator` runs many devices in one task group; it costs one session each (a
-few hundred KB, no thread; see ``broker.session``) and a task or two per device.
+A :class:`Simulator` runs many devices in one task group: a session (no thread) and a
+few tasks each.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Final
 
 from agent.bundle import Bundle
-from agent.intake import Intake, ManifestTaken, Outcome, Refused, TrustTaken
+from agent.intake import Intake, ManifestTaken, Outcome, Refused
 from broker.backoff import RECONNECT, Retry
 from broker.session import Endpoint, Message, Session, TransportError, Will
 from schemas import (
@@ -158,8 +158,7 @@ class Gate:
         self._open = asyncio.Event()
         self._open.set()
         self._changed = asyncio.Event()
-        self.held = 0
-        """Reports waiting now."""
+        self.held = 0  # reports waiting now
 
     def close(self) -> None:
         self._open.clear()
@@ -228,6 +227,7 @@ class SimDevice:
         self._soak: asyncio.Task[None] | None = None
         self._session: Session | None = None
         self._sent = 0
+        self._state_changed = asyncio.Event()
 
     def _topic(self, channel: DeviceChannel) -> str:
         return topics.device(self.device_id, channel)
@@ -264,6 +264,7 @@ class SimDevice:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._reassert(session))
                 tg.create_task(self._receive(session))
+                tg.create_task(self._state_loop())
                 if self._config.telemetry_s > 0:
                     tg.create_task(self._telemetry_loop())
         finally:
@@ -306,14 +307,11 @@ class SimDevice:
                 at=self._clock(),
             )
             await self._publish(DeviceChannel.EVENTS, encode(event))
-            await self._publish_state()
         elif isinstance(outcome, ManifestTaken):
             self._stats.manifests[outcome.manifest.seq] += 1
             self._observer.verified(self.device_id, outcome.manifest.seq)
             self._apply(outcome)
-            await self._publish_state()
-        elif isinstance(outcome, TrustTaken):
-            await self._publish_state()
+        self._state_changed.set()  # a manifest or trust taken, or a rejection
 
     def _apply(self, taken: ManifestTaken) -> None:
         """Run the release the manifest assigns, if it is another one, and soak it."""
@@ -350,7 +348,7 @@ class SimDevice:
         self._stats.reports[report.verdict] += 1
         self._observer.reporting(self.device_id, report)
         await self._publish(DeviceChannel.HEALTH, self._health, retain=True)
-        await self._publish_state()
+        self._state_changed.set()
 
     def _report(self, release: Release, seq: int, soak: float) -> HealthReport:
         budget = release.health
@@ -426,6 +424,14 @@ class SimDevice:
             last_rejection=self._rejection,
             updated_at=now,
         )
+
+    async def _state_loop(self) -> None:
+        """Publish the state soon after it changed, like an agent: changes that come
+        together leave as one message, after the other devices' work of the moment."""
+        while True:
+            await self._state_changed.wait()
+            self._state_changed.clear()
+            await self._publish_state()
 
     async def _publish_state(self) -> None:
         await self._publish(DeviceChannel.STATE, encode(self._state()), retain=True)
