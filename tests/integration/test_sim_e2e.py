@@ -9,6 +9,9 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
+
+from edgefleet.cli import main
 from edgefleet.fleet import Fleet
 from edgefleet.sim import Behaviour, Observer, SimConfig, Simulator
 from edgefleet.simcli import enroll_sim_devices
@@ -136,3 +139,23 @@ def test_unhealthy_simulated_devices_roll_a_rollout_back(
         assert wire.states[device_id].active_release is None
         assert wire.states[device_id].mode is Mode.DEGRADED
         assert wire.health[device_id].verdict is Verdict.UNHEALTHY
+
+
+def test_sim_command_runs_enrolled_devices_and_reports(
+    make_fleet: MakeFleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet, folders = _sim_fleet(make_fleet)
+    home = str(fleet.home.root)
+    profiles = str(fleet.workdir / "profiles.toml")
+    argv = ["--home", home, "sim", "--class", JETSON, "--devices", str(DEVICES)]
+    argv += ["--classes", profiles, "--duration", "3", "--report", "3", "--telemetry", "0.5"]
+    assert main(argv) == 0
+
+    out = capsys.readouterr().out
+    # The devices were enrolled before: none is added, every one connected and sent
+    # telemetry windows while it ran.
+    assert sorted(fleet.home.devices()) == sorted(f.name for f in folders)
+    status = out.strip().splitlines()[-1]
+    assert f"connected {DEVICES}," in status
+    sent = int(status.rsplit("telemetry ", 1)[1])
+    assert sent >= DEVICES
