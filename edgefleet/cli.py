@@ -29,6 +29,7 @@ from edgefleet.compose import coordinator_config, make_agent, start_rollout
 from edgefleet.demo import run_demo
 from edgefleet.home import ACCOUNT_ROLES, OPERATOR, Home
 from edgefleet.modelcli import Commands, add_model_commands
+from edgefleet.simcli import add_sim_command
 from edgefleet.sources import SOURCES
 from edgefleet.viewcli import add_rollout_views, add_view_commands, home_of
 from schemas import Desired, EdgefleetError, Role
@@ -212,6 +213,7 @@ def _parser() -> argparse.ArgumentParser:
     _rollout_commands(sub)
     add_view_commands(sub)
     add_model_commands(sub)
+    add_sim_command(sub)
     p = sub.add_parser("demo", help="broker, coordinator, fleet and three rollouts, live")
     p.add_argument("--devices-per-class", type=int, default=12)
     p.add_argument("--keep", action="store_true", help="keep the working folder")
