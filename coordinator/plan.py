@@ -170,7 +170,7 @@ def make_plan(
     waves = tuple(
         WavePlan(
             index=i,
-            reach=str(wave),
+            reach=_reach(wave),
             percent=wave.percent,
             count=wave.count,
             terms=_terms(spec, wave),
@@ -257,6 +257,12 @@ def _class_wave(
         later_bytes=pulled(offline),
         paced_minutes=None if rate is None or not reached else math.ceil(len(reached) / rate),
     )
+
+
+def _reach(wave: WaveSpec) -> str:
+    if wave.count is not None:
+        return f"the first {wave.count} of each class"
+    return f"{wave.percent:g}% of each class"
 
 
 def _terms(spec: RolloutSpec, wave: WaveSpec) -> WaveTerms:

@@ -19,7 +19,6 @@ from schemas import (
     RolloutSpec,
     TensorSpec,
     Variant,
-    WaveSpec,
     bucket,
 )
 
@@ -229,4 +228,7 @@ def test_the_terms_of_a_wave_are_its_own_else_the_spec_s() -> None:
     first, last = plan.waves[0].terms, plan.waves[1].terms
     assert (first.min_soak_s, first.success_ratio, first.silence_s) == (60, 0.5, 30)
     assert (last.min_soak_s, last.success_ratio, last.timeout_s) == (10, None, None)
-    assert (plan.waves[0].reach, plan.waves[1].reach) == (str(WaveSpec(count=1)), "100%")
+    assert (plan.waves[0].reach, plan.waves[1].reach) == (
+        "the first 1 of each class",
+        "100% of each class",
+    )
