@@ -33,7 +33,7 @@ from edgefleet.specargs import add_spec_arguments, rollout_id_of, spec_options
 from edgefleet.viewcli import EXIT_FAILED, home_of, watcher
 from models.gate import GateReport
 from models.report import format_size, text_table
-from schemas import Manifest, Release, RolloutSpec, UsageError
+from schemas import Manifest, RejectedError, Release, RolloutSpec, UsageError
 from schemas.errors import bound_text
 
 __all__ = ["add_plan_command", "class_offers", "plan_json", "render_plan"]
@@ -77,7 +77,10 @@ def _rollout_plan(args: argparse.Namespace) -> int:
         async with watcher(home) as session:
             rows = await read_fleet(session)
             manifests = await read_manifests(session, classes)
-            taken = await read_status(session, rollout_id) is not None
+            try:
+                taken = await read_status(session, rollout_id) is not None
+            except RejectedError:  # something is retained there, even if not a status
+                taken = True
         return rows, manifests, taken
 
     rows, manifests, taken = asyncio.run(read())

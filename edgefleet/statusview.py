@@ -135,8 +135,10 @@ class PlainWatch:
         self._shown: dict[str, str] = {}
 
     def lines(self, status: RolloutStatus) -> list[str]:
-        current = {"": status_line(status)}
-        current |= {name: lane_line(status, name, lane) for name, lane in _lanes(status)}
+        """The classes' lines that changed, then the summary if it did: the last line
+        printed is always the rollout's own, so a log's tail says where it stands."""
+        current = {name: lane_line(status, name, lane) for name, lane in _lanes(status)}
+        current[""] = status_line(status)
         changed = [line for key, line in current.items() if self._shown.get(key) != line]
         self._shown = current
         return changed
@@ -151,7 +153,13 @@ def rich_table(status: RolloutStatus) -> Table:
     caption = None if status.reason is None else Text(status.reason)
     table = Table(title=Text(title), caption=caption, title_justify="left")
     for i, column in enumerate(LANE_HEADER):
-        table.add_column(column, justify="left" if i in (0, 1, 2, 7) else "right")
+        # Class names whole; the waiting text and the reason wrap instead.
+        table.add_column(
+            column,
+            justify="left" if i in (0, 1, 2, 7) else "right",
+            no_wrap=i == 0,
+            overflow="fold",
+        )
     rows = [lane_cells(status, name, lane) for name, lane in _lanes(status)]
     c = status.counts
     summed = ("all", status.phase.value, "", f"{c.healthy}/{c.targeted}", str(c.unhealthy))

@@ -59,16 +59,16 @@ def test_each_class_reads_phase_wave_reach_counts_and_why() -> None:
     paced = _lane(wave=0, waiting="paced: 5 of 20 devices targeted")
     status = _status({CAM: silent, GW: paced})
     lines = PlainWatch().lines(status)
-    assert lines[0] == status_line(status)
-    assert lines[1] == (
+    assert lines[2] == status_line(status)
+    assert lines[0] == (
         f"r1 {CAM}: wave, wave 2/3 (50%), healthy 4/8, unhealthy 0, silent 2: cam-007 "
         "cam-009, pending 2 — wave 2: 2 of 8 devices silent [silent]"
     )
-    assert lines[2] == (
+    assert lines[1] == (
         f"r1 {GW}: wave, wave 1/3 (5 devices), healthy 5/8, unhealthy 1, silent 0, "
         "pending 2 — waiting: paced: 5 of 20 devices targeted"
     )
-    assert "members 20 targeted 16 updated 0 healthy 9 unhealthy 1 silent 2 pending 4" in lines[0]
+    assert "members 20 targeted 16 updated 0 healthy 9 unhealthy 1 silent 2 pending 4" in lines[2]
 
     header, *rows = status_text(status).splitlines()[1:]
     assert header.split()[:4] == ["class", "phase", "wave", "healthy"]
@@ -83,13 +83,15 @@ def test_the_plain_watch_prints_only_what_changed() -> None:
     moved = _lane(counts=WaveCounts(members=10, targeted=8, healthy=8, pending=2))
     second = _status({CAM: moved, GW: _lane()})
     changed = watch.lines(second)
-    assert [line.split()[1] for line in changed] == ["gen", f"{CAM}:"]
+    assert [line.split()[1] for line in changed] == [f"{CAM}:", "gen"]
     done = _status(
         {CAM: moved.model_copy(update={"phase": LanePhase.COMPLETED, "wave": 3}), GW: _lane()},
         phase=Phase.COMPLETED,
         wave=3,
     )
-    assert f"r1 {CAM}: completed, wave 3/3, healthy 8/8," in watch.lines(done)[1]
+    lane, summary = watch.lines(done)
+    assert lane.startswith(f"r1 {CAM}: completed, wave 3/3, healthy 8/8,")
+    assert summary.startswith("r1 gen 1 completed wave 3/3")
 
 
 def test_a_status_without_classes_reads_as_one_line_as_before() -> None:
