@@ -35,6 +35,7 @@ from schemas import (
     DeviceState,
     HealthReport,
     KeyPair,
+    Manifest,
     PolicyError,
     Reason,
     RejectedError,
@@ -63,6 +64,7 @@ __all__ = [
     "next_generation",
     "publish_artifact",
     "read_fleet",
+    "read_manifests",
     "read_spec",
     "read_status",
     "submit_spec",
@@ -299,6 +301,8 @@ class DeviceRow:
     last_seen: float | None = None
     """When its state was last published (the agent's clock)."""
     online: bool = False
+    sha256: str | None = None
+    """The artifact it runs (``rollout plan``: a device that has it pulls nothing)."""
 
 
 _FLEET_CHANNELS: Final = (DeviceChannel.PRESENCE, DeviceChannel.STATE, DeviceChannel.HEALTH)
@@ -346,7 +350,26 @@ def _row(device_id: str, payloads: Mapping[DeviceChannel, bytes]) -> DeviceRow:
         health=verdict,
         last_seen=state.updated_at,
         online=online,
+        sha256=state.active_sha256,
     )
+
+
+async def read_manifests(session: Transport, classes: Sequence[str]) -> dict[str, Manifest]:
+    """The retained manifest of each of ``classes`` that has one, by class. Read to show
+    what a class runs (``rollout plan``), not to act on: the signature is not checked
+    here; a payload that does not decode, or names another class, is left out (and
+    logged)."""
+    wanted = {topics.class_manifest(name): name for name in classes}
+    found: dict[str, Manifest] = {}
+    for topic, payload in (await _retained(session, *wanted)).items():
+        try:
+            manifest = decode(decode(payload, Envelope).body, Manifest)
+        except RejectedError as exc:
+            log.warning("skipped %s: %s", topic, exc)
+            continue
+        if manifest.hw_class == wanted[topic]:
+            found[manifest.hw_class] = manifest
+    return found
 
 
 async def read_spec(session: Transport, rollout_id: str) -> RolloutSpec | None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import re
 import signal
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,14 +25,16 @@ from coordinator.operator import (
     submit_spec,
 )
 from coordinator.profiles import DEFAULT_PROFILES, load_profiles
-from edgefleet.compose import coordinator_config, make_agent, start_rollout
+from edgefleet.compose import coordinator_config, make_agent, publish_rollout
 from edgefleet.demo import run_demo
 from edgefleet.home import ACCOUNT_ROLES, OPERATOR, Home
 from edgefleet.modelcli import Commands, add_model_commands
+from edgefleet.plancli import add_plan_command
 from edgefleet.simcli import add_sim_command
 from edgefleet.sources import SOURCES
+from edgefleet.specargs import add_spec_arguments, rollout_id_of, spec_options
 from edgefleet.viewcli import add_rollout_views, add_view_commands, home_of
-from schemas import Desired, EdgefleetError, Role
+from schemas import Desired, EdgefleetError, Role, RolloutSpec
 from schemas.errors import bound_text
 from schemas.topics import check_name
 
@@ -148,31 +150,24 @@ def _operator(home: Home) -> Session:
 
 def _rollout_start(args: argparse.Namespace) -> int:
     home = home_of(args)
-    model = Path(args.model)
-    rollout_id = check_name(
-        args.id or f"{args.name or model.stem}-{int(time.time())}", "rollout id"
-    )
-    waves = tuple(float(w) for w in args.waves.split(","))
+    rollout_id = rollout_id_of(args)
+    options = spec_options(args)
 
-    async def go() -> None:
+    async def go() -> RolloutSpec:
         async with _operator(home) as session:
-            await start_rollout(
+            return await publish_rollout(
                 session,
                 home,
-                model,
+                Path(args.model),
                 rollout_id=rollout_id,
                 name=args.name,
                 profiles=load_profiles(Path(args.classes)),
                 classes=tuple(args.hw_class),
-                waves=waves,
-                canaries=tuple(args.canary),
-                success_ratio=args.success_ratio,
-                max_failure_ratio=args.max_failure_ratio,
-                wave_timeout_s=args.wave_timeout,
+                options=options,
             )
 
-    asyncio.run(go())
-    print(rollout_id)
+    spec = asyncio.run(go())
+    print(json.dumps(spec.model_dump(mode="json")) if args.json else rollout_id)
     return 0
 
 
@@ -187,7 +182,10 @@ def _rollout_change(desired: Desired) -> Callable[[argparse.Namespace], int]:
                 if spec is None:
                     print(f"no rollout {args.rollout_id}", file=sys.stderr)
                     return 1
-                await submit_spec(session, next_generation(spec, desired), home.key(Role.OPERATOR))
+                changed = next_generation(spec, desired)
+                await submit_spec(session, changed, home.key(Role.OPERATOR))
+                if args.json:
+                    print(json.dumps(changed.model_dump(mode="json")))
                 return 0
 
         return asyncio.run(go())
@@ -291,25 +289,10 @@ def _service_commands(sub: Commands[argparse.ArgumentParser]) -> None:
 def _rollout_commands(sub: Commands[argparse.ArgumentParser]) -> None:
     rollout = sub.add_parser("rollout", help="rollouts").add_subparsers(required=True)
     p = rollout.add_parser("start", help="publish a model and a signed rollout spec")
-    p.add_argument("--class", dest="hw_class", action="append", required=True)
-    p.add_argument(
-        "--model",
-        required=True,
-        help="an ONNX file, or a folder of variants written by 'edgefleet model optimize'",
-    )
-    p.add_argument("--name", help="release name (default: the bundle's or the file's name)")
-    p.add_argument(
-        "--classes",
-        default=str(DEFAULT_PROFILES),
-        help="class profiles to check the variants against before publishing",
-    )
-    p.add_argument("--waves", default="10,50,100", help="cumulative percentages per wave")
-    p.add_argument("--canary", action="append", default=[], help="device in every wave")
-    p.add_argument("--success-ratio", type=float, help="healthy share that promotes a wave")
-    p.add_argument("--max-failure-ratio", type=float, help="unhealthy share that rolls back")
-    p.add_argument("--wave-timeout", type=float, help="seconds before a stuck wave rolls back")
-    p.add_argument("--id", help="rollout id (default: name-timestamp)")
+    add_spec_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the signed spec as JSON")
     p.set_defaults(func=_rollout_start)
+    add_plan_command(rollout)
     add_rollout_views(rollout)
     for verb, desired in (
         ("pause", Desired.PAUSED),
@@ -318,6 +301,7 @@ def _rollout_commands(sub: Commands[argparse.ArgumentParser]) -> None:
     ):
         p = rollout.add_parser(verb, help=f"{verb} a rollout (a new spec generation)")
         p.add_argument("rollout_id")
+        p.add_argument("--json", action="store_true", help="print the new generation as JSON")
         p.set_defaults(func=_rollout_change(desired))
 
 

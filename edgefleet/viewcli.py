@@ -13,11 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+from rich.live import Live
+
 from broker.session import Session
 from coordinator.audit import AUDIT_FILENAME, read_audit
 from coordinator.operator import DeviceRow, list_statuses, read_fleet, read_status, watch_status
 from edgefleet.home import WATCHER, Home
 from edgefleet.modelcli import Commands
+from edgefleet.statusview import PlainWatch, rich_table, status_line, status_text
 from models.report import text_table
 from schemas import Phase, RolloutStatus
 from schemas.topics import check_name
@@ -35,22 +38,6 @@ def watcher(home: Home) -> Session:
     return Session(home.service_endpoint(WATCHER), client_id=WATCHER)
 
 
-def _status_line(status: RolloutStatus) -> str:
-    c = status.counts
-    wave = f"{min(status.wave + 1, len(status.waves_percent))}/{len(status.waves_percent)}"
-    release = str(status.release)
-    if len(set(status.releases.values())) > 1:  # a variant per class
-        release = ", ".join(f"{name}={r}" for name, r in sorted(status.releases.items()))
-    line = (
-        f"{status.id} gen {status.generation} {status.phase.value} wave {wave} "
-        f"release {release} members {c.members} targeted {c.targeted} "
-        f"updated {c.updated} healthy {c.healthy} unhealthy {c.unhealthy}"
-    )
-    if status.reason:
-        line += f" — {status.reason}"
-    return line + (f" [{status.cause.value}]" if status.cause is not None else "")
-
-
 EXIT_FAILED = 3
 """``rollout status``: the rollout ended rolled back or rejected."""
 
@@ -58,11 +45,6 @@ EXIT_FAILED = 3
 def _outcome(status: RolloutStatus) -> int:
     """The exit code a status stands for: 0, or :data:`EXIT_FAILED` for a failed end."""
     return EXIT_FAILED if status.phase in (Phase.ROLLED_BACK, Phase.REJECTED) else 0
-
-
-def _show(status: RolloutStatus, *, as_json: bool) -> None:
-    text = json.dumps(status.model_dump(mode="json")) if as_json else _status_line(status)
-    print(text, flush=True)
 
 
 def _rollout_status(args: argparse.Namespace) -> int:
@@ -76,22 +58,39 @@ def _rollout_status(args: argparse.Namespace) -> int:
                 if status is None:
                     print(f"no status for {args.rollout_id}", file=sys.stderr)
                     return 1
-                _show(status, as_json=args.json)
+                print(_as_json(status) if args.json else status_text(status))
                 return _outcome(status)
             try:
-                async with (
-                    asyncio.timeout(args.timeout or None),
-                    contextlib.aclosing(watch_status(session, args.rollout_id)) as updates,
-                ):
-                    async for status in updates:
-                        _show(status, as_json=args.json)
-                        if status.phase.final:
-                            return _outcome(status)
+                async with asyncio.timeout(args.timeout or None):
+                    return await _watch(session, args.rollout_id, as_json=args.json)
             except TimeoutError:
                 print(f"{args.rollout_id}: not final after {args.timeout:g} s", file=sys.stderr)
         return 1
 
     return asyncio.run(go())
+
+
+def _as_json(status: RolloutStatus) -> str:
+    return json.dumps(status.model_dump(mode="json"))
+
+
+async def _watch(session: Session, rollout_id: str, *, as_json: bool) -> int:
+    """Follow a rollout until it is final: JSON lines, a live table on a terminal, or
+    plain lines (one per change) when piped. Returns the outcome's exit code."""
+    plain = PlainWatch()
+    live = None if as_json or not sys.stdout.isatty() else Live(auto_refresh=False)
+    with live or contextlib.nullcontext():
+        async with contextlib.aclosing(watch_status(session, rollout_id)) as updates:
+            async for status in updates:
+                if live is not None:
+                    live.update(rich_table(status), refresh=True)
+                else:
+                    text = _as_json(status) if as_json else "\n".join(plain.lines(status))
+                    if text:
+                        print(text, flush=True)
+                if status.phase.final:
+                    return _outcome(status)
+    return 1
 
 
 def _rollout_list(args: argparse.Namespace) -> int:
@@ -106,7 +105,7 @@ def _rollout_list(args: argparse.Namespace) -> int:
         print(json.dumps([status.model_dump(mode="json") for status in statuses]))
     else:
         for status in statuses:
-            print(_status_line(status))
+            print(status_line(status))
     return 0
 
 
