@@ -69,12 +69,19 @@ def _retained(wire: Wire) -> dict[str, bytes]:
 
 async def _admitted(fleet: Fleet, v2: DemoModel, rollout_id: str = "r") -> bytes:
     """Upload ``v2`` as the operator does (to staging) with a signed spec; wait for the
-    rollout's first wave. Returns the spec bytes."""
+    rollout's first wave (its manifest out). Returns the spec bytes."""
     async with fleet.operator() as operator, Wire.open(fleet.home) as wire:
         await publish_artifact(operator, v2.path.read_bytes(), name=v2.name, chunk_size=4096)
         spec = spec_for(v2, rollout_id=rollout_id, classes=(JETSON,))
         payload = await publish_spec(operator, fleet.home, spec)
         await wire.until(lambda: _status(wire, rollout_id, Phase.WAVE), what="admitted")
+        await wire.until(
+            lambda: any(
+                m.rollout is not None and m.rollout.id == rollout_id
+                for m in wire.verified_manifests(JETSON)
+            ),
+            what="the first wave's manifest",
+        )
     return payload
 
 
