@@ -52,7 +52,7 @@ from schemas.rollout import (
     Variant,
     WaveCounts,
 )
-from schemas.telemetry import LogHistogram, TelemetrySummary, merge_summaries
+from schemas.telemetry import LogHistogram, TelemetryAck, TelemetrySummary, merge_summaries
 from schemas.trust import TRUST_KIND, Role, RoleKeys, TrustDoc
 from schemas.verify import TrustedState
 
@@ -98,6 +98,7 @@ __all__ = [
     "Runtime",
     "SignatureError",
     "Target",
+    "TelemetryAck",
     "TelemetrySummary",
     "Tensor",
     "TensorSpec",
