@@ -176,7 +176,8 @@ def test_summary_merged_into_a_row_in_flight_is_not_lost_when_that_row_is_acked(
     outbox.append_summary(TOPIC, appended[4])  # at the cap: coarsens while row 1 is in flight
     outbox.settle([i.id for i in in_flight], [])  # its PUBACK arrives
     (counted,) = delivered
-    assert counted.stream is not None and counted.last_seq is not None
+    assert counted.stream is not None
+    assert counted.last_seq is not None
     assert outbox.acknowledge(counted.stream, counted.last_seq) == 1  # and the coordinator's ack
 
     still_queued = _summaries(_all(outbox))
