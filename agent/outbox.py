@@ -1,38 +1,30 @@
 """The agent's durable store-and-forward queue (SQLite in WAL mode).
 
-Telemetry summaries and events are appended here first, so a device that is offline
-for hours, or restarted, loses nothing. An event leaves once the broker acknowledged it
-(PUBACK with a success reason code). A telemetry summary leaves only once the
-coordinator acknowledged that it counted it durably (:meth:`Outbox.acknowledge`): a
-PUBACK only says the broker holds it in memory, and a broker crash loses that.
+Telemetry summaries and events are appended here first, so a device that is offline for
+hours, or restarted, loses nothing. An event leaves once the broker acknowledged it
+(PUBACK). A telemetry summary leaves only once the coordinator's ack says it counted it
+durably (:meth:`Outbox.acknowledge`): a PUBACK only says the broker holds it in memory.
 
-End to end. The outbox numbers its summaries in a stream of its own (``stream``, a random
-id kept in the file's ``meta`` table with the next number): ``seq .. last_seq`` on each
-row and in its payload. A summary the broker acknowledged waits for the coordinator's
-ack; if none covers it by its ``due`` time it is sent again, at ``resend_s`` doubling to
-``resend_max_s`` (:meth:`Outbox.settle`), and at once after a reconnect
-(:meth:`Outbox.due_again`), since a broker that went away may have lost it. Each send
-carries ``base``, the lowest number still held, so the coordinator learns which numbers
-will never come (acknowledged to a store it lost, or lost here with a damaged file).
+End to end. Summaries are numbered in the outbox's stream (a random id and the next
+number, kept in the file's ``meta`` table): ``seq .. last_seq`` on each row and in its
+payload. One the broker took but no ack covers is sent again at its ``due`` time
+(``resend_s`` doubling to ``resend_max_s``), and at once after a reconnect or a restart.
+Each send carries ``base``, the lowest number still held, so the coordinator learns which
+numbers will never come (acknowledged to a store it lost, or lost here).
 
-When the queue reaches its cap, the oldest telemetry summaries are merged pairwise
-into coarser ones (see :func:`schemas.telemetry.merge_summaries`): time resolution
-drops, counts are conserved. Only rows never handed to the client merge, and only with
-the next number (``seq == last_seq + 1``): a merged row stands for exactly the numbers
-of both, none of which the coordinator can have counted, so it counts it once. Events
-have a cap of their own: beyond it the oldest events are dropped, and the next event
-appended is told how many (each row carries the count of the drops it reports, so a
-dropped reporter's count is passed on too).
+At the cap, the oldest summaries are merged pairwise (:func:`schemas.merge_summaries`):
+time resolution drops, counts are conserved. Only rows never handed to the client merge,
+and only with the next number (``seq == last_seq + 1``): a merged row covers exactly
+numbers the coordinator cannot have counted. A row handed to the client (PUBACKed or
+not) may still be delivered as it is and counted, so it is never merged nor dropped.
+Events have a cap of their own: beyond it the oldest unsent events are dropped, and the
+next event appended is told how many (passed on if that one is dropped too).
 
-A row handed to the MQTT client is marked ``sent`` (PUBACKed or not): the client may
-still deliver its original bytes after a reconnect, and the coordinator may have counted
-it, so it is never merged nor dropped, only sent again as it is.
-
-Storage may fail under it. The file is opened by the first call, and again by the
-first call after a storage error (SQLite keeps a connection opened on a read-only
-folder read-only for good). A file that is empty or damaged (SQLITE_CORRUPT,
-SQLITE_NOTADB, a failed ``quick_check``) is moved aside to ``outbox.sqlite.damaged-<UTC>``
-and replaced by a fresh one holding whatever rows of it still read, its stream going on
+Storage may fail under it. The file is opened by the first call, and again by the first
+call after a storage error (SQLite keeps a connection opened on a read-only folder
+read-only for good). A file that is empty or damaged (SQLITE_CORRUPT, SQLITE_NOTADB, a
+failed ``quick_check``) is moved aside to ``outbox.sqlite.damaged-<UTC>`` and replaced by a
+fresh one holding whatever rows of it still read, its stream going on
 (:mod:`agent.salvage`); :meth:`Outbox.take_damage` says so, for the agent to report.
 Methods block; the agent calls them from a thread.
 """
@@ -444,18 +436,6 @@ class Outbox:
             (count,) = db.execute("SELECT COUNT(*) FROM outbox WHERE tries = 0").fetchone()
             return int(count)
 
-    def stream(self) -> tuple[str, int]:
-        """This outbox's stream and the next number it gives."""
-        with self._guard() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                stream, seq = _next_number(db, take=False)
-                db.execute("COMMIT")
-            except BaseException:
-                _rollback(db)
-                raise
-            return stream, seq
-
     def _coarsen(self, db: sqlite3.Connection) -> int:
         """Merge the oldest half of the telemetry rows pairwise (inside the caller's
         transaction), each only with the next number of its stream; returns how many
@@ -495,9 +475,9 @@ def _rollback(db: sqlite3.Connection) -> None:
         db.execute("ROLLBACK")
 
 
-def _next_number(db: sqlite3.Connection, *, take: bool = True) -> tuple[str, int]:
-    """The stream and the next number (inside the caller's transaction): the stream is
-    made on first use; ``take`` moves the next number on."""
+def _next_number(db: sqlite3.Connection) -> tuple[str, int]:
+    """The stream and the next number, taken (inside the caller's transaction); the
+    stream is made on first use."""
     meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
     stream = meta.get("stream")
     seq = int(meta.get("next_seq", 1))
@@ -506,7 +486,7 @@ def _next_number(db: sqlite3.Connection, *, take: bool = True) -> tuple[str, int
         db.execute("INSERT INTO meta (key, value) VALUES ('stream', ?)", (stream,))
     db.execute(
         "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?)",
-        (str(seq + 1 if take else seq),),
+        (str(seq + 1),),
     )
     return stream, seq
 

@@ -84,7 +84,8 @@ def test_numbers_go_on_across_a_restart_and_base_is_the_lowest_held(tmp_path: Pa
     assert first.stream is not None
     outbox.acknowledge(first.stream, 1)
     assert {s.base for s in _decoded(outbox.peek(10))} == {2}
-    assert outbox.stream() == (first.stream, 4)
+    fourth = outbox.append_summary(TOPIC, _summary(3))
+    assert (fourth.stream, fourth.seq, fourth.base) == (first.stream, 4, 2)
     outbox.close()
 
 
