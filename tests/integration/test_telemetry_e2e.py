@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from typing import Final
 
 from broker.config import default_template
@@ -79,8 +80,10 @@ async def _overflow(fleet: Fleet, model: DemoModel) -> None:
             folder=fleet.broker.folder,
             material=fleet.home.broker_material(),
             ports=fleet.broker.ports,
-            template=default_template().replace(
-                "max_queued_messages 100000", f"max_queued_messages {SMALL_QUEUE}"
+            template=re.sub(
+                r"(?m)^max_queued_messages \d+$",
+                f"max_queued_messages {SMALL_QUEUE}",
+                default_template(),
             ),
         )
         await asyncio.to_thread(fleet.broker.start)
