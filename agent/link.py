@@ -1,11 +1,14 @@
 """The agent's link to the broker: the one place that opens a :class:`Session`.
 
 It keeps a session up (paho reconnects within one; this loop covers a broker that was
-unreachable when the agent started, with the project's backoff), subscribes to the trust
-and the device's class manifest, and hands every message to the agent's dispatcher. On
-every (re)connect it re-asserts the device's retained topics (presence, state, last
-health report) and flushes the outbox: rows are deleted only once the broker acknowledged
-them. State is published on every change and periodically for liveness.
+unreachable when the agent started, with the project's backoff), subscribes to the trust,
+the device's class manifest and its telemetry ack, and hands every other message to the
+agent's dispatcher. On every (re)connect it re-asserts the device's retained topics
+(presence, state, last health report) and flushes the outbox: an event leaves it once the
+broker acknowledged it, a telemetry summary once the coordinator's ack covers it
+(``devices/{id}/ack``, retained); summaries the broker took but no ack covers are sent
+again when due (:class:`agent.outbox.Outbox`), and all at once after a reconnect. State is
+published on every change and periodically for liveness.
 """
 
 from __future__ import annotations
@@ -23,7 +26,17 @@ from agent.journal import Journal
 from broker.backoff import RECONNECT, Retry
 from broker.session import Session
 from broker.transport import Endpoint, Message, Transport, TransportError, Will
-from schemas import OFFLINE, ONLINE, DeviceState, HealthReport, encode, topics
+from schemas import (
+    OFFLINE,
+    ONLINE,
+    DeviceState,
+    HealthReport,
+    RejectedError,
+    TelemetryAck,
+    decode,
+    encode,
+    topics,
+)
 from schemas.topics import DeviceChannel
 
 __all__ = ["Link"]
@@ -70,6 +83,9 @@ class Link:
         self._retry_s = retry_s
         self._state_interval_s = state_interval_s
         self._flush_batch = flush_batch
+        self._ack_topic = topics.device_ack(device_id)
+        self._next_due: float | None = None
+        """When the next summary waiting for the coordinator's ack is due again."""
         self._state_changed = asyncio.Event()
         self.session: Session | None = None
 
@@ -116,7 +132,9 @@ class Link:
             await asyncio.sleep(delay)
 
     async def _linked(self, session: Session) -> None:
-        await session.subscribe(topics.trust(), topics.class_manifest(self._hw_class))
+        await session.subscribe(
+            topics.trust(), topics.class_manifest(self._hw_class), self._ack_topic
+        )
         self.session = session
         try:
             async with asyncio.TaskGroup() as tg:
@@ -146,31 +164,64 @@ class Link:
                     await self.publish_retained(DeviceChannel.HEALTH, encode(report))
             except TransportError as exc:
                 log.info("%s: re-assert failed: %s", self._device_id, exc)
+            # The broker may have lost what it acknowledged before: send it all again.
+            with contextlib.suppress(sqlite3.Error, OSError):  # told as storage trouble
+                await self._journal.do(self._journal.outbox.due_again)
             self._journal.ready.set()
 
     async def _receive(self, session: Transport) -> None:
         async for message in session.messages():
             try:
-                await self._dispatch(message)
+                if message.topic == self._ack_topic:
+                    await self._acknowledged(message.payload)
+                else:
+                    await self._dispatch(message)
             except Exception:  # one bad message must not end the link, nor the agent
                 log.exception("%s: message on %s not handled", self._device_id, message.topic)
 
+    async def _acknowledged(self, payload: bytes) -> None:
+        """The coordinator's ack: forget the summaries it counted."""
+        if not payload:
+            return  # cleared
+        try:
+            ack = decode(payload, TelemetryAck)
+        except RejectedError as exc:
+            log.warning("%s: ignoring a telemetry ack: %s", self._device_id, exc)
+            return
+        if ack.device_id != self._device_id:
+            log.warning("%s: ignoring a telemetry ack for %s", self._device_id, ack.device_id)
+            return
+        outbox = self._journal.outbox
+        try:
+            await self._journal.do(partial(outbox.acknowledge, ack.stream, ack.seq))
+        except (sqlite3.Error, OSError) as exc:
+            # Kept: sent again when due, and the coordinator acknowledges it again.
+            log.info("%s: telemetry ack not applied: %s", self._device_id, exc)
+
     async def _flush_loop(self, session: Transport) -> None:
-        """Send the outbox in order; delete only what the broker acknowledged, and mark
-        the rest sent (the client may still deliver it: it must not be merged)."""
+        """Send the outbox in order, and again what is due; settle what the broker
+        acknowledged, and mark the rest sent (the client may still deliver it: it must
+        not be merged)."""
         journal = self._journal
         while True:
-            await journal.ready.wait()
+            # Offline, nothing is due: the next connection sets ``ready``.
+            due = self._next_due if session.connected else None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None if due is None else due - time.monotonic()):
+                    await journal.ready.wait()
             journal.ready.clear()
             while session.connected:
                 if not await self._flush_batch_of(session):
                     break
 
     async def _flush_batch_of(self, session: Transport) -> bool:
-        """Send one batch; False once the outbox is empty."""
+        """Send one batch; False once nothing is due."""
         journal, outbox = self._journal, self._journal.outbox
+        now = time.monotonic()
         try:
-            items = await journal.do(partial(outbox.peek, self._flush_batch))
+            items = await journal.do(partial(outbox.peek, self._flush_batch, now=now))
+            if not items:
+                self._next_due = await journal.do(outbox.next_due)
         except (sqlite3.Error, OSError) as exc:
             # Storage trouble (in the state) or another writer: try again later.
             log.info("%s: outbox not readable, retrying: %s", self._device_id, exc)
@@ -185,7 +236,7 @@ class Link:
         acked = [i.id for i, r in zip(items, results, strict=True) if r is None]
         unacked = [i.id for i, r in zip(items, results, strict=True) if r is not None]
         try:
-            await journal.do(partial(outbox.settle, acked, unacked))
+            await journal.do(partial(outbox.settle, acked, unacked, now=time.monotonic()))
         except (sqlite3.Error, OSError) as exc:
             # Acked rows stay and go again: duplicates, which consumers drop.
             log.info("%s: outbox not settled, retrying: %s", self._device_id, exc)

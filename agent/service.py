@@ -88,6 +88,10 @@ class AgentConfig:
     outbox_max_items: int = 5000
     outbox_max_events: int = 1000
     flush_batch: int = 100
+    resend_s: float = 30.0
+    """How long a telemetry summary the broker took waits for the coordinator's ack
+    before it is sent again; doubled on every try up to ``resend_max_s``."""
+    resend_max_s: float = 600.0
     reconnect_s: float = 1.0
     retry_s: float = 10.0
     """First wait before a failed support task restarts or a failed update is retried;
@@ -130,6 +134,8 @@ class Agent:
             data / "outbox.sqlite",
             max_items=config.outbox_max_items,
             max_events=config.outbox_max_events,
+            resend_s=config.resend_s,
+            resend_max_s=config.resend_max_s,
         )
         self._journal = Journal(
             outbox, device_id=device_id, feed=self._feed, clock=clock, limits=config.limits
@@ -325,7 +331,7 @@ class Agent:
         with contextlib.suppress(TimeoutError, sqlite3.Error, OSError):
             async with asyncio.timeout(self._config.stop_flush_s):
                 while self.link.connected:
-                    if not await asyncio.to_thread(len, self._journal.outbox):
+                    if not await asyncio.to_thread(self._journal.outbox.unsent):
                         break
                     await asyncio.sleep(0.05)
         raise _Stopped

@@ -6,7 +6,9 @@ account may read or write. We never emit ``pattern`` lines: a pattern applies to
 user, so an account named like a device would inherit that device's rights.
 
 Every grant is exact: a device may write its five channels and nothing below or beside
-them, so it cannot grow the broker's retained store beyond three topics of its own.
+them, so it cannot grow the broker's retained store beyond three topics of its own. It
+may read its telemetry acknowledgement (``devices/D/ack``), which only the coordinator
+(and admins) write; dashboards read every device's.
 The broker forces each client id to the account name (``use_username_as_clientid``), so
 an account is also one session: two processes need two accounts.
 """
@@ -39,6 +41,7 @@ _SALT_BYTES = 12
 _DASHBOARD_READ = (
     topics.all_rollout_statuses(),
     *(topics.all_devices(channel) for channel in DeviceChannel),
+    topics.all_device_acks(),
     topics.all_class_manifests(),
     topics.coordinator_presence(),
 )
@@ -137,6 +140,7 @@ def render_acl(devices: Iterable[DeviceGrant], accounts: Accounts) -> str:
             _topic("read", topics.class_manifest(hw_class)),
             _topic("read", topics.all_artifacts()),
             *(_topic("readwrite", topics.device(device_id, c)) for c in DeviceChannel),
+            _topic("read", topics.device_ack(device_id)),
             "",
         ]
     return "\n".join(lines)

@@ -40,7 +40,8 @@ class CoordinatorLimits:
     device_reason_chars: int = 300
     """One device's part of a rollback reason: several fit in the status's reason."""
     reports_remembered: int = 100_000
-    """Health report and telemetry ids remembered to drop redeliveries."""
+    """Health report ids remembered to drop redeliveries (telemetry is counted by its
+    devices' numbers, ``coordinator.ledger``)."""
     stop_publish_s: float = 2.0
     """On a clean stop, how long the ``offline`` presence may take to be acknowledged."""
 

@@ -1,7 +1,7 @@
 """What the coordinator knows of the fleet, rebuilt from retained device topics.
 
-Health reports and telemetry summaries arrive at least once (QoS 1), so both are
-de-duplicated by their ids: consumers are idempotent.
+Health reports arrive at least once (QoS 1), so they are de-duplicated by their ids:
+consumers are idempotent. Telemetry is counted by ``coordinator.ledger``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import overload
 
 from coordinator.rollout import LaneInput, RolloutRecord
-from schemas import DeviceState, HealthReport, TelemetrySummary, Verdict, WaveCounts, bucket
+from schemas import DeviceState, HealthReport, Verdict, WaveCounts, bucket
 from schemas.errors import Reason, bound_text
 
 __all__ = ["DeviceView", "FleetView", "is_verdict"]
@@ -37,8 +37,6 @@ class DeviceView:
     online: bool = False
     state: DeviceState | None = None
     health: HealthReport | None = None
-    inferences: int = 0
-    errors: int = 0
 
     @property
     def hw_class(self) -> str | None:
@@ -183,7 +181,7 @@ class _Tally:
 @dataclass
 class FleetView:
     seen_kept: int = 100_000
-    """Report and summary ids remembered for de-duplication, newest kept."""
+    """Report ids remembered for de-duplication, newest kept."""
     device_reason_chars: int = 300
     """One device's part of a rollback reason: several fit in the status's reason."""
     unhealthy_quoted: int = 3
@@ -238,14 +236,6 @@ class FleetView:
             return False
         with self._changing(view):
             view.health = report
-        return True
-
-    def on_telemetry(self, summary: TelemetrySummary) -> bool:
-        if not self._first_time(summary.summary_id):
-            return False
-        view = self.device(summary.device_id)
-        view.inferences += summary.count
-        view.errors += summary.errors
         return True
 
     # -- counting -------------------------------------------------------------------

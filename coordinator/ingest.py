@@ -1,9 +1,11 @@
-"""Incoming messages, dispatched: device topics to the fleet view, specs to the intake,
-artifact topics to the keeper (and a fetch), and whatever of the coordinator's own
-retained topics differs from the store put back at once.
+"""Incoming messages, dispatched: device topics to the fleet view, telemetry to the
+ledger, specs to the intake, artifact topics to the keeper (and a fetch), and whatever of
+the coordinator's own retained topics differs from the store put back at once.
 
 Every handler runs under a guard: a failure is logged with a bounded description and
-the message dropped, never the service.
+the message dropped (and counted), never the service. Messages the session had to drop
+(:class:`IncomingOverflow`) are counted, logged and written to the audit log (under
+``-``, no rollout's name), at most once per ``OVERFLOW_EVENT_S`` with the count since.
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+from typing import Final
 
-from broker.transport import Message, Transport
+from broker.transport import IncomingOverflow, Message, Transport
 from coordinator import specs
 from coordinator.core import Core, describe
 from coordinator.intake import Intake
 from coordinator.keeper import Keeper
+from coordinator.ledger import TelemetryLedger
+from coordinator.metrics import Counters
 from schemas import (
     ONLINE,
     DeviceState,
@@ -29,9 +35,14 @@ from schemas import (
 from schemas.errors import bound_text
 from schemas.topics import DeviceChannel, ParsedTopic, TopicKind
 
-__all__ = ["Ingest"]
+__all__ = ["OVERFLOW_EVENT_S", "Ingest"]
 
 log = logging.getLogger(__name__)
+
+OVERFLOW_EVENT_S: Final = 60.0
+"""At most one overflow warning and audit entry this often (each says how many since)."""
+NO_ROLLOUT: Final = "-"
+"""Where audit entries about the coordinator itself are filed (no rollout has this name)."""
 
 _ARTIFACT_KINDS = frozenset(
     {
@@ -44,10 +55,22 @@ _ARTIFACT_KINDS = frozenset(
 
 
 class Ingest:
-    def __init__(self, core: Core, intake: Intake, keeper: Keeper) -> None:
+    def __init__(
+        self,
+        core: Core,
+        intake: Intake,
+        keeper: Keeper,
+        *,
+        ledger: TelemetryLedger,
+        counters: Counters,
+    ) -> None:
         self._core = core
         self._intake = intake
         self._keeper = keeper
+        self._ledger = ledger
+        self._counters = counters
+        self._overflow_told_at = -math.inf
+        self._overflow_untold = 0
         self._echoes: list[asyncio.Future[None]] = []
         """Waiters for the echo of the coordinator's own presence, oldest first."""
 
@@ -70,18 +93,46 @@ class Ingest:
                 self._echoes.remove(echo)
 
     async def dispatch(self, transport: Transport) -> None:
-        async for message in transport.messages():
+        messages = transport.messages()
+        while True:
+            try:
+                message = await anext(messages)
+            except StopAsyncIteration:
+                return
+            except IncomingOverflow as exc:
+                self._overflowed(exc.dropped)
+                continue
             try:
                 await self._handle(message)
             except RejectedError as exc:
+                self._counters.messages_dropped += 1
                 log.warning("coordinator: dropped %s: %s", bound_text(message.topic), exc)
             except Exception as exc:  # no message may end the service
+                self._counters.messages_dropped += 1
                 log.error(
                     "coordinator: dropped %s after a failure: %s",
                     bound_text(message.topic),
                     describe(exc),
                 )
                 log.debug("coordinator: handling %s failed", message.topic, exc_info=True)
+
+    def _overflowed(self, dropped: int) -> None:
+        """The session dropped messages: a metric always, a warning and an audit entry
+        at most once per ``OVERFLOW_EVENT_S`` (with the count since the last one)."""
+        self._counters.incoming_overflow += dropped
+        self._overflow_untold += dropped
+        now = self._core.monotonic()
+        if now - self._overflow_told_at < OVERFLOW_EVENT_S:
+            return
+        told, self._overflow_untold, self._overflow_told_at = self._overflow_untold, 0, now
+        detail = (
+            f"{told} incoming messages dropped: the coordinator's queue was full "
+            f"({self._counters.incoming_overflow} since it started)"
+        )
+        log.warning("coordinator: %s", detail)
+        self._core.spawn(
+            "overflow audit", self._core.audit("incoming_overflow", NO_ROLLOUT, detail)
+        )
 
     async def _handle(self, message: Message) -> None:
         parsed = topics.parse(message.topic)
@@ -161,4 +212,6 @@ class Ingest:
         elif channel is DeviceChannel.TELEMETRY:
             summary = decode(payload, TelemetrySummary)
             if summary.device_id == device_id:
-                fleet.on_telemetry(summary)
+                self._ledger.offer(summary)
+            else:
+                self._counters.messages_dropped += 1

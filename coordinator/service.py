@@ -13,7 +13,8 @@ seq, re-signing), :mod:`~coordinator.custody` (which artifacts to keep, repair a
 clear), :mod:`~coordinator.clock` (downtime and settling). Services carry the decisions
 out over a :class:`~coordinator.core.Core`: ``link`` (the session loop and re-assert),
 ``ingest`` (incoming messages), ``intake`` (specs), ``keeper`` (artifacts), ``signer``
-(manifests), ``ticker`` (the rollout loop), ``fetching`` (candidate artifacts).
+(manifests), ``ticker`` (the rollout loop), ``fetching`` (candidate artifacts), and
+``ledger`` (telemetry counted durably, then acknowledged to each device).
 
 Artifacts. Operators upload to ``staging/``; the coordinator fetches a candidate from
 there (or from ``artifacts/``, where it publishes), checks it, keeps a copy, and once the
@@ -28,6 +29,7 @@ input (reasons, audit details) is bounded where it is built.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -42,7 +44,9 @@ from coordinator.fleet import FleetView
 from coordinator.ingest import Ingest
 from coordinator.intake import Intake
 from coordinator.keeper import Keeper
+from coordinator.ledger import TELEMETRY_FILENAME, TelemetryLedger
 from coordinator.link import Connect, Link, session_opener
+from coordinator.metrics import Counters
 from coordinator.rollout import RolloutRecord
 from coordinator.signer import Signer
 from coordinator.ticker import Ticker
@@ -101,6 +105,11 @@ class Coordinator:
                 rather than forget what it decided (the message says how to recover).
         """
         core = self._core = Core(config, clock)
+        self.counters = Counters()
+        """What the coordinator counted of its ingest (drops, overflows, telemetry)."""
+        self.telemetry = TelemetryLedger(
+            config.data_dir / TELEMETRY_FILENAME, counters=self.counters, clock=clock
+        )
         self._fetcher = Fetcher(core)
         keeper = Keeper(core, self._fetcher)
         signer = Signer(core)
@@ -109,7 +118,7 @@ class Coordinator:
         self._link = Link(
             core,
             connect or session_opener(config),
-            ingest=Ingest(core, intake, keeper),
+            ingest=Ingest(core, intake, keeper, ledger=self.telemetry, counters=self.counters),
             intake=intake,
             keeper=keeper,
             signer=signer,
@@ -153,9 +162,17 @@ class Coordinator:
                 "broker's retained topics before publishing",
                 core.store.path,
             )
+        await self.telemetry.open()
+        # Beside the link, not in a task group with it: its ConnectRefused ends run() as
+        # it is. The committer outlives links (what it counted is acknowledged on the next).
+        committer = asyncio.create_task(self.telemetry.run(lambda: core.transport))
         try:
             await self._link.run()
         finally:
+            committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await committer
+            await self.telemetry.close()
             self._fetcher.cancel()
             # Under the lock: a write still running in its thread finishes first.
             async with core.store_lock:

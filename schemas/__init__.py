@@ -56,7 +56,7 @@ from schemas.rollout import (
     WaveCounts,
     WaveSpec,
 )
-from schemas.telemetry import LogHistogram, TelemetrySummary, merge_summaries
+from schemas.telemetry import LogHistogram, TelemetryAck, TelemetrySummary, merge_summaries
 from schemas.trust import TRUST_KIND, Role, RoleKeys, TrustDoc
 from schemas.verify import TrustedState
 
@@ -105,6 +105,7 @@ __all__ = [
     "Runtime",
     "SignatureError",
     "Target",
+    "TelemetryAck",
     "TelemetrySummary",
     "Tensor",
     "TensorSpec",

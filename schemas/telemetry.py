@@ -5,6 +5,16 @@ log-spaced buckets (relative error bounded by the bucket ratio), confidences int
 fixed bins, predicted labels into counts. The agent's store-and-forward queue merges
 its oldest windows into coarser ones when full, so resolution drops but no
 inference is silently forgotten.
+
+Delivery is end to end. The agent's outbox numbers its summaries: ``stream`` names the
+outbox (a new one, as on a reinstalled device, starts a new stream) and ``seq ..
+last_seq`` are the consecutive numbers a summary stands for (more than one once merged:
+only summaries with adjacent ranges merge, and only before either was sent). ``base`` is
+the lowest number the device still held when it sent the summary: every number below it
+was acknowledged or is lost on the device. The coordinator counts a device's stream in
+order, keeps its high-water mark durably, and says so in a :class:`TelemetryAck` (retained
+on ``devices/{id}/ack``); the device deletes what the ack covers. Summaries without a
+``stream`` (agents before end-to-end delivery) are still taken, de-duplicated by id.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ from collections.abc import Iterable
 from itertools import pairwise
 from typing import Annotated, Final
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from schemas.codec import WireModel
 
@@ -24,8 +34,11 @@ __all__ = [
     "LATENCY_GAMMA",
     "MAX_LABELS",
     "MAX_LABEL_CHARS",
+    "MAX_SEQ",
+    "MAX_STREAM_CHARS",
     "OTHER_LABEL",
     "LogHistogram",
+    "TelemetryAck",
     "TelemetrySummary",
     "bound_labels",
     "confidence_bin",
@@ -41,6 +54,9 @@ MAX_LABELS: Final = 256
 MAX_LABEL_CHARS: Final = 64
 OTHER_LABEL: Final = "…other"
 _MIN_MS: Final = 1e-3
+MAX_SEQ: Final = 2**53 - 1
+"""The last summary number (exact in every msgpack and JSON reader)."""
+MAX_STREAM_CHARS: Final = 64
 
 
 def latency_bucket(ms: float) -> int:
@@ -129,13 +145,55 @@ class TelemetrySummary(WireModel):
         default_factory=dict, max_length=MAX_LABELS
     )
     max_rss_bytes: int = 0
+    stream: str | None = Field(default=None, min_length=1, max_length=MAX_STREAM_CHARS)
+    """The device's outbox this summary was numbered in; None from agents before
+    end-to-end delivery (then ``seq``, ``last_seq`` and ``base`` are None too)."""
+    seq: int | None = Field(default=None, ge=1, le=MAX_SEQ)
+    last_seq: int | None = Field(default=None, ge=1, le=MAX_SEQ)
+    base: int | None = Field(default=None, ge=1, le=MAX_SEQ)
+
+    @model_validator(mode="after")
+    def _numbered(self) -> TelemetrySummary:
+        numbers = (self.seq, self.last_seq, self.base)
+        if self.stream is None:
+            if any(n is not None for n in numbers):
+                msg = "seq, last_seq and base need a stream"
+                raise ValueError(msg)
+            return self
+        if self.seq is None or self.last_seq is None or self.base is None:
+            msg = "a numbered summary has seq, last_seq and base"
+            raise ValueError(msg)
+        if not self.base <= self.seq <= self.last_seq:
+            msg = "need base <= seq <= last_seq"
+            raise ValueError(msg)
+        return self
+
+
+class TelemetryAck(WireModel):
+    """What the coordinator has durably counted of one device's stream: every summary
+    numbered up to ``seq`` (retained on ``devices/{id}/ack``, one per device)."""
+
+    device_id: str = Field(max_length=64)
+    stream: str = Field(min_length=1, max_length=MAX_STREAM_CHARS)
+    seq: int = Field(ge=0, le=MAX_SEQ)
+    at: float
 
 
 def merge_summaries(first: TelemetrySummary, second: TelemetrySummary) -> TelemetrySummary:
     """One coarser summary standing for both; keeps ``first``'s id and release.
 
-    Counts are conserved exactly; only time resolution is lost.
+    Counts are conserved exactly; only time resolution is lost. Numbered summaries merge
+    only with the next one of the same stream (``second.seq == first.last_seq + 1``), so
+    the merged range covers exactly what both did.
+
+    Raises:
+        ValueError: the two are numbered, and not adjacent in one stream.
     """
+    if (first.stream, second.stream) != (None, None) and (
+        first.stream != second.stream or first.last_seq is None or second.seq != first.last_seq + 1
+    ):
+        msg = "only adjacent summaries of one stream merge"
+        raise ValueError(msg)
     labels = Counter(first.labels)
     labels.update(second.labels)
     return TelemetrySummary(
@@ -151,4 +209,8 @@ def merge_summaries(first: TelemetrySummary, second: TelemetrySummary) -> Teleme
         confidence=tuple(a + b for a, b in zip(first.confidence, second.confidence, strict=True)),
         labels=bound_labels(labels),
         max_rss_bytes=max(first.max_rss_bytes, second.max_rss_bytes),
+        stream=first.stream,
+        seq=first.seq,
+        last_seq=second.last_seq,
+        base=None if first.base is None else min(first.base, second.base or first.base),
     )

@@ -23,6 +23,7 @@ __all__ = [
     "all_artifact_metas",
     "all_artifacts",
     "all_class_manifests",
+    "all_device_acks",
     "all_devices",
     "all_rollout_specs",
     "all_rollout_statuses",
@@ -35,6 +36,7 @@ __all__ = [
     "coordinator_fence",
     "coordinator_presence",
     "device",
+    "device_ack",
     "device_all",
     "everything",
     "parse",
@@ -74,6 +76,7 @@ class TopicKind(StrEnum):
     ROLLOUT_SPEC = "rollout_spec"
     ROLLOUT_STATUS = "rollout_status"
     DEVICE = "device"
+    DEVICE_ACK = "device_ack"
     COORDINATOR_PRESENCE = "coordinator_presence"
     COORDINATOR_FENCE = "coordinator_fence"
 
@@ -157,6 +160,13 @@ def device(device_id: str, channel: DeviceChannel) -> str:
     return f"{PREFIX}/devices/{check_name(device_id, 'device id')}/{channel.value}"
 
 
+def device_ack(device_id: str) -> str:
+    """Where the coordinator says, retained, how much of the device's telemetry it has
+    durably counted (``schemas.telemetry.TelemetryAck``). Not a :class:`DeviceChannel`:
+    the device only reads it."""
+    return f"{PREFIX}/devices/{check_name(device_id, 'device id')}/ack"
+
+
 def coordinator_presence() -> str:
     return f"{PREFIX}/coordinator/presence"
 
@@ -169,6 +179,10 @@ def coordinator_fence() -> str:
 
 def all_devices(channel: DeviceChannel) -> str:
     return f"{PREFIX}/devices/+/{channel.value}"
+
+
+def all_device_acks() -> str:
+    return f"{PREFIX}/devices/+/ack"
 
 
 def all_class_manifests() -> str:
@@ -258,6 +272,8 @@ def _parse_parts(parts: list[str]) -> ParsedTopic:
                 name=check_name(did, "device id"),
                 channel=DeviceChannel(channel),
             )
+        case ["devices", did, "ack"]:
+            parsed = ParsedTopic(kind=TopicKind.DEVICE_ACK, name=check_name(did, "device id"))
         case ["coordinator", "presence"]:
             parsed = ParsedTopic(kind=TopicKind.COORDINATOR_PRESENCE)
         case ["coordinator", "fence"]:

@@ -68,8 +68,7 @@ def test_messages_come_out_in_the_order_they_went_in(tmp_path: Path) -> None:
 def test_queued_messages_survive_close_and_reopen(tmp_path: Path) -> None:
     path = tmp_path / "outbox.sqlite"
     outbox = Outbox(path)
-    summary = _summary(1)
-    outbox.append_summary(TOPIC, summary)
+    summary = outbox.append_summary(TOPIC, _summary(1))
     outbox.append("event", EVENTS, b"rolled back")
     before = _all(outbox)
     outbox.close()
@@ -163,10 +162,10 @@ def test_outbox_of_only_events_grows_past_its_cap_rather_than_drop_one(tmp_path:
 def test_summary_merged_into_a_row_in_flight_is_not_lost_when_that_row_is_acked(
     tmp_path: Path,
 ) -> None:
-    """The flush loop peeks a batch, awaits the PUBACKs, then deletes the acked ids, while
+    """The flush loop peeks a batch, awaits the PUBACKs, then settles the batch, while
     the telemetry loop keeps appending. Coarsening in between must not fold a queued window
-    into a row whose *original* bytes are on the wire: deleting that row on its PUBACK would
-    silently drop the folded-in window."""
+    into a row whose *original* bytes are on the wire: the coordinator counts those bytes,
+    and deleting that row on its ack would silently drop the folded-in window."""
     outbox = Outbox(tmp_path / "outbox.sqlite", max_items=4)
     appended = [_summary(i) for i in range(5)]
     for summary in appended[:4]:
@@ -176,6 +175,10 @@ def test_summary_merged_into_a_row_in_flight_is_not_lost_when_that_row_is_acked(
     delivered = _summaries(in_flight)
     outbox.append_summary(TOPIC, appended[4])  # at the cap: coarsens while row 1 is in flight
     outbox.settle([i.id for i in in_flight], [])  # its PUBACK arrives
+    (counted,) = delivered
+    assert counted.stream is not None
+    assert counted.last_seq is not None
+    assert outbox.acknowledge(counted.stream, counted.last_seq) == 1  # and the coordinator's ack
 
     still_queued = _summaries(_all(outbox))
     assert sum(s.count for s in delivered + still_queued) == sum(s.count for s in appended)

@@ -62,8 +62,10 @@ def test_acl_gives_each_device_only_its_own_rights() -> None:
         "topic readwrite fleet/v1/devices/cam-1/health",
         "topic readwrite fleet/v1/devices/cam-1/telemetry",
         "topic readwrite fleet/v1/devices/cam-1/events",
+        "topic read fleet/v1/devices/cam-1/ack",
     ]
     assert all("write" not in line for line in blocks["user dashboard"])
+    assert "topic read fleet/v1/devices/+/ack" in blocks["user dashboard"]
     assert "pattern" not in acl
     assert "#" not in "".join(line for line in acl.splitlines() if "devices/" in line)
 

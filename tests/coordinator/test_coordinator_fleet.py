@@ -8,10 +8,8 @@ from coordinator.rollout import RolloutRecord
 from coordinator.waves import percent_cutoff
 from schemas import (
     HealthReport,
-    LogHistogram,
     Manifest,
     RolloutCohort,
-    TelemetrySummary,
     Verdict,
     WaveCounts,
 )
@@ -198,26 +196,6 @@ def test_reports_about_another_rollout_or_release_are_not_counted(
         fleet.on_health(_report(record, devices[0], Verdict.UNHEALTHY, rollout_id="rollout-6"))
         fleet.on_health(_report(record, devices[1], Verdict.UNHEALTHY, release="digits-v1@00"))
     assert fleet.counts(record, CLASS) == WaveCounts(members=4, targeted=2, pending=2)
-
-
-def test_redelivered_telemetry_summary_is_counted_once() -> None:
-    summary = TelemetrySummary(
-        summary_id="w-1",
-        device_id="cam-0001",
-        release=None,
-        window_start=T0,
-        window_end=T0 + 10.0,
-        count=50,
-        errors=2,
-        latency_ms=LogHistogram.of([1.0] * 48),
-        confidence=(0,) * 9 + (48,),
-    )
-    fleet = FleetView()
-    assert fleet.on_telemetry(summary)
-    assert not fleet.on_telemetry(summary)
-    assert fleet.on_telemetry(summary.model_copy(update={"summary_id": "w-2"}))
-    view = fleet.device("cam-0001")
-    assert (view.inferences, view.errors) == (100, 4)
 
 
 def test_unhealthy_reasons_name_the_devices_and_their_reasons(record: RolloutRecord) -> None:

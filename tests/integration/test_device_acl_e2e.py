@@ -1,5 +1,6 @@
 """A device's certificate (from the home's real enrollment bundle) cannot write a
-manifest, the trust document, rollout topics or another device's topics: the broker
+manifest, the trust document, rollout topics, another device's topics or a telemetry
+acknowledgement (its own included): the broker
 answers 0x87 and nothing reaches a subscriber."""
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ async def _acl(fleet: Fleet) -> None:
         topics.coordinator_presence(),
         topics.coordinator_fence(),
         *(topics.device(other, channel) for channel in DeviceChannel),
+        topics.device_ack(device),  # only the coordinator acknowledges telemetry
+        topics.device_ack(other),
     ]
     own = topics.device(device, DeviceChannel.EVENTS)
     async with (

@@ -1,5 +1,6 @@
-"""An agent keeps serving while the broker is down, queues its telemetry durably, and
-delivers every queued window once the broker is back."""
+"""An agent keeps serving while the broker is down, queues its telemetry durably,
+delivers every queued window once the broker is back, and forgets them only once the
+coordinator's ack covers them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 from agent.lifecycle import Stage
 from edgefleet.fleet import Fleet
 from models import DemoModel
-from schemas import TelemetrySummary, decode, topics
+from schemas import TelemetryAck, TelemetrySummary, decode, encode, topics
 from tests.integration.fleetkit import (
     INTEL,
     MakeFleet,
@@ -102,9 +103,19 @@ async def _offline(fleet: Fleet, model: DemoModel) -> None:
         assert received == sent
         assert all(wire.telemetry[i].device_id == device_id for i in queued_before_restart)
 
-        # They leave the outbox once their PUBACK is in.
+        # A PUBACK is not enough: they leave the outbox once the coordinator's ack (sent
+        # by hand here, retained as the coordinator does) covers them.
+        await asyncio.sleep(0.5)
+        assert set(queued_before_restart) <= set(await asyncio.to_thread(queued))
+        last = max(queued_before_restart.values(), key=lambda s: s.last_seq or 0)
+        assert last.stream is not None
+        assert last.last_seq is not None
+        ack = TelemetryAck(device_id=device_id, stream=last.stream, seq=last.last_seq, at=0.0)
+        async with coordinator_session(fleet.home) as cloud:
+            await cloud.publish(topics.device_ack(device_id), encode(ack), retain=True)
+
         async def drained() -> bool:
             return not set(queued_before_restart) & set(await asyncio.to_thread(queued))
 
-        await eventually(drained, what="the delivered windows to leave the outbox")
+        await eventually(drained, what="the acknowledged windows to leave the outbox")
         assert agent.active_release == v1
