@@ -7,7 +7,8 @@ consumers are idempotent. Telemetry is counted by ``coordinator.ledger``.
 from __future__ import annotations
 
 import bisect
-from collections import OrderedDict, deque
+import heapq
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ class DeviceView:
     online: bool = False
     state: DeviceState | None = None
     health: HealthReport | None = None
+    seen_until: float | None = None
+    """When it was last known online, if it is offline now (the fleet view's clock)."""
 
     @property
     def hw_class(self) -> str | None:
@@ -109,13 +112,15 @@ class _Tally:
         self.name = name
         lane = record.lanes[name]
         self.cutoff = lane.cutoff_bp
+        self.published_at = lane.published_at
         self.published = lane.published_at is not None
         self.silence_s = lane.policy.for_wave(record.waves[lane.wave]).silence_s
         self.candidate = record.candidates[name]
         self.targeted: dict[str, float] = {}
         """Device -> when it was first online (or reported) since the wave's manifest
         went out: its silence limit counts from then."""
-        self.deadlines: deque[tuple[float, str]] = deque()
+        self.deadlines: list[tuple[float, str]] = []
+        """A heap of (silence deadline, device)."""
         self.silent: set[str] = set()
         self._sums = [0] * len(_NOTHING)
 
@@ -153,16 +158,19 @@ class _Tally:
         )
 
     def target(self, view: DeviceView, now: float) -> None:
-        """Note ``view`` as targeted from ``now`` if it is a member to ask, and not yet."""
-        device_id = view.device_id
-        if (
-            self.published
-            and device_id not in self.targeted
-            and (view.online or self.reported(view))
-            and self.in_cohort(view)
-        ):
-            self.targeted[device_id] = now
-            self.deadlines.append((now + self.silence_s, device_id))
+        """Note ``view`` as targeted if it is a member to ask, and not yet: from ``now``
+        if it is online, or from the wave's start if it went offline since then."""
+        device_id, start = view.device_id, self.published_at
+        if start is None or device_id in self.targeted or not self.in_cohort(view):
+            return
+        if view.online or self.reported(view):
+            at = now
+        elif view.seen_until is not None and view.seen_until >= start:
+            at = start  # online when the manifest went out, gone before we looked
+        else:
+            return
+        self.targeted[device_id] = at
+        heapq.heappush(self.deadlines, (at + self.silence_s, device_id))
 
     def part(self, view: DeviceView) -> _Part:
         """What one device adds to the counts."""
@@ -220,6 +228,8 @@ class FleetView:
     def on_presence(self, device_id: str, online: bool) -> None:
         view = self.device(device_id)
         with self._changing(view):
+            if view.online and not online:
+                view.seen_until = self.now
             view.online = online
 
     def on_state(self, state: DeviceState) -> None:
@@ -246,7 +256,7 @@ class FleetView:
         self.now = now
         for tally in self._tallies.values():
             while tally.deadlines and tally.deadlines[0][0] <= now:
-                deadline, device_id = tally.deadlines.popleft()
+                deadline, device_id = heapq.heappop(tally.deadlines)
                 view = self.devices.get(device_id)
                 if (
                     view is None

@@ -12,6 +12,7 @@ from schemas import (
     RolloutCohort,
     Verdict,
     WaveCounts,
+    bucket,
 )
 from tests.coordinator.records import CLASS, T0, device_state, with_lane
 
@@ -250,3 +251,92 @@ def test_unhealthy_reasons_quote_each_device_bounded(record: RolloutRecord) -> N
     assert reason.startswith(inside[0])
     assert len(reason) <= 300
     assert reason.endswith("…")
+
+
+# -- silence ----------------------------------------------------------------------------
+
+SILENCE = 120.0  # the records' policy
+
+
+def _published(record: RolloutRecord, at: float) -> RolloutRecord:
+    return with_lane(record, published_at=at)
+
+
+def test_a_targeted_device_that_goes_offline_is_silent_once_its_limit_passes(
+    record: RolloutRecord,
+) -> None:
+    inside, _ = _split_by_cohort(record, 200)
+    gone, quiet, fine = inside[:3]
+    fleet = FleetView(now=T0)
+    for device_id in (gone, quiet, fine):
+        _online(fleet, device_id)
+    assert fleet.counts(record, CLASS).targeted == 3
+    fleet.on_presence(gone, online=False)  # offline: still targeted, not pending
+    fleet.on_health(_report(record, fine, Verdict.HEALTHY))
+    fleet.tick(T0 + SILENCE - 1.0)
+    assert fleet.counts(record, CLASS) == WaveCounts(members=3, targeted=3, healthy=1)
+    fleet.tick(T0 + SILENCE)
+    # Offline, or online with no verdict: both silent; the one that reported is not.
+    assert fleet.counts(record, CLASS) == WaveCounts(members=3, targeted=3, healthy=1, silent=2)
+    assert fleet.silent(record, CLASS, 10) == sorted((gone, quiet))
+    assert fleet.silent(record, CLASS, 1) == sorted((gone, quiet))[:1]
+    # A verdict that comes late counts as a verdict.
+    fleet.on_health(_report(record, quiet, Verdict.HEALTHY, at=T0 + 200.0))
+    assert fleet.counts(record, CLASS) == WaveCounts(members=3, targeted=3, healthy=2, silent=1)
+    assert fleet.silent(record, CLASS, 10) == [gone]
+
+
+def test_a_device_online_when_the_manifest_went_out_is_targeted_though_gone_before_a_look(
+    record: RolloutRecord,
+) -> None:
+    """It may die of the candidate between the manifest and the next tick."""
+    inside, _ = _split_by_cohort(record, 200)
+    fleet = FleetView(now=T0)
+    _online(fleet, inside[0])
+    fleet.on_presence(inside[0], online=False)  # at T0: the manifest's own moment
+    counts = fleet.counts(_published(record, T0), CLASS)
+    assert (counts.targeted, counts.pending) == (1, 0)
+    fleet.tick(T0 + SILENCE)
+    assert fleet.counts(_published(record, T0), CLASS).silent == 1
+
+
+def test_a_device_offline_before_the_manifest_is_pending_and_never_silent(
+    record: RolloutRecord,
+) -> None:
+    inside, _ = _split_by_cohort(record, 200)
+    fleet = FleetView(now=T0 - 10.0)
+    _online(fleet, inside[0])
+    fleet.on_presence(inside[0], online=False)
+    fleet.tick(T0 + 10 * SILENCE)
+    assert fleet.counts(record, CLASS) == WaveCounts(members=1, pending=1)
+    # Back online later: targeted from then, silent only a limit after that.
+    fleet.on_presence(inside[0], online=True)
+    assert fleet.counts(record, CLASS) == WaveCounts(members=1, targeted=1)
+    fleet.tick(T0 + 11 * SILENCE)
+    assert fleet.counts(record, CLASS).silent == 1
+
+
+def test_nobody_is_targeted_before_the_waves_manifest_is_out(record: RolloutRecord) -> None:
+    inside, _ = _split_by_cohort(record, 200)
+    fleet = FleetView(now=T0)
+    _online(fleet, inside[0])
+    unpublished = with_lane(record, published_at=None)
+    assert fleet.counts(unpublished, CLASS) == WaveCounts(members=1)
+    fleet.tick(T0 + 10 * SILENCE)
+    assert fleet.counts(unpublished, CLASS).silent == 0
+
+
+def test_a_raised_cutoff_adds_the_devices_it_newly_covers(record: RolloutRecord) -> None:
+    ids = [f"cam-{i:04d}" for i in range(300)]
+    fleet = FleetView(now=T0)
+    for device_id in ids:
+        _online(fleet, device_id)
+    narrow = with_lane(record, cutoff_bp=2000, target_bp=5000)
+    before = fleet.counts(narrow, CLASS)
+    wide = with_lane(record, cutoff_bp=5000, target_bp=5000)
+    after = fleet.counts(wide, CLASS)  # the same wave: kept, not recounted
+    expected = sum(bucket(record.id, d) < 5000 for d in ids)
+    assert before.members < after.members == expected
+    assert after.targeted == expected
+    ranked = fleet.lane(wide, CLASS).ranked
+    assert list(ranked) == sorted(bucket(record.id, d) for d in ids)

@@ -366,6 +366,8 @@ class SeenManifest:
     payload: bytes
     verified: Manifest | None
     rejected: RejectedError | None
+    at: float = field(default_factory=time.monotonic)
+    """When the wire received it (monotonic)."""
 
 
 @dataclass
