@@ -24,7 +24,7 @@ from edgefleet.home import WATCHER
 from edgefleet.modeltools import optimize_for_classes
 from models import DemoModel, build_demo_models
 from models.datafile import load_dataset
-from schemas import DeviceState, Phase, RolloutStatus, decode, topics
+from schemas import DeviceState, LanePhase, Phase, RolloutStatus, decode, topics
 from schemas.topics import DeviceChannel, TopicKind
 
 __all__ = ["DemoOutcome", "run_demo"]
@@ -60,8 +60,9 @@ class _Watch:
         self.outcome = DemoOutcome()
         self._out = out
         self._started = started
-        self._last: dict[str, str] = {}
-        self._shown: dict[str, tuple[tuple[str, Phase, int], float]] = {}
+        self._last: dict[tuple[str, str], str] = {}
+        self._shown: dict[tuple[str, str], tuple[tuple[object, ...], float]] = {}
+        """(rollout, class or "") -> what was last shown, and when."""
         self.changed = asyncio.Event()
 
     def say(self, text: str) -> None:
@@ -83,30 +84,44 @@ class _Watch:
             self.changed.set()
 
     def _show(self, status: RolloutStatus) -> None:
-        c = status.counts
-        total = len(status.waves_percent)
-        wave = f"wave {min(status.wave + 1, total)}/{total}"
-        if status.phase is Phase.WAVE:
-            wave += f" ({status.waves_percent[status.wave]:g}%)"
-            if c.targeted == 0:
-                return  # a wave just opened: nothing observed yet
-        line = (
-            f"{status.id:<16} {status.phase.value:<11} {wave:<16} targeted {c.targeted:>2}  "
-            f"updated {c.updated:>2}  healthy {c.healthy:>2}  unhealthy {c.unhealthy:>2}"
-        )
-        if status.reason and status.phase.final:
-            line += f"\n{'':>10}reason: {status.reason}"
-        key = (status.id, status.phase, status.wave)
+        """One line per class whose phase or wave changed (at most one a second within
+        a wave), and the rollout's outcome once it is final."""
+        total = len(status.waves) or 1
+        for name in status.classes:
+            lane = status.lanes.get(name)
+            if lane is None:
+                continue
+            c = lane.counts
+            if lane.phase is LanePhase.WAVE and c.targeted == 0 and c.pending == 0:
+                continue  # a wave just opened: nothing observed yet
+            wave = f"wave {min(lane.wave + 1, total)}/{total}"
+            if lane.phase is LanePhase.WAVE and lane.wave < len(status.waves):
+                wave += f" ({status.waves[lane.wave]})"
+            line = (
+                f"{status.id:<16} {name:<24} {lane.phase.value:<11} {wave:<17} "
+                f"healthy {c.healthy:>2}/{c.targeted:<2} unhealthy {c.unhealthy}  "
+                f"silent {c.silent}  pending {c.pending}"
+            )
+            if lane.waiting:
+                line += f"  ({lane.waiting})"
+            self._say_once((status.id, name), (lane.phase, lane.wave), line, final=lane.phase.final)
+        if status.phase.final:
+            line = f"{status.id:<16} {status.phase.value}"
+            if status.reason:
+                line += f": {status.reason}"
+            self._say_once((status.id, ""), (status.phase, status.wave), line, final=True)
+
+    def _say_once(
+        self, who: tuple[str, str], key: tuple[object, ...], line: str, *, final: bool
+    ) -> None:
         now = time.monotonic()
-        # One line per change of phase or wave, and at most one a second within a wave.
-        if self._last.get(status.id) == line or (
-            self._shown.get(status.id, (None, 0.0))[0] == key
-            and now - self._shown[status.id][1] < 1.0
-            and not status.phase.final
+        shown = self._shown.get(who)
+        if self._last.get(who) == line or (
+            shown is not None and shown[0] == key and now - shown[1] < 1.0 and not final
         ):
             return
-        self._last[status.id] = line
-        self._shown[status.id] = (key, now)
+        self._last[who] = line
+        self._shown[who] = (key, now)
         self.say(line)
 
     def fleet_line(self) -> str:
