@@ -165,12 +165,23 @@ class _Tally:
             return
         if view.online or self.reported(view):
             at = now
-        elif view.seen_until is not None and view.seen_until >= start:
+        elif (view.seen_until is not None and view.seen_until >= start) or self.took(view):
             at = start  # online when the manifest went out, gone before we looked
         else:
             return
         self.targeted[device_id] = at
         heapq.heappush(self.deadlines, (at + self.silence_s, device_id))
+
+    def took(self, view: DeviceView) -> bool:
+        """Whether the device's own retained state says it took the candidate up: it
+        saw the manifest, whatever this process saw of it (a coordinator restarted
+        while the device died)."""
+        state = view.state
+        return (
+            state is not None
+            and state.rollout_id == self.record.id
+            and state.target_release == self.candidate.release_id
+        )
 
     def part(self, view: DeviceView) -> _Part:
         """What one device adds to the counts."""

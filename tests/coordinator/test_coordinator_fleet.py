@@ -340,3 +340,20 @@ def test_a_raised_cutoff_adds_the_devices_it_newly_covers(record: RolloutRecord)
     assert after.targeted == expected
     ranked = fleet.lane(wide, CLASS).ranked
     assert list(ranked) == sorted(bucket(record.id, d) for d in ids)
+
+
+def test_an_offline_device_whose_state_says_it_took_the_candidate_is_targeted(
+    record: RolloutRecord,
+) -> None:
+    """A coordinator restarted while the device died never saw it online: its retained
+    state still says it went for the candidate, so it is silent, not pending."""
+    inside, _ = _split_by_cohort(record, 200)
+    fleet = FleetView(now=T0 + 500.0)
+    state = device_state(inside[0]).model_copy(
+        update={"rollout_id": record.id, "target_release": record.release_id}
+    )
+    fleet.on_state(state)
+    fleet.on_presence(inside[0], online=False)
+    assert fleet.counts(record, CLASS).targeted == 1
+    fleet.tick(T0 + 500.0)  # targeted from the wave's start: its limit passed long ago
+    assert fleet.counts(record, CLASS).silent == 1
