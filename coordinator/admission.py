@@ -75,16 +75,7 @@ def select_releases(
         if isinstance(chosen, str):
             problems.append(chosen)
             continue
-        releases[name] = Release(
-            name=spec.candidate.name,
-            variant=chosen.variant.label,
-            artifact=chosen.variant.artifact,
-            golden=chosen.variant.golden,
-            runtime=profile.runtime,
-            inputs=chosen.variant.inputs,
-            outputs=chosen.variant.outputs,
-            health=profile.health,
-        )
+        releases[name] = profile.release(spec.candidate.name, chosen.variant)
     if problems:
         return Selection({}, tuple(problems), tuple(notes), Cause.GATE_FAILED)
     return Selection(releases, (), tuple(notes))

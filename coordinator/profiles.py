@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from coordinator.rollout import Policy
 from models.precision import Precision
-from schemas import HealthBudget, RolloutSpec, Runtime
+from schemas import HealthBudget, Release, RolloutSpec, Runtime, Variant
 
 __all__ = [
     "DEFAULT_PROFILES",
@@ -87,6 +87,20 @@ class ClassProfile(BaseModel):
     @property
     def runtime(self) -> Runtime:
         return Runtime(providers=self.providers, intra_op_threads=self.intra_op_threads)
+
+    def release(self, name: str, variant: Variant) -> Release:
+        """``variant`` of model ``name`` as this class runs it: its runtime and health
+        budget are the class's."""
+        return Release(
+            name=name,
+            variant=variant.label,
+            artifact=variant.artifact,
+            golden=variant.golden,
+            runtime=self.runtime,
+            inputs=variant.inputs,
+            outputs=variant.outputs,
+            health=self.health,
+        )
 
 
 def class_policy(

@@ -69,18 +69,9 @@ def _files(demo_models: dict[str, DemoModel], variants: Path) -> list[VariantFil
 
 def _stable(model: DemoModel) -> Release:
     """``model`` as the release a class runs now."""
-    profile = _profile()[CAM]
     candidate, _ = prepare_candidate(model.path, None, _profile(), (CAM,))
     (variant,) = candidate.variants
-    return Release(
-        name=model.name,
-        variant=variant.label,
-        artifact=variant.artifact,
-        runtime=profile.runtime,
-        inputs=variant.inputs,
-        outputs=variant.outputs,
-        health=profile.health,
-    )
+    return _profile()[CAM].release(model.name, variant)
 
 
 def test_without_data_sets_the_gate_is_not_run_and_the_plan_says_why(

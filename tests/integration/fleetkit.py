@@ -267,16 +267,7 @@ def variant_of(model: DemoModel, label: str = "fp32") -> Variant:
 
 def release_for(model: DemoModel, profile: ClassProfile) -> Release:
     """The release the coordinator would build for ``model`` in ``profile``'s class."""
-    variant = variant_of(model)
-    return Release(
-        name=model.name,
-        variant=variant.label,
-        artifact=variant.artifact,
-        runtime=profile.runtime,
-        inputs=variant.inputs,
-        outputs=variant.outputs,
-        health=profile.health,
-    )
+    return profile.release(model.name, variant_of(model))
 
 
 def manifest(

@@ -31,6 +31,14 @@ SMALL_QUEUE: Final = 40
 """The broker's queue for the coordinator in the overflow test: a few seconds' worth."""
 
 
+async def _installed(fleet: Fleet, tg: asyncio.TaskGroup, wire: Wire, model: DemoModel) -> None:
+    """Every agent running (fast windows) and ``model`` installed on them."""
+    for device_id in fleet.home.devices():
+        start_agent_with(fleet, tg, device_id, **FAST)
+    async with fleet.operator() as operator:
+        await roll_out(operator, fleet, wire, model, rollout_id="install-v1")
+
+
 def test_every_window_is_counted_after_the_broker_is_killed_right_after_a_burst(
     demo_models: dict[str, DemoModel], make_fleet: MakeFleet
 ) -> None:
@@ -41,10 +49,7 @@ def test_every_window_is_counted_after_the_broker_is_killed_right_after_a_burst(
 async def _killed(fleet: Fleet, model: DemoModel) -> None:
     devices = list(fleet.home.devices())
     async with live(fleet, agents=()) as tg, Wire.open(fleet.home) as wire:
-        for device_id in devices:
-            start_agent_with(fleet, tg, device_id, **FAST)
-        async with fleet.operator() as operator:
-            await roll_out(operator, fleet, wire, model, rollout_id="install-v1")
+        await _installed(fleet, tg, wire, model)
         first = fleet.coordinator
         assert first is not None
         await wire.until(lambda: all(first.telemetry.committed(d) for d in devices), what="counts")
@@ -69,10 +74,7 @@ def test_a_burst_beyond_the_brokers_queue_while_the_coordinator_is_down_loses_no
 async def _overflow(fleet: Fleet, model: DemoModel) -> None:
     devices = list(fleet.home.devices())
     async with live(fleet, agents=()) as tg, Wire.open(fleet.home) as wire:
-        for device_id in devices:
-            start_agent_with(fleet, tg, device_id, **FAST)
-        async with fleet.operator() as operator:
-            await roll_out(operator, fleet, wire, model, rollout_id="install-v1")
+        await _installed(fleet, tg, wire, model)
         await _stop_coordinator(fleet)
         # The same broker (folder, persistence, ports) with a queue of a few seconds.
         await asyncio.to_thread(fleet.broker.stop)
