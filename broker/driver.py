@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import socket
 import ssl
 import threading
@@ -48,10 +49,21 @@ _MAX_RECEIVE = 65535
 _CUT_READS = 64  # reads after a cut before leaving the end to the reader callback
 _DISCONNECT_WITH_WILL = 0x04
 _OPENING_AT_ONCE = 8  # connections being opened at once (one thread each), per event loop
+_READS_AT_ONCE = 64  # packets read per wake-up of the reader at most, while more are there
 
 
 _gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]
 _gates = weakref.WeakKeyDictionary()
+
+
+def _readable(sock: Any) -> bool:
+    """Whether ``sock`` holds bytes to read now (in its TLS buffer or the kernel's); a
+    zero-timeout poll, not ``select()`` (descriptors above 1024)."""
+    if getattr(sock, "pending", int)() > 0:
+        return True
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _opening_gate() -> asyncio.Semaphore:
@@ -336,7 +348,13 @@ class PahoDriver:
     # -- the event loop drives paho ----------------------------------------------------
 
     def _read(self) -> None:
-        self._client.loop_read()
+        # paho reads one packet per loop_read (more only while publishes of ours are in
+        # flight): read on while the socket holds more, so a burst costs the loop one
+        # wake-up per _READS_AT_ONCE packets, and its consumer can take them as a batch.
+        for _ in range(_READS_AT_ONCE):
+            self._client.loop_read()
+            if (sock := self._sock) is None or not _readable(sock):
+                break
         # A TLS record may hold more than paho read: bytes the descriptor no longer signals.
         while (sock := self._sock) is not None and getattr(sock, "pending", int)() > 0:
             self._client.loop_read()

@@ -13,7 +13,8 @@ lives here, apart from paho and the event loop, so that it is tested in millisec
   that connection while it lives, since a packet id of an earlier one may name another
   message now (the broker redelivers an unacknowledged message of a persistent session);
 - the incoming queue: QoS 1 is bounded by the Receive Maximum (acked on consumption), QoS 0
-  beyond ``incoming_limit`` is dropped and counted, then reported by :meth:`LinkState.take`.
+  beyond ``incoming_limit`` is dropped and counted, then reported by :meth:`LinkState.take`;
+  :meth:`LinkState.take_waiting` hands over a burst at once.
 
 The caller sends what a decision names and reports what the broker answered; it holds the
 futures of waiting callers keyed by the packet ids that :class:`Settled` names.
@@ -237,6 +238,18 @@ class LinkState:
             raise IncomingOverflow(dropped)
         if not self._incoming:
             return None
+        return self._pop()
+
+    def take_waiting(self, limit: int) -> list[tuple[Message, Ack | None]]:
+        """Up to ``limit`` messages that are waiting, in order, each with the ack to send
+        for it: a burst taken at once. A drop of QoS 0 messages is left for the next
+        :meth:`take` to report."""
+        taken: list[tuple[Message, Ack | None]] = []
+        while self._incoming and len(taken) < limit:
+            taken.append(self._pop())
+        return taken
+
+    def _pop(self) -> tuple[Message, Ack | None]:
         item = self._incoming.popleft()
         ack = None
         if item.message.qos > 0 and self._alive and item.connection == self._connection:

@@ -24,8 +24,8 @@ are sent again, paho resends unacknowledged QoS 1 publishes, a SUBSCRIBE or UNSU
 cut off by the drop is sent again, and :meth:`Session.connections` yields once the
 re-subscriptions are acknowledged, so owners can re-assert their retained topics.
 
-Why not aiomqtt: it ignores PUBACK reason codes, so a publish refused by the broker's ACL
-(0x87) looks like a success. Here a failure reason code raises :class:`PublishRefused`.
+Why not aiomqtt: it ignores PUBACK reason codes (a publish the ACL refused, 0x87, looks
+like a success); here a failure reason code raises :class:`PublishRefused`.
 
 Leaving the ``async with`` normally sends a plain DISCONNECT: the broker discards the Last
 Will. Leaving it by an exception (a crash, a cancellation) sends DISCONNECT with reason
@@ -33,12 +33,12 @@ code 0x04, "Disconnect with Will Message": the broker publishes the Will, so a p
 dies of an error reads ``offline`` exactly like one that was killed. A broker that does not
 take the DISCONNECT within ``_STOP_GRACE`` seconds has the socket cut.
 
-Incoming QoS 1 messages are acknowledged when the consumer takes them from
-:meth:`Session.messages`, not when they arrive, and only on the connection they came on;
-the CONNECT announces a Receive Maximum: a slow consumer therefore holds the broker back
-(which queues for us) instead of losing messages. QoS 0 messages beyond
-``incoming_limit`` are dropped and reported by :class:`IncomingOverflow` from the iterator:
-never silently.
+Incoming QoS 1 messages are acknowledged when the consumer takes them (one by one from
+:meth:`Session.messages`, a burst by :meth:`Session.take_waiting`), not when they arrive,
+and only on the connection they came on; the CONNECT announces a Receive Maximum: a slow
+consumer therefore holds the broker back (which queues for us) instead of losing messages.
+QoS 0 messages beyond ``incoming_limit`` are dropped and reported by
+:class:`IncomingOverflow` from the iterator: never silently.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from typing import Self
 
 from broker.backoff import RECONNECT, Retry
 from broker.driver import DriverEvents, PahoDriver
-from broker.link import LinkState, Settled
+from broker.link import Ack, LinkState, Settled
 from broker.transport import (
     ConnectRefused,
     Endpoint,
@@ -447,26 +447,15 @@ class Session:
         """
         return _Connections(self)
 
-    async def _next_message(self) -> Message:
-        while True:
-            taken = self._link.take()
-            if taken is not None:
-                message, ack = taken
-                if ack is not None:
-                    self._driver.ack(ack.mid, ack.qos)
-                return message
-            if self._link.closed:
-                raise StopAsyncIteration
-            self._incoming_event.clear()
-            await self._incoming_event.wait()
+    def take_waiting(self, limit: int) -> list[Message]:
+        """Up to ``limit`` messages that already arrived, in order, acknowledged as taken:
+        a burst at once for the consumer of :meth:`messages` (a drop is left to it)."""
+        return [self._acked(taken) for taken in self._link.take_waiting(limit)]
 
-    async def _next_connection(self, seen: int) -> int:
-        while True:
-            if self._link.closed:
-                raise StopAsyncIteration
-            if self._link.connected and self._link.generation > seen:
-                return self._link.generation
-            await self._changed.wait()
+    def _acked(self, taken: tuple[Message, Ack | None]) -> Message:
+        if (ack := taken[1]) is not None:
+            self._driver.ack(ack.mid, ack.qos)
+        return taken[0]
 
 
 class _Messages:
@@ -480,7 +469,15 @@ class _Messages:
         return self
 
     async def __anext__(self) -> Message:
-        return await self._session._next_message()
+        session, link = self._session, self._session._link
+        while True:
+            taken = link.take()
+            if taken is not None:
+                return session._acked(taken)
+            if link.closed:
+                raise StopAsyncIteration
+            session._incoming_event.clear()
+            await session._incoming_event.wait()
 
 
 class _Connections:
@@ -494,5 +491,10 @@ class _Connections:
         return self
 
     async def __anext__(self) -> int:
-        self._seen = await self._session._next_connection(self._seen)
-        return self._seen
+        link = self._session._link
+        while not link.closed:
+            if link.connected and link.generation > self._seen:
+                self._seen = link.generation
+                return self._seen
+            await self._session._changed.wait()
+        raise StopAsyncIteration

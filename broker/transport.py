@@ -163,6 +163,12 @@ class Transport(Protocol):
         """Incoming messages, one consumer; QoS 1 acknowledged as they are taken."""
         ...
 
+    def take_waiting(self, limit: int) -> list[Message]:
+        """Up to ``limit`` messages that already arrived, in order, without waiting: for
+        the consumer of :meth:`messages` to take a burst at once, between two of its
+        steps (QoS 1 acknowledged as taken). A drop is left for the iterator to raise."""
+        ...
+
     def connections(self) -> AsyncIterator[int]:
         """A counter once per (re)connect whose subscriptions are in place."""
         ...

@@ -44,10 +44,19 @@ class CoordinatorLimits:
     devices' numbers, ``coordinator.ledger``)."""
     stop_publish_s: float = 2.0
     """On a clean stop, how long the ``offline`` presence may take to be acknowledged."""
+    ingest_batch: int = 500
+    """Incoming messages already waiting that the ingest takes as one batch, at most:
+    bounds what applying one batch costs the event loop (a few microseconds each)."""
+    ingest_thread_min: int = 16
+    """A batch this long is read (topics parsed, device payloads decoded) in a thread:
+    the hop costs the loop about as much as reading that many device messages on it."""
 
     def __post_init__(self) -> None:
         if min(self.refusals_kept, self.noted_kept, self.publish_window) < 1:
             msg = "refusals_kept, noted_kept and publish_window must be positive"
+            raise ValueError(msg)
+        if min(self.ingest_batch, self.ingest_thread_min) < 1:
+            msg = "ingest_batch and ingest_thread_min must be positive"
             raise ValueError(msg)
         if not 1 <= self.reason_chars <= MAX_REASON_CHARS:
             msg = f"reason_chars must be within 1..{MAX_REASON_CHARS} (the status's bound)"

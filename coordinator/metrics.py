@@ -17,6 +17,12 @@ class Counters:
     by the Receive Maximum instead, and waits in the broker)."""
     messages_dropped: int = 0
     """Messages refused (malformed, of another device, or their handler failed)."""
+    ingest_batches: int = 0
+    """Batches of waiting messages the ingest took (one message or more each)."""
+    ingest_batches_threaded: int = 0
+    """Of them, those long enough to be read in a thread (a burst)."""
+    ingest_messages_threaded: int = 0
+    """Messages read in a thread, in those batches."""
     telemetry_counted: int = 0
     """Summaries counted (a merged summary is one)."""
     telemetry_duplicates: int = 0

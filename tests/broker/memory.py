@@ -61,6 +61,10 @@ class MemoryTransport:
         msg = "deliveries go to `deliver`: a fetch never iterates a link's messages"
         raise AssertionError(msg)
 
+    def take_waiting(self, limit: int) -> list[Message]:  # noqa: ARG002 (the protocol's)
+        msg = "deliveries go to `deliver`: a fetch never takes a link's messages"
+        raise AssertionError(msg)
+
     def connections(self) -> AsyncIterator[int]:
         msg = "a fetch never waits for connections"
         raise AssertionError(msg)

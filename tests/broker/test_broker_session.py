@@ -249,6 +249,41 @@ def test_persistent_session_receives_qos1_published_while_offline(fleet: LocalFl
     assert run(scenario()) == [b"w0", b"w1", b"w2", b"w3", b"w4"]
 
 
+def test_a_burst_is_taken_at_once_in_order_and_acknowledged(fleet: LocalFleet) -> None:
+    """Messages queued for a persistent session come in faster than one per wake-up:
+    ``take_waiting`` hands them over as batches, in order; each is acknowledged as taken
+    (with a Receive Maximum of 20 the broker sends no more until it is), and none comes
+    again on the next connection."""
+    telemetry = f"{P}/devices/cam-001/telemetry"
+    count = 300
+
+    async def scenario() -> tuple[list[bytes], int, bytes]:
+        persistent = {"clean_start": False, "session_expiry": 300}
+        async with coordinator(fleet, **persistent) as coord:
+            await coord.subscribe(f"{P}/devices/+/telemetry")
+        async with device(fleet, "cam-001") as dev:
+            for i in range(count):
+                await dev.publish(telemetry, b"w%d" % i)
+        got: list[bytes] = []
+        largest = 0
+        async with coordinator(fleet, incoming_limit=20, **persistent) as coord:
+            messages = coord.messages()
+            while len(got) < count:
+                got.append((await anext(messages)).payload)
+                burst = coord.take_waiting(count)
+                largest = max(largest, 1 + len(burst))
+                got += [m.payload for m in burst]
+        async with coordinator(fleet, **persistent) as coord, device(fleet, "cam-001") as dev:
+            await dev.publish(telemetry, b"after")
+            first = (await anext(coord.messages())).payload
+        return got, largest, first
+
+    got, largest, first = run(scenario())
+    assert got == [b"w%d" % i for i in range(count)]
+    assert largest > 1
+    assert first == b"after"  # nothing taken in a batch was left unacknowledged
+
+
 def test_publish_during_broker_restart_completes_and_subscriptions_return(
     fleet: LocalFleet,
 ) -> None:

@@ -197,6 +197,39 @@ def test_qos0_beyond_the_limit_is_dropped_and_reported_once() -> None:
     assert link.backlog() == 0
 
 
+def test_a_burst_is_taken_in_order_up_to_the_limit_each_with_its_own_ack() -> None:
+    link = LinkState(incoming_limit=10)
+    up(link)
+    link.arrived(message(payload=b"old"), 11)
+    link.lost()
+    up(link)
+    for i in range(4):
+        link.arrived(message(qos=i % 2, payload=b"%d" % i), 20 + i)
+    assert link.take_waiting(3) == [
+        (message(payload=b"old"), None),  # its connection is gone: no ack
+        (message(qos=0, payload=b"0"), None),
+        (message(qos=1, payload=b"1"), Ack(21, 1)),
+    ]
+    assert link.take_waiting(3) == [
+        (message(qos=0, payload=b"2"), None),
+        (message(qos=1, payload=b"3"), Ack(23, 1)),
+    ]
+    assert link.take_waiting(3) == []
+    assert link.backlog() == 0
+
+
+def test_a_burst_taken_at_once_leaves_the_overflow_to_the_next_take() -> None:
+    link = LinkState(incoming_limit=2)
+    up(link)
+    for i in range(4):
+        link.arrived(message(qos=0, payload=b"%d" % i), 0)
+    assert [m.payload for m, _ in link.take_waiting(10)] == [b"0", b"1"]
+    with pytest.raises(IncomingOverflow) as overflow:
+        link.take()
+    assert overflow.value.dropped == 2
+    assert link.take() is None
+
+
 def test_incoming_limit_must_be_positive() -> None:
     with pytest.raises(ValueError, match="incoming_limit"):
         LinkState(incoming_limit=0)

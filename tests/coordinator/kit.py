@@ -4,7 +4,8 @@ fresh keys, a scripted transport, and signed specs."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import collections
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +79,14 @@ def sign_spec(
 
 
 class ScriptedTransport:
-    """A link whose incoming messages fail at once (``fail``) or never come."""
+    """A link whose incoming messages fail at once (``fail``), or are the ``incoming``
+    ones, all waiting from the start, in order (then end if ``ends``, else none come)."""
 
-    def __init__(self, *, fail: bool) -> None:
+    def __init__(self, *, fail: bool, incoming: Iterable[Message] = (), ends: bool = False) -> None:
         self._fail = fail
+        self._ends = ends
+        self.incoming = collections.deque(incoming)
+        """What waits to be taken, oldest first."""
         self.published: list[tuple[str, bytes]] = []
         self.sent = asyncio.Event()
         """Set on every publish."""
@@ -126,8 +131,13 @@ class ScriptedTransport:
         if self._fail:
             msg = "the session gave up on the link"
             raise TransportError(msg)
-        await asyncio.Event().wait()
-        yield Message(topic="never", payload=b"", retain=False, qos=0)
+        while self.incoming:
+            yield self.incoming.popleft()
+        if not self._ends:
+            await asyncio.Event().wait()
+
+    def take_waiting(self, limit: int) -> list[Message]:
+        return [self.incoming.popleft() for _ in range(min(limit, len(self.incoming)))]
 
     async def connections(self) -> AsyncIterator[int]:
         yield 1
