@@ -69,7 +69,7 @@ def _settled(wire: Wire, ids: set[str]) -> bool:
 
 async def _roll(
     fleet: Fleet, sim: Simulator, model: DemoModel, *, waves: tuple[float, ...], expect: Phase
-) -> tuple[RolloutStatus, Wire]:
+) -> tuple[RolloutStatus, Wire, dict[str, bytes]]:
     async with (
         live(fleet, agents=()),
         Wire.open(fleet.home) as wire,
@@ -87,7 +87,9 @@ async def _roll(
             ),
             what="every device's report and state",
         )
-    return final, wire
+        # Seen before the simulator stops: its devices then say offline, as they should.
+        running = dict(wire.presence)
+    return final, wire, running
 
 
 def test_simulated_fleet_takes_a_rollout_to_completion(
@@ -97,7 +99,9 @@ def test_simulated_fleet_takes_a_rollout_to_completion(
     seen = _Seen()
     sim = Simulator(folders, SimConfig(soak_s=SOAK_S), observer=seen)
     model = demo_models["digits-v1"]
-    final, wire = run(_roll(fleet, sim, model, waves=(50.0, 100.0), expect=Phase.COMPLETED))
+    final, wire, running = run(
+        _roll(fleet, sim, model, waves=(50.0, 100.0), expect=Phase.COMPLETED)
+    )
 
     ids = {device.device_id for device in sim.devices}
     assert final.counts.targeted == final.counts.healthy == DEVICES
@@ -114,7 +118,7 @@ def test_simulated_fleet_takes_a_rollout_to_completion(
         (candidate, "sim-rollout", Verdict.HEALTHY)
     }
     for device_id in ids:
-        assert wire.presence[device_id] == ONLINE
+        assert running[device_id] == ONLINE
         assert wire.states[device_id].active_release == candidate
         assert wire.states[device_id].mode is Mode.SERVING
         assert wire.health[device_id].verdict is Verdict.HEALTHY
@@ -127,7 +131,7 @@ def test_unhealthy_simulated_devices_roll_a_rollout_back(
     sim = Simulator(folders, SimConfig(soak_s=SOAK_S, unhealthy_fraction=0.25))
     unhealthy = {d.device_id for d in sim.devices if d.behaviour is Behaviour.UNHEALTHY}
     assert 0 < len(unhealthy) < DEVICES, "the share picked no device, or all of them"
-    final, wire = run(
+    final, wire, _ = run(
         _roll(fleet, sim, demo_models["digits-v1"], waves=(100.0,), expect=Phase.ROLLED_BACK)
     )
 
