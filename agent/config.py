@@ -43,6 +43,9 @@ class LogFormat(StrEnum):
     """One JSON object a line, for journald and log shippers."""
 
 
+_NOT_AGENT_CONFIG: Final = {"bundle", "data", "source", "replay", "log_format", "log_level"}
+"""The settings of the process, not of :class:`AgentConfig`."""
+
 _Seconds = Field(default=None, gt=0, le=86_400)
 
 
@@ -57,6 +60,8 @@ class DeviceSettings(BaseModel):
     """The agent's data folder (default: ``<bundle>/data``)."""
     source: str | None = Field(default=None, max_length=64)
     """The built-in input source, by name (see ``edgefleet agent run --help``)."""
+    replay: Path | None = None
+    """A ``.npz`` of inputs replayed in a loop, instead of a simulated source."""
     log_format: LogFormat = LogFormat.TEXT
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
     inference_hz: float | None = Field(default=None, gt=0, le=1000)
@@ -82,9 +87,7 @@ class DeviceSettings(BaseModel):
         if self.bundle is None:
             msg = "no bundle: give --bundle, `bundle` in the config file or EDGEFLEET_BUNDLE"
             raise UsageError(msg)
-        tunables = self.model_dump(
-            exclude_none=True, exclude={"bundle", "data", "source", "log_format", "log_level"}
-        )
+        tunables = self.model_dump(exclude_none=True, exclude=_NOT_AGENT_CONFIG)
         return AgentConfig(data_dir=self.data or self.bundle / "data", **tunables)
 
 

@@ -72,11 +72,12 @@ def _agent_run(args: argparse.Namespace) -> int:
         "bundle": args.bundle,
         "data": args.data,
         "source": args.source,
+        "replay": args.replay,
         "log_format": args.log_format,
     }
     settings = load_settings(args.config, os.environ, flags)
     _configure_logging(settings, verbose=args.verbose)
-    agent = _make_agent(settings, args.replay)
+    agent = _make_agent(settings)
     asyncio.run(_serve(agent, _notifier()))
     return 0
 
@@ -88,13 +89,13 @@ def _configure_logging(settings: DeviceSettings, *, verbose: bool) -> None:
     configure_logging(level, settings.log_format.value)
 
 
-def _make_agent(settings: DeviceSettings, replay: Path | None) -> Agent:
+def _make_agent(settings: DeviceSettings) -> Agent:
     from agent import Agent, Bundle  # noqa: PLC0415
 
     config = settings.agent_config()  # checks a bundle was given
     assert settings.bundle is not None
     bundle = Bundle.load(settings.bundle)
-    return Agent(bundle, settings.bundle, config, _input_source(settings.source, replay))
+    return Agent(bundle, settings.bundle, config, _input_source(settings.source, settings.replay))
 
 
 def _input_source(name: str | None, replay: Path | None) -> InputSource:

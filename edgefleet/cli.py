@@ -15,7 +15,6 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import Final
 
 from pydantic import ValidationError
 
@@ -31,16 +30,12 @@ __all__ = ["main"]
 _ERROR_CHARS = 300
 """An input error is reported as one line of at most this many characters."""
 
-_EXTRAS: Final = {"onnx": "models", "sklearn": "models", "scipy": "models", "rich": "coordinator"}
-"""Which extra brings a module the non-device commands import."""
-
 
 class _MissingExtraError(Exception):
     def __init__(self, module: str) -> None:
-        extra = _EXTRAS.get(module.partition(".")[0], "coordinator")
         super().__init__(
-            f"this command needs edgefleet[{extra}] ({module} is missing): "
-            f"pip install 'edgefleet[{extra}]'; a device needs only `edgefleet agent`"
+            f"this command needs the operator's and the cloud's parts ({module} is missing):"
+            " pip install 'edgefleet[coordinator]'; a device needs only `edgefleet agent`"
         )
 
 
