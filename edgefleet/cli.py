@@ -31,6 +31,9 @@ _ERROR_CHARS = 300
 """An input error is reported as one line of at most this many characters."""
 
 
+_OURS = frozenset({"agent", "broker", "coordinator", "edgefleet", "models", "schemas", "storage"})
+
+
 class _MissingExtraError(Exception):
     def __init__(self, module: str) -> None:
         super().__init__(
@@ -79,8 +82,10 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         try:
             from edgefleet.commands import add_commands  # noqa: PLC0415 (not on a device)
         except ModuleNotFoundError as exc:
-            if command is not None or exc.name is None or exc.name.startswith("edgefleet"):
-                raise _MissingExtraError(exc.name or "a module") from exc
+            if exc.name is None or exc.name.split(".")[0] in _OURS:
+                raise  # a module of ours is missing: a broken install, not an extra
+            if command is not None:
+                raise _MissingExtraError(exc.name) from exc
             # `edgefleet --help` on a device: its own commands.
         else:
             add_commands(sub)
