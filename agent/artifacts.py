@@ -10,6 +10,12 @@ A whole file appears under ``models/`` or ``golden/`` only by an atomic rename a
 its sha256 and size matched the manifest, so a crash never leaves a partially written
 file where the agent would read it. Chunks are kept across restarts, so a fetch
 resumes. Every method blocks (hashing, fsync): the agent calls them from a thread.
+
+Housekeeping: a file is hashed once per process. Assembling hashes the chunks as they
+stream to disk (one chunk in memory at a time); a file verified or assembled here is
+not hashed again while its size, modification time and inode stay the same (a restart
+hashes it once more). :meth:`ArtifactStore.prune` keeps the files the device may need
+(the active, previous and candidate releases) and deletes the rest.
 """
 
 from __future__ import annotations
@@ -17,16 +23,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import shutil
+from collections.abc import Collection, Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Final
 
 from agent.store import DamagedFileError
-from schemas import ArtifactError, ArtifactMeta, ArtifactRef
-from schemas.artifact import check_whole
+from schemas import ArtifactError, ArtifactMeta, ArtifactRef, Release
+from schemas.errors import Reason
 from storage import atomic_write
 
-__all__ = ["ArtifactKind", "ArtifactStore"]
+__all__ = ["ArtifactKind", "ArtifactStore", "files_of"]
 
 _HASH_BLOCK: Final = 1 << 20
 
@@ -44,6 +51,22 @@ _LAYOUT: Final = {
 }
 
 
+def files_of(releases: Iterable[Release | None]) -> frozenset[str]:
+    """The sha256 of every file ``releases`` need: their models and golden sets."""
+    needed: set[str] = set()
+    for release in releases:
+        if release is not None:
+            needed.add(release.artifact.sha256)
+            if release.golden is not None:
+                needed.add(release.golden.sha256)
+    return frozenset(needed)
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -59,6 +82,8 @@ class ArtifactStore:
     def __init__(self, root: Path) -> None:
         self._root = root
         self._partial = root / "partial"
+        self._checked: dict[Path, tuple[int, int, int]] = {}
+        """Files hashed right in this process, with their identity then."""
 
     def path(self, sha256: str, kind: ArtifactKind) -> Path:
         """Where the verified file of artifact ``sha256`` lives (or will)."""
@@ -74,11 +99,17 @@ class ArtifactStore:
                 (when the folder is read-only it stays, and is checked again next time).
         """
         path = self.path(ref.sha256, kind)
-        if not path.exists():
+        try:
+            identity = _identity(path)
+        except FileNotFoundError:
             return None
-        size = path.stat().st_size
-        if size == ref.size and _sha256_file(path) == ref.sha256:
+        if self._checked.get(path) == identity:
             return path
+        size = identity[0]
+        if size == ref.size and _sha256_file(path) == ref.sha256:
+            self._checked[path] = identity
+            return path
+        self._checked.pop(path, None)
         with contextlib.suppress(OSError):
             path.unlink()
         why = f"{size} B" if size != ref.size else "wrong sha256"
@@ -119,7 +150,8 @@ class ArtifactStore:
         probe.unlink()
 
     def assemble(self, meta: ArtifactMeta, kind: ArtifactKind) -> Path:
-        """Join the chunks, check the whole file, and publish it where ``kind`` goes.
+        """Stream the chunks into the file, hashing them on the way, and publish it where
+        ``kind`` goes if the whole matches (one chunk in memory at a time).
 
         Raises:
             ArtifactError: ARTIFACT_MISMATCH when the whole does not hash right (the
@@ -127,13 +159,63 @@ class ArtifactStore:
             OSError: the store cannot be written (a full or read-only disk).
         """
         folder = self._partial / meta.sha256
-        data = b"".join((folder / str(i)).read_bytes() for i in range(len(meta.chunks)))
+        path = self.path(meta.sha256, kind)
         try:
-            check_whole(meta, data)
+            atomic_write(path, _checked_blocks(folder, meta), mode=0o600)
         except ArtifactError:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        path = self.path(meta.sha256, kind)
-        atomic_write(path, data, mode=0o600)
+        self._checked[path] = _identity(path)
         shutil.rmtree(folder, ignore_errors=True)
         return path
+
+    def prune(self, keep: Collection[str]) -> list[Path]:
+        """Delete every stored file and kept chunk whose sha256 is not in ``keep``; the
+        paths deleted. A file that cannot be deleted stays (tried again next time).
+
+        Raises:
+            OSError: the store cannot be listed.
+        """
+        deleted: list[Path] = []
+        for folder, suffix in _LAYOUT.values():
+            for path in _listing(self._root / folder):
+                if path.name.endswith(suffix) and path.name[: -len(suffix)] not in keep:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                        self._checked.pop(path, None)
+                        deleted.append(path)
+        for chunks in _listing(self._partial):
+            if chunks.name not in keep:
+                shutil.rmtree(chunks, ignore_errors=True)
+                deleted.append(chunks)
+        return deleted
+
+
+def _listing(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _checked_blocks(folder: Path, meta: ArtifactMeta) -> Iterator[bytes]:
+    """The kept chunks of ``meta`` in order, the last one only once the whole matched.
+
+    Raises:
+        ArtifactError: ARTIFACT_MISMATCH when the size or sha256 of the whole is wrong.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    held: bytes | None = None
+    for index in range(len(meta.chunks)):
+        if held is not None:
+            yield held
+        held = (folder / str(index)).read_bytes()
+        digest.update(held)
+        size += len(held)
+    if size != meta.size or digest.hexdigest() != meta.sha256:
+        raise ArtifactError(
+            Reason.ARTIFACT_MISMATCH, f"assembled artifact {meta.sha256[:12]} fails its sha256"
+        )
+    if held is not None:
+        yield held

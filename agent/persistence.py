@@ -5,6 +5,12 @@ coroutine that asked for one was cancelled meanwhile (the store is not thread-sa
 Writers queue on a lock and each writes whatever is newest when its turn comes, so the
 file never ends older than memory. A failed write (disk full) is told to the engine as
 storage trouble: memory stays right and the next write catches up.
+
+A write costs one fsync, and only a change that must survive a crash is written at
+once: what the device runs, knows good, refuses, soaks, and the trust it holds. The
+applied manifest, its seq and the last health report (:data:`LAZY`) come back with the
+retained topics after a crash, so a change of those alone waits in memory for the next
+write or the stop (a manifest that does not change the device's target costs no fsync).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Final
 
 from agent.events import (
     Desired,
@@ -26,7 +33,10 @@ from agent.events import (
 )
 from agent.store import AgentStore, PersistedState, SoakRecord
 
-__all__ = ["StateKeeper"]
+__all__ = ["LAZY", "StateKeeper"]
+
+LAZY: Final = frozenset({"manifest", "applied_seq", "last_health"})
+"""Fields of :class:`PersistedState` whose change alone is not written at once."""
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +119,17 @@ class StateKeeper:
             else Desired(soaking.release, soaking.rollout_id, soaking.seq),
         )
 
+    def _must_write(self, state: PersistedState) -> bool:
+        written = self._written
+        return written is None or not _changed(written, state) <= LAZY
+
     async def save(self, **changes: object) -> None:
         self.remember(**changes)
         await self.write()
 
-    async def write(self, *, again: bool = False) -> None:
-        """Write the newest state (``again``: even if it was written already)."""
+    async def write(self, *, again: bool = False, flush: bool = False) -> None:
+        """Write the newest state if a change must survive a crash (``flush``: any
+        change, as at a stop; ``again``: even if it was written already)."""
         assert self._store is not None
         store = self._store
         loop = asyncio.get_running_loop()
@@ -122,8 +137,8 @@ class StateKeeper:
             if again:
                 self._written = None
             state = self.state
-            if state is self._written:
-                return  # a writer before us already wrote it
+            if state is self._written or not (flush or self._must_write(state)):
+                return  # a writer before us already wrote it, or it can wait
             try:
                 await loop.run_in_executor(self._thread, store.save, state)
             except OSError as exc:
@@ -132,6 +147,11 @@ class StateKeeper:
                 return
             self._written = state
         self._feed(StorageOk(StoragePart.STATE, self._clock()))
+
+
+def _changed(old: PersistedState, new: PersistedState) -> set[str]:
+    fields = PersistedState.model_fields
+    return {name for name in fields if getattr(old, name) != getattr(new, name)}
 
 
 def _record(soaking: Desired | None) -> SoakRecord | None:

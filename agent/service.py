@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from agent.artifacts import ArtifactKind, ArtifactStore
+from agent.artifacts import ArtifactKind, ArtifactStore, files_of
 from agent.bundle import Bundle
 from agent.engine import UpdateEngine
 from agent.events import (
@@ -52,6 +52,7 @@ from agent.events import (
 from agent.fetch import Fetcher
 from agent.inference import Inference, InputSource
 from agent.intake import Intake, ManifestTaken, Outcome, Refused, TrustTaken
+from agent.inventory import DeviceInventory
 from agent.journal import Journal
 from agent.lifecycle import Stage
 from agent.limits import Limits
@@ -194,6 +195,10 @@ class Agent:
             clock=clock,
         )
         self._stop = asyncio.Event()
+        self._inventory = DeviceInventory(data)
+        self.ready = asyncio.Event()
+        """Set once :meth:`run` restored what the device serves (systemd's READY)."""
+        self._kept: frozenset[str] | None = None
 
     def _feed(self, event: EngineEvent) -> None:
         self._updater.feed(event)
@@ -254,6 +259,7 @@ class Agent:
             last_rejection=self._updater.last_rejection,
             updated_at=self._clock(),
             degraded_reason=engine.degraded_reason,
+            inventory=self._inventory.current(),
         )
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -270,6 +276,7 @@ class Agent:
         try:
             await asyncio.to_thread(self._keeper.open)
             await self._restore()
+            self.ready.set()
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._supervise("inference", self._inference.run))
@@ -293,7 +300,7 @@ class Agent:
                 await self._journal.commit_window()
             if self._keeper.is_open:
                 self._feed(Stopping())
-                await self._keeper.write()
+                await self._keeper.write(flush=True)
             await asyncio.to_thread(self._close_stores)
 
     @property
@@ -431,6 +438,20 @@ class Agent:
                 else:
                     self._feed(StorageOk(StoragePart.ARTIFACTS, self._clock()))
             await self._journal.tell_damage()
+            await self._housekeep()
+
+    async def _housekeep(self) -> None:
+        """Delete the stored files no release here needs once they change (the active,
+        the previous one kept for a rollback, the candidate), between updates only."""
+        engine = self._engine
+        if engine.stage not in (Stage.SERVING, Stage.IDLE, Stage.DEGRADED):
+            return
+        slots = (slot.release for slot in self._updater.slots.values())
+        keep = files_of((engine.active, engine.desired.release, *slots))
+        if self._kept is not None and keep != self._kept:
+            with contextlib.suppress(OSError):  # the store's trouble is told by the fetch
+                await asyncio.to_thread(self._fetcher.store.prune, keep)
+        self._kept = keep
 
     # -- what comes in -----------------------------------------------------------------
 

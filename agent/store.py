@@ -141,14 +141,15 @@ class AgentStore:
 
     def save(self, state: PersistedState) -> None:
         """Replace the file with ``state`` atomically, without reading it first: a
-        damaged file that could not be moved aside is overwritten, not an obstacle.
+        damaged file that could not be moved aside is overwritten, not an obstacle. One
+        fsync (see :func:`storage.atomic_write`'s ``sync_folder``).
 
         Raises:
             OSError: the file cannot be written (a full or read-only disk).
         """
         doc = {_TABLE: {str(_DOC_ID): {"state": state.model_dump_json()}}}
         payload = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-        atomic_write(self.path, payload, mode=0o600)
+        atomic_write(self.path, payload, mode=0o600, sync_folder=False)
 
     def close(self) -> None:
         """Nothing stays open between calls."""

@@ -17,6 +17,7 @@ __all__ = [
     "Event",
     "EventKind",
     "HealthReport",
+    "Inventory",
     "Mode",
     "Rejection",
     "Verdict",
@@ -45,6 +46,30 @@ class Rejection(WireModel):
     at: float
 
 
+_Label = Annotated[str, Field(max_length=64)]
+
+
+class Inventory(WireModel):
+    """What a device is, for operators and targeting: gathered once at the agent's
+    start, the free disk on each state publish. Texts are bounded where they are read."""
+
+    arch: _Label
+    """CPU architecture as the kernel names it (``x86_64``, ``aarch64``)."""
+    os: _Label
+    """Kernel name and release, e.g. ``Linux 6.1.0``."""
+    cores: int = Field(ge=0)
+    ram_bytes: int = Field(ge=0)
+    disk_free_bytes: int | None = Field(default=None, ge=0)
+    """Free space for the agent's data folder; None when it cannot be read."""
+    providers: tuple[_Label, ...] = Field(default=(), max_length=16)
+    """onnxruntime's execution providers available here, in its order."""
+    onnxruntime: _Label
+    agent: _Label
+    """The edgefleet version the agent runs."""
+    temperature_c: float | None = None
+    """The hottest thermal zone the OS exposes (``/sys/class/thermal``), if any."""
+
+
 class DeviceState(WireModel):
     device_id: str
     hw_class: str
@@ -62,6 +87,8 @@ class DeviceState(WireModel):
     degraded_reason: str | None = Field(default=None, max_length=MAX_REASON_CHARS)
     """Why storage is failing (a full or read-only data folder), e.g. ``outbox: database
     or disk is full``; None when it works. Storage trouble makes ``mode`` degraded."""
+    inventory: Inventory | None = None
+    """What the device is (None from agents that predate it)."""
 
 
 class Verdict(StrEnum):
