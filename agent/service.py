@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from agent.artifacts import ArtifactKind, ArtifactStore
+from agent.artifacts import ArtifactStore
 from agent.bundle import Bundle
 from agent.engine import UpdateEngine
 from agent.events import (
@@ -50,7 +50,7 @@ from agent.events import (
     Targeted,
 )
 from agent.fetch import Fetcher
-from agent.inference import Inference, InputSource
+from agent.inference import Inference, InputSource, Prediction
 from agent.intake import Intake, ManifestTaken, Outcome, Refused, TrustTaken
 from agent.journal import Journal
 from agent.lifecycle import Stage
@@ -58,13 +58,13 @@ from agent.limits import Limits
 from agent.link import Link
 from agent.outbox import Outbox
 from agent.persistence import StateKeeper
-from agent.runtime import ModelSlot
+from agent.runtime import Inputs
+from agent.serve import InferenceServer, ServeConfig
 from agent.store import DamagedFileError
 from agent.updater import Updater
 from broker.backoff import Retry
 from broker.transport import Endpoint, Message
 from schemas import (
-    ArtifactError,
     DeviceState,
     HealthReport,
     RejectedError,
@@ -100,6 +100,8 @@ class AgentConfig:
     stop_flush_s: float = 3.0
     """How long a requested stop waits for the outbox to reach the broker."""
     limits: Limits = field(default_factory=Limits)
+    serve: ServeConfig | None = None
+    """The local inference endpoint (Open Inference Protocol); None: no endpoint."""
 
 
 class _Stopped(Exception):  # noqa: N818 (the end of a requested stop, not an error)
@@ -114,7 +116,7 @@ class Agent:
         bundle: Bundle,
         bundle_dir: Path,
         config: AgentConfig,
-        source: InputSource,
+        source: InputSource | None = None,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -147,6 +149,11 @@ class Agent:
             record=self._journal.record,
             feed=self._feed,
             clock=clock,
+            limits=config.limits,
+        )
+        serve, hw_class = config.serve, bundle.hw_class
+        self.server = (
+            None if serve is None else InferenceServer(serve, self._inference, hw_class=hw_class)
         )
         self.link = Link(
             Endpoint(
@@ -194,6 +201,9 @@ class Agent:
             clock=clock,
         )
         self._stop = asyncio.Event()
+        self.ready = asyncio.Event()
+        """Set once :meth:`run` restored what the device serves (systemd's READY)."""
+        self._task: asyncio.Task[None] | None = None
 
     def _feed(self, event: EngineEvent) -> None:
         self._updater.feed(event)
@@ -270,6 +280,7 @@ class Agent:
         try:
             await asyncio.to_thread(self._keeper.open)
             await self._restore()
+            self.ready.set()
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._supervise("inference", self._inference.run))
@@ -282,6 +293,8 @@ class Agent:
                     tg.create_task(self._supervise("update", self._updater.run))
                     tg.create_task(self._supervise("storage", self._storage_loop))
                     tg.create_task(self._supervise("link", self.link.run))
+                    if self.server is not None:
+                        tg.create_task(self._supervise("endpoint", self.server.run))
                     tg.create_task(self._stopper())
             except* _Stopped:
                 log.info("%s: stopped", self.device_id)
@@ -295,6 +308,37 @@ class Agent:
                 self._feed(Stopping())
                 await self._keeper.write()
             await asyncio.to_thread(self._close_stores)
+
+    async def infer(self, inputs: Inputs) -> Prediction:
+        """The serving model's answer to ``inputs`` (arrays by input name), counted like
+        every inference here (telemetry, a soak); it names the release that gave it.
+
+        Raises:
+            agent.InferenceError: ``InvalidInputError``, ``NotReadyError`` (no model yet, see
+                :meth:`until_serving`), ``OverloadedError`` or ``InferenceFailedError``.
+        """
+        return await self._inference.infer(inputs)
+
+    async def until_serving(self) -> None:
+        """Return once a model serves (restored at start, or fetched)."""
+        await self._inference.until_ready()
+
+    async def __aenter__(self) -> Agent:
+        """Run in the background (``async with agent: await agent.infer(...)``)."""
+        self._task = task = asyncio.create_task(self.run())
+        ready = asyncio.ensure_future(self.ready.wait())
+        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if task.done():
+            await task  # raises what ended it
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Stop cleanly (:meth:`request_stop`) and wait for the agent to end."""
+        task, self._task = self._task, None
+        if task is not None:
+            self.request_stop()
+            await task
 
     @property
     def started(self) -> bool:
@@ -386,7 +430,7 @@ class Agent:
         )
         for problem in restored.problems:
             log.warning("%s: %s", self.device_id, problem)
-        serving = await self._load_active(state.active)
+        serving = await self._updater.load_active(state.active)
         memory = StateKeeper.memory_of(state)
         self._feed(Restored(memory, serving=serving, now=self._clock()))
         if restored.desired is not None:
@@ -395,22 +439,6 @@ class Agent:
         with contextlib.suppress(sqlite3.Error, OSError):
             await self._journal.do(partial(len, self._journal.outbox))
         await self._journal.tell_damage()
-
-    async def _load_active(self, release: Release | None) -> bool:
-        """Load the model served before the restart; whether it serves again."""
-        if release is None:
-            return False
-        path = await self._fetcher.stored(release.artifact, ArtifactKind.MODEL)
-        if path is None:
-            return False
-        try:
-            slot = await asyncio.to_thread(ModelSlot, release, path)
-        except ArtifactError as exc:
-            log.error("%s: stored model does not load: %s", self.device_id, exc)
-            return False
-        self._updater.slots = {release.artifact.sha256: slot}
-        self._inference.slot = slot
-        return True
 
     async def _storage_loop(self) -> None:
         """Retry failing storage every few seconds, so the device heals by itself once
