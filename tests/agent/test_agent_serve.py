@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 
 from agent import Agent, Bundle
-from agent.inference import NotReadyError
+from agent.inference import InferenceFailedError, NotReadyError, Prediction
 from agent.lifecycle import Stage
 from agent.runtime import InvalidInputError
 from agent.serve import ServeConfig
@@ -453,6 +453,19 @@ def test_embedded_agent_batches_concurrent_callers_and_counts_each(
             assert labels == expected.tolist()
             assert {p.release_id for p in answers} == {release_of(model).release_id}
             assert agent.inferences_total == before + len(x)
+            # A poisoned input among many fails its own call only (its batch is split).
+            poisoned = x[:1].copy()
+            poisoned[0, 0] = np.nan
+            feeds = [x[i : i + 1] for i in range(50)] + [poisoned]
+            outcomes = await asyncio.gather(
+                *(agent.infer({INPUT_NAME: f}) for f in feeds), return_exceptions=True
+            )
+            assert isinstance(outcomes[-1], InferenceFailedError)
+            assert "non-finite" in str(outcomes[-1])
+            good = [p for p in outcomes[:-1] if isinstance(p, Prediction)]
+            assert [int(p.outputs[LABEL_OUTPUT][0]) for p in good] == expected[:50].tolist()
+            assert agent.inference_errors == 1
+            before += len(feeds)
             with pytest.raises(InvalidInputError, match="float32"):
                 await agent.infer({INPUT_NAME: x[:1].astype(np.float64)})
             with pytest.raises(InvalidInputError, match="not the model's"):
