@@ -29,8 +29,15 @@ class Limits:
     seconds, and the time ``min_inferences`` take at the configured rate) ..."""
     soak_grace_s: float = 5.0
     """... plus this: a model too slow to reach ``min_inferences`` is judged too."""
+    max_batch: int = 64
+    """The most rows that run through the model as one call (where it batches)."""
+    max_waiting: int = 1024
+    """The most inferences waiting for the model; more are refused (overloaded)."""
 
     def __post_init__(self) -> None:
-        if min(self.known_good, self.failed) < 1 or self.soak_deadline_factor < 1:
-            msg = "need known_good >= 1, failed >= 1 and soak_deadline_factor >= 1"
+        if min(self.known_good, self.failed, self.max_batch, self.max_waiting) < 1:
+            msg = "need known_good, failed, max_batch and max_waiting >= 1"
+            raise ValueError(msg)
+        if self.soak_deadline_factor < 1:
+            msg = "need soak_deadline_factor >= 1"
             raise ValueError(msg)

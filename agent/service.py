@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from agent.artifacts import ArtifactKind, ArtifactStore, files_of
+from agent.artifacts import ArtifactStore
 from agent.bundle import Bundle
 from agent.engine import UpdateEngine
 from agent.events import (
@@ -45,12 +45,11 @@ from agent.events import (
     Restored,
     Stopping,
     StorageFailed,
-    StorageOk,
     StoragePart,
     Targeted,
 )
 from agent.fetch import Fetcher
-from agent.inference import Inference, InputSource
+from agent.inference import Inference, InputSource, Prediction
 from agent.intake import Intake, ManifestTaken, Outcome, Refused, TrustTaken
 from agent.inventory import DeviceInventory
 from agent.journal import Journal
@@ -59,13 +58,14 @@ from agent.limits import Limits
 from agent.link import Link
 from agent.outbox import Outbox
 from agent.persistence import StateKeeper
-from agent.runtime import ModelSlot
+from agent.runtime import Inputs
+from agent.serve import InferenceServer, ServeConfig
 from agent.store import DamagedFileError
 from agent.updater import Updater
+from agent.upkeep import Upkeep
 from broker.backoff import Retry
 from broker.transport import Endpoint, Message
 from schemas import (
-    ArtifactError,
     DeviceState,
     HealthReport,
     RejectedError,
@@ -101,6 +101,8 @@ class AgentConfig:
     stop_flush_s: float = 3.0
     """How long a requested stop waits for the outbox to reach the broker."""
     limits: Limits = field(default_factory=Limits)
+    serve: ServeConfig | None = None
+    """The local inference endpoint (Open Inference Protocol); None: no endpoint."""
 
 
 class _Stopped(Exception):  # noqa: N818 (the end of a requested stop, not an error)
@@ -115,7 +117,7 @@ class Agent:
         bundle: Bundle,
         bundle_dir: Path,
         config: AgentConfig,
-        source: InputSource,
+        source: InputSource | None = None,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -148,6 +150,11 @@ class Agent:
             record=self._journal.record,
             feed=self._feed,
             clock=clock,
+            limits=config.limits,
+        )
+        serve, hw_class = config.serve, bundle.hw_class
+        self.server = (
+            None if serve is None else InferenceServer(serve, self._inference, hw_class=hw_class)
         )
         self.link = Link(
             Endpoint(
@@ -198,7 +205,16 @@ class Agent:
         self._inventory = DeviceInventory(data)
         self.ready = asyncio.Event()
         """Set once :meth:`run` restored what the device serves (systemd's READY)."""
-        self._kept: frozenset[str] | None = None
+        self._upkeep = Upkeep(
+            self._engine,
+            keeper=self._keeper,
+            journal=self._journal,
+            store=self._fetcher.store,
+            updater=self._updater,
+            clock=clock,
+            interval_s=config.state_interval_s,
+        )
+        self._task: asyncio.Task[None] | None = None
 
     def _feed(self, event: EngineEvent) -> None:
         self._updater.feed(event)
@@ -287,8 +303,10 @@ class Agent:
                         )
                     )
                     tg.create_task(self._supervise("update", self._updater.run))
-                    tg.create_task(self._supervise("storage", self._storage_loop))
+                    tg.create_task(self._supervise("storage", self._upkeep.run))
                     tg.create_task(self._supervise("link", self.link.run))
+                    if self.server is not None:
+                        tg.create_task(self._supervise("endpoint", self.server.run))
                     tg.create_task(self._stopper())
             except* _Stopped:
                 log.info("%s: stopped", self.device_id)
@@ -302,6 +320,37 @@ class Agent:
                 self._feed(Stopping())
                 await self._keeper.write(flush=True)
             await asyncio.to_thread(self._close_stores)
+
+    async def infer(self, inputs: Inputs) -> Prediction:
+        """The serving model's answer to ``inputs`` (arrays by input name), counted like
+        every inference here (telemetry, a soak); it names the release that gave it.
+
+        Raises:
+            agent.InferenceError: ``InvalidInputError``, ``NotReadyError`` (no model yet, see
+                :meth:`until_serving`), ``OverloadedError`` or ``InferenceFailedError``.
+        """
+        return await self._inference.infer(inputs)
+
+    async def until_serving(self) -> None:
+        """Return once a model serves (restored at start, or fetched)."""
+        await self._inference.until_ready()
+
+    async def __aenter__(self) -> Agent:
+        """Run in the background (``async with agent: await agent.infer(...)``)."""
+        self._task = task = asyncio.create_task(self.run())
+        ready = asyncio.ensure_future(self.ready.wait())
+        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if task.done():
+            await task  # raises what ended it
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Stop cleanly (:meth:`request_stop`) and wait for the agent to end."""
+        task, self._task = self._task, None
+        if task is not None:
+            self.request_stop()
+            await task
 
     @property
     def started(self) -> bool:
@@ -393,7 +442,7 @@ class Agent:
         )
         for problem in restored.problems:
             log.warning("%s: %s", self.device_id, problem)
-        serving = await self._load_active(state.active)
+        serving = await self._updater.load_active(state.active)
         memory = StateKeeper.memory_of(state)
         self._feed(Restored(memory, serving=serving, now=self._clock()))
         if restored.desired is not None:
@@ -402,56 +451,6 @@ class Agent:
         with contextlib.suppress(sqlite3.Error, OSError):
             await self._journal.do(partial(len, self._journal.outbox))
         await self._journal.tell_damage()
-
-    async def _load_active(self, release: Release | None) -> bool:
-        """Load the model served before the restart; whether it serves again."""
-        if release is None:
-            return False
-        path = await self._fetcher.stored(release.artifact, ArtifactKind.MODEL)
-        if path is None:
-            return False
-        try:
-            slot = await asyncio.to_thread(ModelSlot, release, path)
-        except ArtifactError as exc:
-            log.error("%s: stored model does not load: %s", self.device_id, exc)
-            return False
-        self._updater.slots = {release.artifact.sha256: slot}
-        self._inference.slot = slot
-        return True
-
-    async def _storage_loop(self) -> None:
-        """Retry failing storage every few seconds, so the device heals by itself once
-        space or write access is back, whether or not anything else writes meanwhile."""
-        while True:
-            await asyncio.sleep(self._config.state_interval_s)
-            trouble = self._engine.trouble
-            if StoragePart.STATE in trouble:
-                await self._keeper.write(again=True)
-            if StoragePart.OUTBOX in trouble:
-                with contextlib.suppress(sqlite3.Error, OSError):
-                    await self._journal.do(self._journal.outbox.probe)
-            if StoragePart.ARTIFACTS in trouble:
-                try:
-                    await asyncio.to_thread(self._fetcher.store.probe)
-                except OSError as exc:
-                    self._feed(StorageFailed(StoragePart.ARTIFACTS, str(exc), self._clock()))
-                else:
-                    self._feed(StorageOk(StoragePart.ARTIFACTS, self._clock()))
-            await self._journal.tell_damage()
-            await self._housekeep()
-
-    async def _housekeep(self) -> None:
-        """Delete the stored files no release here needs once they change (the active,
-        the previous one kept for a rollback, the candidate), between updates only."""
-        engine = self._engine
-        if engine.stage not in (Stage.SERVING, Stage.IDLE, Stage.DEGRADED):
-            return
-        slots = (slot.release for slot in self._updater.slots.values())
-        keep = files_of((engine.active, engine.desired.release, *slots))
-        if self._kept is not None and keep != self._kept:
-            with contextlib.suppress(OSError):  # the store's trouble is told by the fetch
-                await asyncio.to_thread(self._fetcher.store.prune, keep)
-        self._kept = keep
 
     # -- what comes in -----------------------------------------------------------------
 

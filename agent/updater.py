@@ -52,7 +52,7 @@ from agent.journal import Journal
 from agent.persistence import StateKeeper
 from agent.runtime import Feed, ModelSlot, read_golden
 from broker.fetch import FetchFailed
-from schemas import Reason, RejectedError, Rejection, encode
+from schemas import ArtifactError, Reason, RejectedError, Rejection, Release, encode
 from schemas.topics import DeviceChannel
 
 __all__ = ["Updater"]
@@ -150,6 +150,22 @@ class Updater:
         self.slots = {**keep, command.release.artifact.sha256: slot}
         self._inference.slot = slot
 
+    async def load_active(self, release: Release | None) -> bool:
+        """Load the model served before a restart; whether it serves again."""
+        if release is None:
+            return False
+        path = await self._fetcher.stored(release.artifact, ArtifactKind.MODEL)
+        if path is None:
+            return False
+        try:
+            slot = await asyncio.to_thread(ModelSlot, release, path)
+        except ArtifactError as exc:
+            log.error("%s: stored model does not load: %s", self.device_id, exc)
+            return False
+        self.slots = {release.artifact.sha256: slot}
+        self._inference.slot = slot
+        return True
+
     def note(self, reason: Reason, detail: str) -> None:
         """Show a rejection in the device's state (the last one is shown)."""
         self.last_rejection = Rejection(reason=reason.value, detail=detail, at=self._clock())
@@ -236,12 +252,12 @@ class Updater:
 
     async def _self_test(self, command: SelfTest) -> None:
         """Run the release's golden set, or else one real input (the source is called
-        on the loop, like everywhere else)."""
+        on the loop, like everywhere else; zeros of the declared inputs without one)."""
         slot = self._tested.get(command.attempt)
         if slot is None:
             return  # cancelled meanwhile
         try:
-            check = self._inference.source() if command.golden is None else command.golden
+            check = self._inference.sample(slot) if command.golden is None else command.golden
             await asyncio.to_thread(self._check, slot, check)
         except Exception as exc:  # noqa: BLE001 (every failure is told to the engine)
             self._tested.pop(command.attempt, None)
