@@ -91,6 +91,7 @@ def _sim(args: argparse.Namespace) -> int:
         unhealthy_fraction=args.unhealthy,
         silent_fraction=args.silent,
         telemetry_s=args.telemetry,
+        state_interval_s=args.state_interval,
     )
     classes = tuple(load_profiles(Path(args.classes)))
     print(f"enrolling up to {args.devices} devices of {args.hw_class} ...", flush=True)
@@ -145,6 +146,12 @@ def add_sim_command(sub: Commands[argparse.ArgumentParser]) -> None:
     p.add_argument("--silent", type=float, default=0.0, help="share never reporting")
     p.add_argument(
         "--telemetry", type=float, default=10.0, help="seconds per telemetry window (0: none)"
+    )
+    p.add_argument(
+        "--state-interval",
+        type=float,
+        default=5.0,
+        help="seconds between liveness states besides changes, as an agent's (0: none)",
     )
     p.add_argument("--processes", type=int, default=1, help="worker processes (2 cores: 1-2)")
     p.add_argument("--report", type=float, default=5.0, help="seconds between status lines")
