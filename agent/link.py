@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
+from typing import Final
 
 from agent.journal import Journal
 from broker.backoff import RECONNECT, Retry
@@ -39,9 +40,12 @@ from schemas import (
 )
 from schemas.topics import DeviceChannel
 
-__all__ = ["Link"]
+__all__ = ["STATE_SETTLE_S", "Link"]
 
 log = logging.getLogger(__name__)
+
+STATE_SETTLE_S: Final = 1.0
+"""How long a changed state waits before it is published (see ``Link._state_loop``)."""
 
 
 def _only_transport(exc: BaseException) -> bool:
@@ -68,6 +72,7 @@ class Link:
         retry_s: float,
         state_interval_s: float,
         flush_batch: int,
+        state_settle_s: float = STATE_SETTLE_S,
     ) -> None:
         self._endpoint = endpoint
         self._device_id = device_id
@@ -82,6 +87,7 @@ class Link:
         self._retry = Retry(policy)
         self._retry_s = retry_s
         self._state_interval_s = state_interval_s
+        self._state_settle_s = state_settle_s
         self._flush_batch = flush_batch
         self._ack_topic = topics.device_ack(device_id)
         self._next_due: float | None = None
@@ -249,13 +255,18 @@ class Link:
         return True
 
     async def _state_loop(self) -> None:
-        """Publish state on every change, and periodically for liveness."""
+        """Publish state on every change, and periodically for liveness. A change
+        waits ``state_settle_s`` first: the changes that follow it (a manifest taken,
+        then its fetch and load) leave with it as one message, and a fleet answers a
+        class manifest once the broker has fanned it out, not while it does."""
         while True:
             self._state_changed.clear()
             await self.publish_state()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._state_interval_s):
                     await self._state_changed.wait()
+            if self._state_changed.is_set():
+                await asyncio.sleep(self._state_settle_s)
 
     async def publish_state(self) -> None:
         await self.publish_retained(DeviceChannel.STATE, encode(self._state()))

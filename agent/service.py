@@ -55,7 +55,7 @@ from agent.inventory import DeviceInventory
 from agent.journal import Journal
 from agent.lifecycle import Stage
 from agent.limits import Limits
-from agent.link import Link
+from agent.link import STATE_SETTLE_S, Link
 from agent.outbox import Outbox
 from agent.persistence import StateKeeper
 from agent.runtime import Inputs
@@ -85,6 +85,8 @@ class AgentConfig:
     inference_hz: float = 20.0
     telemetry_window_s: float = 10.0
     state_interval_s: float = 5.0
+    state_settle_s: float = STATE_SETTLE_S
+    """How long a changed state waits for the changes that follow it."""
     fetch_timeout_s: float = 120.0
     outbox_max_items: int = 5000
     outbox_max_events: int = 1000
@@ -174,6 +176,7 @@ class Agent:
             retry_s=config.retry_s,
             state_interval_s=config.state_interval_s,
             flush_batch=config.flush_batch,
+            state_settle_s=config.state_settle_s,
         )
         self._fetcher = Fetcher(
             ArtifactStore(data / "artifacts"),

@@ -25,12 +25,12 @@ few tasks each.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Final
 
@@ -38,6 +38,7 @@ from agent.bundle import Bundle
 from agent.intake import Intake, ManifestTaken, Outcome, Refused
 from broker.backoff import RECONNECT, Retry
 from broker.session import Endpoint, Message, Session, TransportError, Will
+from edgefleet.simconfig import Behaviour, SimConfig
 from schemas import (
     OFFLINE,
     ONLINE,
@@ -63,62 +64,8 @@ __all__ = ["Behaviour", "Gate", "Observer", "SimConfig", "SimDevice", "SimStats"
 
 log = logging.getLogger(__name__)
 
-_BEHAVIOUR_SALT: Final = "edgefleet-sim/behaviour"
 _PHASE_SALT: Final = "edgefleet-sim/telemetry-phase"
 _DETAIL_CHARS: Final = 500
-
-
-class Behaviour(StrEnum):
-    """How a simulated device fares on a new release."""
-
-    HEALTHY = "healthy"
-    UNHEALTHY = "unhealthy"
-    """Reports unhealthy (error rate and latency over budget) and goes back."""
-    SILENT = "silent"
-    """Takes the manifest, names the release its target and never reports again."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class SimConfig:
-    """How every simulated device behaves."""
-
-    soak_s: float | None = None
-    """Seconds between taking a release and reporting on it; None: the release's own
-    ``health.soak_seconds``."""
-    unhealthy_fraction: float = 0.0
-    silent_fraction: float = 0.0
-    """Shares of the devices that are unhealthy / silent on every new release (disjoint:
-    a device is unhealthy first)."""
-    telemetry_s: float = 0.0
-    """Period of telemetry windows besides the one of each soak; 0: none."""
-    inference_hz: float = 20.0
-    """Simulated inferences per second (counts in state, reports and telemetry)."""
-    latency_ms: float = 2.0
-    """Simulated latency of a healthy device's inferences."""
-    keepalive: int = 60
-    connect_timeout: float = 60.0
-
-    def __post_init__(self) -> None:
-        shares = (self.unhealthy_fraction, self.silent_fraction)
-        if not all(0.0 <= share <= 1.0 for share in shares) or sum(shares) > 1.0:
-            msg = "unhealthy and silent fractions must be in [0, 1] and add up to at most 1"
-            raise ValueError(msg)
-        if (self.soak_s is not None and self.soak_s < 0) or self.telemetry_s < 0:
-            msg = "soak and telemetry periods must not be negative"
-            raise ValueError(msg)
-        if self.inference_hz <= 0 or self.latency_ms <= 0:
-            msg = "inference rate and latency must be positive"
-            raise ValueError(msg)
-
-    def behaviour(self, device_id: str) -> Behaviour:
-        """A device's behaviour, from a stable hash of its id."""
-        # One hash for both shares: the silent ones come right after the unhealthy ones.
-        place = bucket(_BEHAVIOUR_SALT, device_id)
-        if place < self.unhealthy_fraction * BUCKETS:
-            return Behaviour.UNHEALTHY
-        if place < (self.unhealthy_fraction + self.silent_fraction) * BUCKETS:
-            return Behaviour.SILENT
-        return Behaviour.HEALTHY
 
 
 class Observer:
@@ -143,11 +90,17 @@ class SimStats:
     """Trust documents and manifests refused."""
     reports: Counter[Verdict] = field(default_factory=Counter)
     telemetry: int = 0
+    unpublished: int = 0
+    """Devices whose changed state waits to be published (settling)."""
     changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-    """Set whenever ``connected`` changes."""
+    """Set whenever ``connected`` or ``unpublished`` changes."""
 
     def connection(self, delta: int) -> None:
         self.connected += delta
+        self.changed.set()
+
+    def settling(self, delta: int) -> None:
+        self.unpublished += delta
         self.changed.set()
 
 
@@ -311,7 +264,7 @@ class SimDevice:
             self._stats.manifests[outcome.manifest.seq] += 1
             self._observer.verified(self.device_id, outcome.manifest.seq)
             self._apply(outcome)
-        self._state_changed.set()  # a manifest or trust taken, or a rejection
+        self._state_change()  # a manifest or trust taken, or a rejection
 
     def _apply(self, taken: ManifestTaken) -> None:
         """Run the release the manifest assigns, if it is another one, and soak it."""
@@ -348,7 +301,7 @@ class SimDevice:
         self._stats.reports[report.verdict] += 1
         self._observer.reporting(self.device_id, report)
         await self._publish(DeviceChannel.HEALTH, self._health, retain=True)
-        self._state_changed.set()
+        self._state_change()
 
     def _report(self, release: Release, seq: int, soak: float) -> HealthReport:
         budget = release.health
@@ -426,12 +379,26 @@ class SimDevice:
         )
 
     async def _state_loop(self) -> None:
-        """Publish the state soon after it changed, like an agent: changes that come
-        together leave as one message, after the other devices' work of the moment."""
+        """Publish the state like an agent (``agent.link.Link``): a change after the
+        settle, with the changes that join it meanwhile, and the state again every
+        ``state_interval_s`` (0: only on changes)."""
+        config = self._config
         while True:
-            await self._state_changed.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(config.state_interval_s or None):
+                    await self._state_changed.wait()
+            changed = self._state_changed.is_set()
+            if changed:
+                await asyncio.sleep(config.state_settle_s)
             self._state_changed.clear()
             await self._publish_state()
+            if changed:
+                self._stats.settling(-1)
+
+    def _state_change(self) -> None:
+        if not self._state_changed.is_set():
+            self._stats.settling(1)
+            self._state_changed.set()
 
     async def _publish_state(self) -> None:
         await self._publish(DeviceChannel.STATE, encode(self._state()), retain=True)
@@ -491,6 +458,12 @@ class Simulator:
         async with asyncio.TaskGroup() as tg:
             for device in self.devices:
                 tg.create_task(device.run(), name=f"sim-{device.device_id}")
+
+    async def until_quiet(self) -> None:
+        """Return once no device has a changed state waiting to be published."""
+        while self.stats.unpublished:
+            self.stats.changed.clear()
+            await self.stats.changed.wait()
 
     async def until_connected(self, n: int | None = None) -> None:
         """Return once ``n`` devices (default: all) have their session open."""

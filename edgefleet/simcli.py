@@ -44,25 +44,23 @@ def enroll_sim_devices(
     home: Home, hw_class: str, count: int, *, prefix: str = "sim", classes: Sequence[str] = ()
 ) -> list[Path]:
     """The bundle folders of ``prefix-00000`` .. ``prefix-{count-1}``, enrolled in
-    ``hw_class`` where missing (blocking: a certificate each). Apply the new members to a
-    running broker with :meth:`Home.apply_membership`.
+    ``hw_class`` where missing (blocking: a certificate each, the device list written
+    once). Apply the new members to a running broker with :meth:`Home.apply_membership`.
 
     Raises:
         UsageError: one of the ids is enrolled in another class, or is revoked.
         ValueError: a bad prefix or class.
     """
     enrolled = home.devices()
-    folders = []
-    for i in range(count):
-        device_id = check_name(f"{prefix}-{i:05d}", "device id")
+    ids = [check_name(f"{prefix}-{i:05d}", "device id") for i in range(count)]
+    for device_id in ids:
         known = enrolled.get(device_id)
-        if known is None:
-            home.enroll(device_id, hw_class, classes=classes)
-        elif known != hw_class:
+        if known is not None and known != hw_class:
             msg = f"{device_id} is enrolled in class {known}, not {hw_class}"
             raise UsageError(msg)
-        folders.append(home.root / "devices" / device_id)
-    return folders
+    missing = [(d, hw_class) for d in ids if d not in enrolled]
+    home.enroll_many(missing, classes=classes)
+    return [home.root / "devices" / device_id for device_id in ids]
 
 
 async def _serve(folders: list[Path], config: SimConfig, duration: float, every: float) -> None:
@@ -93,6 +91,7 @@ def _sim(args: argparse.Namespace) -> int:
         unhealthy_fraction=args.unhealthy,
         silent_fraction=args.silent,
         telemetry_s=args.telemetry,
+        state_interval_s=args.state_interval,
     )
     classes = tuple(load_profiles(Path(args.classes)))
     print(f"enrolling up to {args.devices} devices of {args.hw_class} ...", flush=True)
@@ -147,6 +146,12 @@ def add_sim_command(sub: Commands[argparse.ArgumentParser]) -> None:
     p.add_argument("--silent", type=float, default=0.0, help="share never reporting")
     p.add_argument(
         "--telemetry", type=float, default=10.0, help="seconds per telemetry window (0: none)"
+    )
+    p.add_argument(
+        "--state-interval",
+        type=float,
+        default=5.0,
+        help="seconds between liveness states besides changes, as an agent's (0: none)",
     )
     p.add_argument("--processes", type=int, default=1, help="worker processes (2 cores: 1-2)")
     p.add_argument("--report", type=float, default=5.0, help="seconds between status lines")

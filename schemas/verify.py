@@ -43,6 +43,9 @@ class TrustedState:
         self._root_keys = dict(root_keys)
         self._root_threshold = 1
         self._trust: TrustDoc | None = None
+        self._role_keys: dict[Role, dict[str, Ed25519PublicKey]] = {}
+        """The current TrustDoc's keys of each role, built once per document (not on
+        every verification)."""
 
     @property
     def trust(self) -> TrustDoc | None:
@@ -74,7 +77,8 @@ class TrustedState:
         if doc.expires_at <= now:
             raise PolicyError(Reason.EXPIRED, f"trust version {doc.version} expired")
         self._trust = doc
-        self._root_keys = doc.keys_for(Role.ROOT)
+        self._role_keys = {role: doc.keys_for(role) for role in Role}
+        self._root_keys = self._role_keys[Role.ROOT]
         self._root_threshold = new_root.threshold
         return doc
 
@@ -83,7 +87,7 @@ class TrustedState:
             raise PolicyError(Reason.NOT_TRUSTED, "no trust document yet")
         if self._trust.expires_at <= now:
             raise PolicyError(Reason.EXPIRED, f"trust version {self._trust.version} has expired")
-        return self._trust.keys_for(role), self._trust.roles[role].threshold
+        return self._role_keys[role], self._trust.roles[role].threshold
 
     def verify_manifest(
         self, data: bytes, *, hw_class: str, applied_seq: int, now: float

@@ -8,14 +8,17 @@ import contextlib
 import json
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from agent import Bundle
+from agent.link import STATE_SETTLE_S
 from edgefleet.cli import main
 from edgefleet.fleet import Fleet
 from edgefleet.home import Home
@@ -93,6 +96,19 @@ def _cli(fleet: Fleet, *args: str) -> int:
     return main(["--home", str(fleet.home.root), *args])
 
 
+def _listed_once_settled(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> list[Any]:
+    """``fleet ls --json`` once no device's state says ``updating``: a state settles for
+    ``STATE_SETTLE_S`` before it is published, so it may follow the status that ended a
+    rollout by that much. Read again every quarter second, a bounded number of times."""
+    for _ in range(int((STATE_SETTLE_S + 10.0) / 0.25)):
+        assert _cli(fleet, "fleet", "ls", "--json") == 0
+        devices: list[Any] = json.loads(capsys.readouterr().out)
+        if all(d["mode"] != "updating" for d in devices):
+            break
+        time.sleep(0.25)
+    return devices
+
+
 def test_rollout_commands_drive_a_live_fleet(
     make_fleet: MakeFleet,
     demo_models: dict[str, DemoModel],
@@ -108,8 +124,7 @@ def test_rollout_commands_drive_a_live_fleet(
         assert "first gen 1 completed wave 1/1 release digits-v1:fp32@" in out
         assert "targeted 3 updated 3 healthy 3 unhealthy 0" in out
 
-        assert _cli(fleet, "fleet", "ls", "--json") == 0
-        devices = json.loads(capsys.readouterr().out)
+        devices = _listed_once_settled(fleet, capsys)
         assert sorted(d["device_id"] for d in devices) == sorted(fleet.home.devices())
         for device in devices:  # each serves the completed rollout's release, healthy on it
             assert device["release"].startswith("digits-v1:fp32@"), device

@@ -59,6 +59,11 @@ async def _running(sim: Simulator) -> AsyncIterator[None]:
             await task
 
 
+def _after_report(wire: Wire, device_id: str) -> bool:
+    state = wire.states.get(device_id)
+    return state is not None and state.updated_at >= wire.health[device_id].at
+
+
 def _settled(wire: Wire, ids: set[str]) -> bool:
     """Every device reported and its state says so."""
     states = [wire.states.get(d) for d in ids]
@@ -80,12 +85,11 @@ async def _roll(
             operator, fleet, wire, model, rollout_id="sim-rollout", waves=waves, expect=expect
         )
         ids = {device.device_id for device in sim.devices}
-        # The devices' last words reach the wire after the status that ended the rollout.
+        # The devices' last words reach the wire after the status that ended the rollout:
+        # the report, then (after the settle) a state made after it.
         await wire.until(
-            lambda: (
-                ids <= set(wire.health) and all(wire.states[d].mode != Mode.UPDATING for d in ids)
-            ),
-            what="every device's report and state",
+            lambda: ids <= set(wire.health) and all(_after_report(wire, d) for d in ids),
+            what="every device's report and the state after it",
         )
         # Seen before the simulator stops: its devices then say offline, as they should.
         running = dict(wire.presence)

@@ -581,3 +581,43 @@ def test_rollout_spec_under_an_expired_trust_doc_is_rejected_expired(
 def test_trusted_state_without_root_keys_is_refused() -> None:
     with pytest.raises(ValueError, match="root key"):
         TrustedState({})
+
+
+def test_manifest_key_dropped_by_rotation_is_refused_after_it_verified_before(
+    trusted: TrustedState, roles: Roles, manifest: Manifest, hw_class: str, now: float
+) -> None:
+    # The role keys are built once per TrustDoc: the ones of v1, used for a manifest,
+    # must not outlive v1.
+    old_signed = _sealed_manifest(manifest, roles.manifest)
+    assert trusted.verify_manifest(old_signed, hw_class=hw_class, applied_seq=4, now=now)
+    new_manifest_key = KeyPair.generate()
+    v2 = _trust(
+        version=2,
+        root=[roles.root],
+        manifest=[new_manifest_key],
+        operator=[roles.operator],
+        now=now,
+    )
+    trusted.update_trust(_sealed_trust(v2, roles.root), now=now)
+
+    reason = _manifest_rejection(trusted, old_signed, hw_class=hw_class, now=now)
+    assert reason is Reason.UNKNOWN_KEY
+    new_signed = _sealed_manifest(manifest, new_manifest_key)
+    assert trusted.verify_manifest(new_signed, hw_class=hw_class, applied_seq=4, now=now)
+
+
+def test_trust_rotation_refused_keeps_the_role_keys_of_the_trust_held(
+    trusted: TrustedState, roles: Roles, manifest: Manifest, hw_class: str, now: float
+) -> None:
+    expired = _trust(
+        version=2,
+        root=[roles.root],
+        manifest=[KeyPair.generate()],
+        operator=[roles.operator],
+        now=now,
+        expires_in=-1.0,
+    )
+    assert _trust_rejection(trusted, _sealed_trust(expired, roles.root), now=now) is Reason.EXPIRED
+
+    signed = _sealed_manifest(manifest, roles.manifest)
+    assert trusted.verify_manifest(signed, hw_class=hw_class, applied_seq=4, now=now)
