@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -40,12 +41,19 @@ from schemas import (
 )
 from schemas.topics import DeviceChannel
 
-__all__ = ["STATE_SETTLE_S", "Link"]
+__all__ = ["STATE_SETTLE_S", "Link", "settle_delay"]
 
 log = logging.getLogger(__name__)
 
 STATE_SETTLE_S: Final = 1.0
-"""How long a changed state waits before it is published (see ``Link._state_loop``)."""
+"""How long a changed state waits at least before it is published (see ``Link._state_loop``)."""
+
+
+def settle_delay(settle_s: float, rand: Callable[[], float] = random.random) -> float:
+    """How long one changed state waits: ``settle_s`` to twice that, at random, so that a
+    fleet answering one manifest spreads its states (and its liveness timers, which start
+    from them) instead of sending them all in the same instant."""
+    return settle_s * (1.0 + rand())
 
 
 def _only_transport(exc: BaseException) -> bool:
@@ -256,9 +264,10 @@ class Link:
 
     async def _state_loop(self) -> None:
         """Publish state on every change, and periodically for liveness. A change
-        waits ``state_settle_s`` first: the changes that follow it (a manifest taken,
-        then its fetch and load) leave with it as one message, and a fleet answers a
-        class manifest once the broker has fanned it out, not while it does."""
+        waits ``state_settle_s`` to twice that first (:func:`settle_delay`): the changes
+        that follow it (a manifest taken, then its fetch and load) leave with it as one
+        message, and a fleet answers a class manifest once the broker has fanned it out,
+        not while it does, spread over a second rather than all at once."""
         while True:
             self._state_changed.clear()
             await self.publish_state()
@@ -266,7 +275,7 @@ class Link:
                 async with asyncio.timeout(self._state_interval_s):
                     await self._state_changed.wait()
             if self._state_changed.is_set():
-                await asyncio.sleep(self._state_settle_s)
+                await asyncio.sleep(settle_delay(self._state_settle_s))
 
     async def publish_state(self) -> None:
         await self.publish_retained(DeviceChannel.STATE, encode(self._state()))

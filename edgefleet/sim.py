@@ -36,6 +36,7 @@ from typing import Final
 
 from agent.bundle import Bundle
 from agent.intake import Intake, ManifestTaken, Outcome, Refused
+from agent.link import settle_delay
 from broker.backoff import RECONNECT, Retry
 from broker.session import Endpoint, Message, Session, TransportError, Will
 from edgefleet.simconfig import Behaviour, SimConfig
@@ -389,7 +390,7 @@ class SimDevice:
                     await self._state_changed.wait()
             changed = self._state_changed.is_set()
             if changed:
-                await asyncio.sleep(config.state_settle_s)
+                await asyncio.sleep(settle_delay(config.state_settle_s))
             self._state_changed.clear()
             await self._publish_state()
             if changed:

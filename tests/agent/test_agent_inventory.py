@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 import pytest
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 
 from agent.inventory import DeviceInventory, hottest_zone
 from schemas import DeviceState, Inventory, Mode, decode, encode
+from tests.coordinator.records import device_state
 
 
 def _zone(root: Path, n: int, temp: str) -> None:
@@ -46,23 +48,8 @@ def test_the_inventory_is_the_machine_it_runs_on(tmp_path: Path) -> None:
     assert now.disk_free_bytes > 0, "the nearest existing parent's free space"
 
 
-def _state(**more: object) -> DeviceState:
-    return DeviceState(
-        device_id="cam-001",
-        hw_class="jetson-vision-standard",
-        mode=Mode.IDLE,
-        active_release=None,
-        active_sha256=None,
-        target_release=None,
-        rollout_id=None,
-        applied_seq=0,
-        trust_version=1,
-        inferences_total=0,
-        last_inference_at=None,
-        last_rejection=None,
-        updated_at=0.0,
-        **more,
-    )
+def _state(**more: Any) -> DeviceState:
+    return device_state("cam-001", mode=Mode.IDLE, applied_seq=0, updated_at=0.0, **more)
 
 
 def test_a_state_carries_the_inventory_and_older_states_still_decode(tmp_path: Path) -> None:

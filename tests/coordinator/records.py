@@ -11,16 +11,28 @@ from schemas import (
     ArtifactRef,
     DeviceState,
     HealthBudget,
+    HealthReport,
     Mode,
     Phase,
     Release,
     Runtime,
     TensorSpec,
     Variant,
+    Verdict,
     WaveSpec,
 )
 
-__all__ = ["CLASS", "POLICY", "T0", "make_record", "make_release", "make_variant", "with_lane"]
+__all__ = [
+    "CLASS",
+    "POLICY",
+    "T0",
+    "device_state",
+    "health_report",
+    "make_record",
+    "make_release",
+    "make_variant",
+    "with_lane",
+]
 
 CLASS = "jetson-vision-standard"
 T0 = 1_700_000_000.0
@@ -99,10 +111,10 @@ def with_lane(record: RolloutRecord, name: str = CLASS, **changes: Any) -> Rollo
 
 
 def device_state(
-    device_id: str, *, hw_class: str = CLASS, sha256: str | None = None
+    device_id: str, *, hw_class: str = CLASS, sha256: str | None = None, **changes: Any
 ) -> DeviceState:
     """A serving device's retained state as the fleet view reads it: its class and the
-    sha256 of the model it runs."""
+    sha256 of the model it runs (and any other field given)."""
     return DeviceState(
         device_id=device_id,
         hw_class=hw_class,
@@ -117,4 +129,23 @@ def device_state(
         last_inference_at=None,
         last_rejection=None,
         updated_at=T0,
+        **changes,
     )
+
+
+def health_report(device_id: str, **changes: Any) -> HealthReport:
+    """A healthy report of ``device_id`` on ``rollout-1`` (and any other field given)."""
+    report = HealthReport(
+        report_id=f"{device_id}-1",
+        device_id=device_id,
+        rollout_id="rollout-1",
+        manifest_seq=4,
+        release="digits-v2",
+        verdict=Verdict.HEALTHY,
+        inferences=100,
+        errors=0,
+        p95_latency_ms=1.0,
+        soak_seconds=4.0,
+        at=T0,
+    )
+    return report.model_copy(update=changes)

@@ -30,9 +30,7 @@ from coordinator.signer import Signer
 from schemas import (
     OFFLINE,
     ONLINE,
-    HealthReport,
     KeyPair,
-    Verdict,
     encode,
     topics,
 )
@@ -40,7 +38,7 @@ from schemas.codec import MAX_MESSAGE_BYTES
 from schemas.errors import MAX_DETAIL_CHARS
 from schemas.topics import DeviceChannel
 from tests.coordinator.kit import ScriptedTransport, make_config
-from tests.coordinator.records import T0, device_state
+from tests.coordinator.records import T0, device_state, health_report
 from tests.coordinator.summaries import numbered
 
 
@@ -116,19 +114,7 @@ def _state(device_id: str, seq: int = 3) -> Message:
 
 
 def _health(device_id: str) -> Message:
-    report = HealthReport(
-        report_id=f"{device_id}-1",
-        device_id=device_id,
-        rollout_id="rollout-1",
-        manifest_seq=4,
-        release="digits-v2",
-        verdict=Verdict.HEALTHY,
-        inferences=100,
-        errors=0,
-        p95_latency_ms=1.0,
-        soak_seconds=4.0,
-        at=T0,
-    )
+    report = health_report(device_id)
     return _device(device_id, DeviceChannel.HEALTH, encode(report))
 
 

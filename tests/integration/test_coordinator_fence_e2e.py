@@ -14,8 +14,9 @@ from broker.session import Session
 from coordinator.clock import Settling
 from coordinator.fleet import FleetView
 from edgefleet.fleet import Fleet
-from schemas import ONLINE, DeviceState, Mode, encode, topics
+from schemas import ONLINE, DeviceState, encode, topics
 from schemas.topics import DeviceChannel
+from tests.coordinator.records import device_state
 from tests.integration.fleetkit import (
     ADMIN_ACCOUNTS,
     JETSON,
@@ -31,21 +32,7 @@ HANDLING_S = 0.01
 
 
 def _state(device_id: str) -> DeviceState:
-    return DeviceState(
-        device_id=device_id,
-        hw_class=JETSON,
-        mode=Mode.SERVING,
-        active_release=None,
-        active_sha256=None,
-        target_release=None,
-        rollout_id=None,
-        applied_seq=0,
-        trust_version=1,
-        inferences_total=0,
-        last_inference_at=None,
-        last_rejection=None,
-        updated_at=time.time(),
-    )
+    return device_state(device_id, hw_class=JETSON, applied_seq=0, updated_at=time.time())
 
 
 def test_the_view_is_known_only_after_every_retained_device_message(

@@ -10,8 +10,9 @@ import time
 
 from coordinator import Coordinator
 from edgefleet.fleet import Fleet
-from schemas import ONLINE, DeviceState, HealthReport, Mode, Verdict, encode, topics
+from schemas import ONLINE, HealthReport, Verdict, encode, topics
 from schemas.topics import DeviceChannel
+from tests.coordinator.records import device_state
 from tests.integration.fleetkit import (
     JETSON,
     MakeFleet,
@@ -25,23 +26,7 @@ DEVICES = 300
 
 
 def _state(device_id: str) -> bytes:
-    return encode(
-        DeviceState(
-            device_id=device_id,
-            hw_class=JETSON,
-            mode=Mode.SERVING,
-            active_release=None,
-            active_sha256=None,
-            target_release=None,
-            rollout_id=None,
-            applied_seq=0,
-            trust_version=1,
-            inferences_total=0,
-            last_inference_at=None,
-            last_rejection=None,
-            updated_at=time.time(),
-        )
-    )
+    return encode(device_state(device_id, hw_class=JETSON, applied_seq=0, updated_at=time.time()))
 
 
 def _health(device_id: str) -> bytes:
