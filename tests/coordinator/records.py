@@ -115,22 +115,22 @@ def device_state(
 ) -> DeviceState:
     """A serving device's retained state as the fleet view reads it: its class and the
     sha256 of the model it runs (and any other field given)."""
-    return DeviceState(
-        device_id=device_id,
-        hw_class=hw_class,
-        mode=Mode.SERVING,
-        active_release=None,
-        active_sha256=sha256,
-        target_release=None,
-        rollout_id=None,
-        applied_seq=3,
-        trust_version=1,
-        inferences_total=0,
-        last_inference_at=None,
-        last_rejection=None,
-        updated_at=T0,
-        **changes,
-    )
+    fields: dict[str, Any] = {
+        "device_id": device_id,
+        "hw_class": hw_class,
+        "mode": Mode.SERVING,
+        "active_release": None,
+        "active_sha256": sha256,
+        "target_release": None,
+        "rollout_id": None,
+        "applied_seq": 3,
+        "trust_version": 1,
+        "inferences_total": 0,
+        "last_inference_at": None,
+        "last_rejection": None,
+        "updated_at": T0,
+    }
+    return DeviceState(**{**fields, **changes})
 
 
 def health_report(device_id: str, **changes: Any) -> HealthReport:
