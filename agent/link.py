@@ -159,6 +159,13 @@ class Link:
         finally:
             if session.connected:
                 with contextlib.suppress(TransportError):
+                    if self._state_changed.is_set():  # still settling: not left behind
+                        await session.publish(
+                            topics.device(self._device_id, DeviceChannel.STATE),
+                            encode(self._state()),
+                            retain=True,
+                            timeout=2.0,
+                        )
                     await session.publish(
                         topics.device(self._device_id, DeviceChannel.PRESENCE),
                         OFFLINE,

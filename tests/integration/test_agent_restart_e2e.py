@@ -60,6 +60,11 @@ async def _restart(fleet: Fleet, demo_models: dict[str, DemoModel]) -> None:
             what="the rollout's first wave",
         )
         assert first.phase is Phase.WAVE
+        # Its state says v1 before it goes (a changed state settles a second or two).
+        await wire.until(
+            lambda: (state := wire.states.get(victim)) is not None and state.active_release == v1,
+            what="the victim's state on v1",
+        )
         await stop_agent(fleet, victim)
         assert fleet.agents[victim].active_release is not None
         assert fleet.agents[victim].active_release.release_id == v1  # type: ignore[union-attr]
