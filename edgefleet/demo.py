@@ -24,7 +24,7 @@ from edgefleet.home import WATCHER
 from edgefleet.modeltools import optimize_for_classes
 from models import DemoModel, build_demo_models
 from models.datafile import load_dataset
-from schemas import DeviceState, LanePhase, Phase, RolloutStatus, decode, topics
+from schemas import DeviceState, LanePhase, Mode, Phase, RolloutStatus, decode, topics
 from schemas.topics import DeviceChannel, TopicKind
 
 __all__ = ["DemoOutcome", "run_demo"]
@@ -133,6 +133,24 @@ class _Watch:
             for c, releases in sorted(per_class.items())
         )
 
+    async def until_settled(self, gone: frozenset[str], timeout: float) -> bool:
+        """Wait until no device's state says it is updating or serves a release of
+        ``gone`` (one rolled back): states settle a second or two after the status that
+        ended a rollout. False if some still do after ``timeout``."""
+
+        def settled() -> bool:
+            return all(
+                s.mode is not Mode.UPDATING and s.active_release not in gone
+                for s in self.outcome.states.values()
+            )
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not settled():
+                    self.changed.clear()
+                    await self.changed.wait()
+        return settled()
+
     async def until_final(self, rollout_id: str, timeout: float) -> RolloutStatus:
         async with asyncio.timeout(timeout):
             while True:
@@ -215,7 +233,11 @@ async def _scenario(fleet: Fleet, demo_models: dict[str, DemoModel], watch: _Wat
                     "releases: "
                     + ", ".join(f"{c}: {r}" for c, r in sorted(status.releases.items()))
                 )
-            await asyncio.sleep(1.0)
+            rolled_back = status.phase is not Phase.COMPLETED
+            gone = frozenset(status.releases.values()) if rolled_back else frozenset()
+            if not await watch.until_settled(gone, timeout=30.0):
+                watch.say("!! devices did not settle on the outcome")
+                ok = False
             watch.say(f"fleet: {watch.fleet_line()}")
             if status.phase is not expected:
                 watch.say(f"!! expected {expected.value}, got {status.phase.value}")
