@@ -60,7 +60,6 @@ from schemas import (
     KeyPair,
     LogHistogram,
     TelemetrySummary,
-    Verdict,
     decode,
     encode,
     topics,
@@ -68,7 +67,7 @@ from schemas import (
 from schemas.topics import DeviceChannel
 from tests.broker.localfleet import LocalFleet, broker_tempdir
 from tests.coordinator.kit import make_config
-from tests.coordinator.records import T0, device_state
+from tests.coordinator.records import T0, device_state, health_report
 from tests.coordinator.summaries import numbered
 
 PUBLISHER = "bench-publisher"
@@ -96,18 +95,12 @@ def _burst(devices: int) -> list[tuple[str, bytes]]:
                 "max_rss_bytes": 123_456_789,
             }
         )
-        report = HealthReport(
-            report_id=f"{device_id}-1",
-            device_id=device_id,
-            rollout_id="rollout-1",
-            manifest_seq=4,
+        report = health_report(
+            device_id,
             release="digits-v2-fp32",
-            verdict=Verdict.HEALTHY,
             inferences=600,
-            errors=0,
             p95_latency_ms=7.5,
             soak_seconds=60.0,
-            at=T0,
         )
         burst += [
             (topics.device(device_id, DeviceChannel.STATE), encode(device_state(device_id))),

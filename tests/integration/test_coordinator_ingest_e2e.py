@@ -10,9 +10,9 @@ import time
 
 from coordinator import Coordinator
 from edgefleet.fleet import Fleet
-from schemas import ONLINE, HealthReport, Verdict, encode, topics
+from schemas import ONLINE, encode, topics
 from schemas.topics import DeviceChannel
-from tests.coordinator.records import device_state
+from tests.coordinator.records import device_state, health_report
 from tests.integration.fleetkit import (
     JETSON,
     MakeFleet,
@@ -30,21 +30,7 @@ def _state(device_id: str) -> bytes:
 
 
 def _health(device_id: str) -> bytes:
-    return encode(
-        HealthReport(
-            report_id=f"{device_id}-1",
-            device_id=device_id,
-            rollout_id="rollout-1",
-            manifest_seq=1,
-            release="digits-v2",
-            verdict=Verdict.HEALTHY,
-            inferences=100,
-            errors=0,
-            p95_latency_ms=1.0,
-            soak_seconds=4.0,
-            at=time.time(),
-        )
-    )
+    return encode(health_report(device_id, manifest_seq=1, at=time.time()))
 
 
 def test_a_burst_of_retained_device_messages_is_read_in_batches_off_the_loop(
