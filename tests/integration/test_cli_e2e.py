@@ -98,13 +98,14 @@ def _cli(fleet: Fleet, *args: str) -> int:
 
 
 def _listed_once_settled(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> list[Any]:
-    """``fleet ls --json`` once no device's state says ``updating``: a state settles for
-    ``STATE_SETTLE_S`` before it is published, so it may follow the status that ended a
-    rollout by that much. Read again every quarter second, a bounded number of times."""
+    """``fleet ls --json`` once no device's state says ``updating`` or ``idle``: a state
+    settles ``STATE_SETTLE_S`` to twice that before it is published, so it may follow the
+    status that ended a rollout by that much. Read again every quarter second, a bounded
+    number of times."""
     for _ in range(int((STATE_SETTLE_S + 10.0) / 0.25)):
         assert _cli(fleet, "fleet", "ls", "--json") == 0
         devices: list[Any] = json.loads(capsys.readouterr().out)
-        if all(d["mode"] != "updating" for d in devices):
+        if all(d["mode"] not in ("updating", "idle") for d in devices):
             break
         time.sleep(0.25)
     return devices
