@@ -48,59 +48,52 @@ import json
 import logging
 import multiprocessing
 import os
-import resource
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Final
 
-import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
-    Ed25519PublicKey,
 )
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from agent.bundle import Bundle
+from bench.fleetprocs import (
+    BARE,
+    FANOUT_ROUNDS,
+    HW_CLASS,
+    SOAK_S,
+    bare_worker,
+    devices_worker,
+    fanout_worker,
+    raise_fd_limit,
+)
+from bench.fleetwatch import ROLLOUT, STEP_TIMEOUT_S, Pipes, Probe, Seen, Watch
 from broker.config import BrokerPorts
 from broker.launcher import MosquittoBroker, free_ports
-from broker.session import Endpoint, Message, Session
+from broker.session import Session
 from coordinator import load_profiles
 from edgefleet.compose import start_rollout
 from edgefleet.home import OPERATOR, WATCHER, Home
-from edgefleet.sim import Observer, SimConfig, Simulator
 from edgefleet.simcli import enroll_sim_devices
 from models import build_demo_models
 from schemas import (
-    HealthReport,
-    Manifest,
     Phase,
-    RolloutStatus,
     bucket,
-    decode,
     topics,
 )
-from schemas.envelope import Envelope
 from schemas.manifest import BUCKETS
-from schemas.topics import DeviceChannel
 
-HW_CLASS: Final = "sim-camera"
-ROLLOUT: Final = "bench-rollout"
 WAVES: Final = (10.0, 100.0)
-SOAK_S: Final = 1.0
 ADMIN: Final = "bench-admin"
-BARE: Final = "bench-bare"
 PROFILES: Final = f"""
 [classes.{HW_CLASS}]
 providers = ["CPUExecutionProvider"]
@@ -109,10 +102,7 @@ health = {{ max_error_rate = 0.01, p95_latency_ms = 10.0, min_inferences = 20, \
 soak_seconds = {SOAK_S} }}
 rollout = {{ success_ratio = 1.0, max_failure_ratio = 0.0, wave_timeout_s = 1800 }}
 """
-FANOUT_ROUNDS: Final = 3
 """Baseline fan-outs: as many as the rollout's manifests (two waves, the promotion)."""
-_STEP_TIMEOUT_S: Final = 900.0
-"""A guard against a hang at any one step; a step at 10,000 devices takes seconds."""
 
 
 def _say(line: str) -> None:
@@ -123,13 +113,6 @@ def _of_round(round_: int, report: tuple[Any, ...]) -> bool:
     return bool(report[1] == round_)
 
 
-def _raise_fd_limit() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
 def _status_kb(pid: int, field_name: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
         if line.startswith(f"{field_name}:"):
@@ -138,292 +121,6 @@ def _status_kb(pid: int, field_name: str) -> int:
 
 
 # -- worker processes ------------------------------------------------------------------
-
-
-class _Reporter(Observer):
-    """Tells the parent when every device of this worker verified a manifest."""
-
-    def __init__(self, conn: Connection, devices: int) -> None:
-        self._conn = conn
-        self._devices = devices
-        self._took: Counter[int] = Counter()
-        self._first: dict[int, float] = {}
-
-    def verified(self, device_id: str, seq: int) -> None:  # noqa: ARG002 (an Observer hook)
-        now = time.monotonic()
-        self._first.setdefault(seq, now)
-        self._took[seq] += 1
-        if self._took[seq] == self._devices:
-            self._conn.send(("verified", seq, self._first[seq], now))
-
-
-async def _commands(conn: Connection) -> asyncio.Queue[tuple[Any, ...]]:
-    queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-    asyncio.get_running_loop().add_reader(conn.fileno(), lambda: queue.put_nowait(conn.recv()))
-    return queue
-
-
-async def _devices_main(conn: Connection, folders: list[Path]) -> None:
-    sim = Simulator(folders, SimConfig(soak_s=SOAK_S), observer=_Reporter(conn, len(folders)))
-    commands = await _commands(conn)
-    async with asyncio.TaskGroup() as tg:
-        runner = tg.create_task(sim.run())
-        await sim.until_connected()
-        conn.send(("up", len(folders)))
-        while True:
-            command, arg = await commands.get()
-            if command == "hold":
-                sim.gate.close()
-                conn.send(("holding", 0))
-            elif command == "until_held":
-                await sim.gate.until_held(arg)
-                conn.send(("held", arg))
-            elif command == "open":
-                sim.gate.open()
-            elif command == "quiet":
-                await sim.until_quiet()
-                conn.send(("quiet", arg))
-            else:
-                runner.cancel()
-                return
-
-
-def _devices_worker(conn: Connection, folders: list[Path]) -> None:
-    _raise_fd_limit()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    asyncio.run(_devices_main(conn, folders))
-
-
-async def _fanout_main(conn: Connection, folders: list[Path], key: bytes) -> None:
-    """Bare subscribers on the devices' identities: receive, verify, nothing else; one
-    report per round once every subscriber of this worker verified that round's payload."""
-    public = Ed25519PublicKey.from_public_bytes(key)
-    commands = await _commands(conn)
-    topic = topics.class_manifest(HW_CLASS)
-    done: list[list[float]] = [[] for _ in range(FANOUT_ROUNDS)]
-    stop = asyncio.Event()
-
-    async def subscriber(folder: Path, ready: asyncio.Event) -> None:
-        bundle = Bundle.load(folder)
-        endpoint = Endpoint(
-            host=bundle.broker_host,
-            port=bundle.broker_port,
-            ca_file=folder / bundle.ca_file,
-            cert_file=folder / bundle.cert_file,
-            key_file=folder / bundle.key_file,
-        )
-        async with Session(endpoint, client_id=folder.name, keepalive=60, connect_timeout=60) as s:
-            messages = aiter(s.messages())
-            await s.subscribe(topic)
-            ready.set()
-            rounds = 0
-            async for message in messages:
-                if message.retain:  # the retained one came on subscribing
-                    continue
-                public.verify(message.payload[:64], message.payload[64:])
-                took = done[rounds]
-                took.append(time.monotonic())
-                if len(took) == len(folders):
-                    conn.send(("fanned", rounds, min(took), max(took)))
-                rounds += 1
-                if rounds == FANOUT_ROUNDS:
-                    break
-            await stop.wait()
-
-    readies = [asyncio.Event() for _ in folders]
-    async with asyncio.TaskGroup() as tg:
-        for folder, ready in zip(folders, readies, strict=True):
-            tg.create_task(subscriber(folder, ready))
-        for ready in readies:
-            await ready.wait()
-        conn.send(("up", len(folders)))
-        await commands.get()
-        stop.set()
-
-
-def _fanout_worker(conn: Connection, folders: list[Path], key: bytes) -> None:
-    _raise_fd_limit()
-    asyncio.run(_fanout_main(conn, folders, key))
-
-
-def _bare_worker(conn: Connection, endpoint: Endpoint) -> None:
-    """A bare paho subscriber on every device's health and telemetry: once armed with a
-    count, it says when that many messages have arrived. Nothing is decoded."""
-    armed = threading.Event()
-    subscribed = threading.Event()
-    lock = threading.Lock()
-    seen = [0, 0]  # received since armed, expected
-
-    def on_connect(client: mqtt.Client, *_: Any) -> None:
-        client.subscribe(
-            [
-                (topics.all_devices(DeviceChannel.HEALTH), 1),
-                (topics.all_devices(DeviceChannel.TELEMETRY), 1),
-            ]
-        )
-
-    def on_message(_client: mqtt.Client, _userdata: Any, _message: mqtt.MQTTMessage) -> None:
-        if not armed.is_set():
-            return
-        with lock:
-            seen[0] += 1
-            if seen[0] == seen[1]:
-                conn.send(("bare", time.monotonic(), seen[0]))
-
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=BARE, protocol=MQTTProtocolVersion.MQTTv5
-    )
-    client.tls_set(ca_certs=str(endpoint.ca_file))
-    client.username_pw_set(endpoint.username, endpoint.password)
-    client.on_connect = on_connect
-    client.on_subscribe = lambda *_: subscribed.set()
-    client.on_message = on_message
-    client.connect(endpoint.host, endpoint.port, keepalive=60)
-    client.loop_start()
-    subscribed.wait(60)
-    conn.send(("up", 1))
-    while (command := conn.recv())[0] == "arm":
-        with lock:
-            seen[:] = [0, command[1]]
-        armed.set()
-        conn.send(("armed", command[1]))
-    client.loop_stop()
-    client.disconnect()
-
-
-# -- this process ----------------------------------------------------------------------
-
-
-class _Pipes:
-    """The parent's end of some worker processes: commands out, reports in."""
-
-    def __init__(self, conns: list[Connection]) -> None:
-        self.conns = conns
-        self._got: list[tuple[Any, ...]] = []
-        self._changed = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for conn in conns:
-            loop.add_reader(conn.fileno(), self._read, conn)
-
-    def _read(self, conn: Connection) -> None:
-        try:
-            self._got.append(conn.recv())
-        except EOFError:
-            asyncio.get_running_loop().remove_reader(conn.fileno())
-        self._changed.set()
-
-    def send(self, *command: Any) -> None:
-        for conn in self.conns:
-            conn.send(command)
-
-    def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        for conn in self.conns:
-            loop.remove_reader(conn.fileno())
-
-    async def gather(
-        self, kind: str, n: int | None = None, match: Callable[[tuple[Any, ...]], bool] = bool
-    ) -> list[tuple[Any, ...]]:
-        """The first ``n`` (default: one per worker) reports of ``kind`` that ``match``."""
-        wanted = len(self.conns) if n is None else n
-        async with asyncio.timeout(_STEP_TIMEOUT_S):
-            while True:
-                found = [m for m in self._got if m[0] == kind and match(m)]
-                if len(found) >= wanted:
-                    return found[:wanted]
-                self._changed.clear()
-                await self._changed.wait()
-
-
-@dataclass
-class _Seen:
-    """A manifest as the watcher received it."""
-
-    at: float
-    seq: int
-    cutoff_bp: int | None
-    size: int
-
-
-@dataclass
-class _Watch:
-    """The class manifest and the rollout's status, as a dashboard receives them."""
-
-    manifests: list[_Seen] = field(default_factory=list)
-    status: RolloutStatus | None = None
-    status_at: float = 0.0
-    coordinator_online: bool = False
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def follow(self, session: Session) -> None:
-        async for message in session.messages():
-            self._note(message, time.monotonic())
-            self.changed.set()
-
-    def _note(self, message: Message, at: float) -> None:
-        if not message.payload:
-            return
-        if message.topic == topics.coordinator_presence():
-            self.coordinator_online = message.payload == b"online"
-        elif message.topic == topics.rollout_status(ROLLOUT):
-            self.status, self.status_at = decode(message.payload, RolloutStatus), at
-        elif message.topic == topics.class_manifest(HW_CLASS):
-            doc = decode(decode(message.payload, Envelope).body, Manifest)
-            if not self.manifests or doc.seq > self.manifests[-1].seq:
-                cutoff = None if doc.rollout is None else doc.rollout.cutoff_bp
-                self.manifests.append(_Seen(at, doc.seq, cutoff, len(message.payload)))
-
-    async def until(self, ready: Callable[[], Any]) -> Any:
-        async with asyncio.timeout(_STEP_TIMEOUT_S):
-            while not (found := ready()):
-                self.changed.clear()
-                await self.changed.wait()
-            return found
-
-    async def manifest(self, match: Callable[[_Seen], bool]) -> _Seen:
-        seen: _Seen = await self.until(lambda: next(filter(match, self.manifests), None))
-        return seen
-
-    async def status_when(self, match: Callable[[RolloutStatus], bool]) -> float:
-        """When the first status that matches arrived."""
-        at: float = await self.until(
-            lambda: self.status is not None and match(self.status) and self.status_at
-        )
-        return at
-
-
-class _Probe(Observer):
-    """A device of this process whose health report waits for a word from the bench."""
-
-    def __init__(self, folder: Path) -> None:
-        self.verified_at: dict[int, float] = {}
-        self.changed = asyncio.Event()
-        self.reported = asyncio.get_running_loop().create_future()
-        self.sim = Simulator([folder], SimConfig(soak_s=SOAK_S), observer=self)
-        self.sim.gate.close()
-
-    def verified(self, device_id: str, seq: int) -> None:  # noqa: ARG002 (an Observer hook)
-        self.verified_at[seq] = time.monotonic()
-        self.changed.set()
-
-    async def took(self, seq: int) -> float:
-        """When it verified the manifest of ``seq``."""
-        async with asyncio.timeout(_STEP_TIMEOUT_S):
-            while seq not in self.verified_at:
-                self.changed.clear()
-                await self.changed.wait()
-        return self.verified_at[seq]
-
-    def reporting(self, device_id: str, report: HealthReport) -> None:  # noqa: ARG002 (an Observer hook)
-        if not self.reported.done():
-            self.reported.set_result(time.monotonic())
-
-    async def report(self) -> float:
-        """Let its report go; when it was about to be published."""
-        self.sim.gate.open()
-        async with asyncio.timeout(_STEP_TIMEOUT_S):
-            at: float = await self.reported
-        return at
 
 
 @dataclass
@@ -492,10 +189,10 @@ class _Run:
 
     fleet: _Fleet
     slices: list[list[Path]]
-    devices: _Pipes
-    bare: _Pipes
-    watch: _Watch
-    probes: tuple[_Probe, _Probe]
+    devices: Pipes
+    bare: Pipes
+    watch: Watch
+    probes: tuple[Probe, Probe]
     quiets: int = 0
 
     async def quiet(self) -> None:
@@ -507,7 +204,7 @@ class _Run:
         for probe in self.probes:
             await probe.sim.until_quiet()
 
-    async def convergence(self, seen: _Seen) -> float:
+    async def convergence(self, seen: Seen) -> float:
         """From the watcher's receipt of a manifest to the last device verifying it."""
         reports = await self.devices.gather("verified", match=lambda r: r[1] == seen.seq)
         last = max([r[3] for r in reports] + [await p.took(seen.seq) for p in self.probes])
@@ -574,15 +271,15 @@ async def _rollout(fleet: _Fleet, coordinator: int) -> dict[str, Any]:
     """The rollout measured; the coordinator's RSS once it completed."""
     first, second = fleet.probes()
     slices = fleet.slices([f for f in fleet.folders if f not in (first, second)])
-    spawned = [_spawn(_devices_worker, part) for part in slices]
-    bare_conn, bare_process = _spawn(_bare_worker, fleet.home.service_endpoint(BARE))
+    spawned = [_spawn(devices_worker, part) for part in slices]
+    bare_conn, bare_process = _spawn(bare_worker, fleet.home.service_endpoint(BARE))
     run = _Run(
         fleet,
         slices,
-        _Pipes([conn for conn, _ in spawned]),
-        _Pipes([bare_conn]),
-        _Watch(),
-        (_Probe(first), _Probe(second)),
+        Pipes([conn for conn, _ in spawned]),
+        Pipes([bare_conn]),
+        Watch(),
+        (Probe(first), Probe(second)),
     )
     started = time.monotonic()
     async with (
@@ -643,10 +340,10 @@ async def _fanout(fleet: _Fleet, size: int) -> list[float]:
     rounds, one after the other, as the rollout has manifests."""
     key = Ed25519PrivateKey.generate()
     spawned = [
-        _spawn(_fanout_worker, part, key.public_key().public_bytes_raw())
+        _spawn(fanout_worker, part, key.public_key().public_bytes_raw())
         for part in fleet.slices(fleet.folders)
     ]
-    pipes = _Pipes([conn for conn, _ in spawned])
+    pipes = Pipes([conn for conn, _ in spawned])
     topic = topics.class_manifest(HW_CLASS)
     took: list[float] = []
     try:
@@ -657,7 +354,7 @@ async def _fanout(fleet: _Fleet, size: int) -> list[float]:
             for round_ in range(FANOUT_ROUNDS):
                 body = os.urandom(size - 64)
                 await admin.publish(topic, key.sign(body) + body, retain=True)
-                async with asyncio.timeout(_STEP_TIMEOUT_S):
+                async with asyncio.timeout(STEP_TIMEOUT_S):
                     while (await anext(messages)).retain:
                         pass
                 sent = time.monotonic()
@@ -716,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=2, help="device worker processes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _raise_fd_limit()
+    raise_fd_limit()
     workdir = Path(tempfile.mkdtemp(prefix="edgefleet-bench-fleet-"))
     fleet: _Fleet | None = None
     try:
