@@ -323,10 +323,7 @@ class UpdateEngine:
         work = self._work
         if work is None or work.soak is None or event.sha256 != work.desired.sha256:
             return []
-        if event.latency_ms is None:
-            work.soak.errors += 1
-        else:
-            work.soak.latencies_ms.append(event.latency_ms)
+        work.soak.add(event.runs, event.errors)
         if work.soak.ready(work.release.health, event.now):
             return self._verdict(work, event.now)
         return []

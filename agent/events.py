@@ -199,10 +199,13 @@ class SelfTested:
 
 @dataclass(frozen=True)
 class Inferred:
-    """One inference by the model of ``sha256``; ``latency_ms`` None when it failed."""
+    """Inferences by the model of ``sha256``, counted together (a batch): ``runs`` holds
+    ``(latency in ms, answers)`` for each model call that answered, ``errors`` the
+    inferences that failed."""
 
     sha256: str
-    latency_ms: float | None
+    runs: tuple[tuple[float, int], ...]
+    errors: int
     now: float
 
 

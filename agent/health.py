@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -41,6 +42,12 @@ class SoakStats:
     @property
     def inferences(self) -> int:
         return len(self.latencies_ms) + self.errors
+
+    def add(self, runs: Iterable[tuple[float, int]], errors: int) -> None:
+        """Count answers (``(latency in ms, how many took it)``) and failed inferences."""
+        for latency_ms, count in runs:
+            self.latencies_ms += [latency_ms] * count
+        self.errors += errors
 
     def p95_ms(self) -> float | None:
         if not self.latencies_ms:

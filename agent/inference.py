@@ -1,15 +1,23 @@
 """The inference path: every inference the device makes, whoever asks for it.
 
-Theory of operation. One worker thread runs the model; onnxruntime releases the GIL, so
-it overlaps the event loop. Callers on the loop (the paced input source, and
-:meth:`Inference.infer` for applications and the local endpoint) put a job on a queue and
-await a future: no thread hop per request. The worker takes every job waiting, up to
-``max_batch`` rows, runs the jobs for the same model as one batch where the model's first
-dimension is free (stacked along it, the outputs handed back as views), and gives the
-results back with one ``loop.call_soon_threadsafe`` per batch. A batch that fails is run
-again job by job, so that only the job at fault fails. On the loop every result is
-counted (the telemetry window, the engine's soak) before its caller sees it: sources,
-the endpoint and the embedding API share one counting.
+Theory of operation. Callers on the loop (the paced input source, and
+:meth:`Inference.infer` for applications and the local endpoint) hand in a job and wait
+for it; the jobs waiting at one moment run as one batch where the model's first dimension
+is free (stacked along it, the outputs handed back as views), at most ``max_batch`` rows
+per model call. A batch that fails is run again job by job, so that only the job at fault
+fails. Each job is counted (the telemetry window, the engine's soak) before its caller
+sees it, a batch in one update: sources, the endpoint and the embedding API share one
+counting.
+
+Where a batch runs depends on the model. A tiny one runs inline, on the loop: a caller
+whose job fits ``inline_ms`` of model time (estimated from the model's last call, see
+:attr:`ModelSlot.row_ms`) while the worker is idle yields once (``asyncio.sleep(0)``), so
+that the callers ready at that moment join it, and the first of them back runs the batch
+for all: no thread hop and no future. Everything else (a slower model, more work than
+``inline_ms``, a model not yet measured, a busy worker) goes to the one worker thread
+through a queue: onnxruntime releases the GIL, so the model overlaps the loop; the worker
+takes every job waiting and gives results back with one ``loop.call_soon_threadsafe`` per
+batch.
 
 The model served is :attr:`Inference.slot` (the update service swaps it). With no model,
 callers are told :class:`NotReadyError` and the paced loop sleeps until one is loaded.
@@ -23,16 +31,16 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+import types
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import numpy.typing as npt
 
 from agent.events import EngineEvent, Inferred
 from agent.limits import Limits
-from agent.runtime import Feed, InferenceError, InferenceResult, Inputs, ModelSlot, Outputs
+from agent.runtime import Feed, InferenceError, Inputs, ModelSlot, Outputs, Tally
 from schemas import Release
 
 __all__ = [
@@ -81,11 +89,11 @@ class Prediction:
 @dataclass(slots=True, eq=False)
 class _Job:
     slot: ModelSlot
-    feed: Mapping[str, npt.NDArray[np.generic]]
+    feed: Inputs
     rows: int
-    future: asyncio.Future[Prediction]
+    future: asyncio.Future[None] | None = None
+    """Set for a job handed to the worker: done once the job is delivered."""
     outputs: Outputs | None = None
-    result: InferenceResult | None = None
     error: str | None = None
     ran: bool = False
 
@@ -94,73 +102,114 @@ class _Job:
         return tuple((n, a.dtype, a.shape[1:]) for n, a in self.feed.items())
 
 
-def _batches(jobs: list[_Job]) -> Iterator[list[_Job]]:
+@types.coroutine
+def _next_turn() -> Generator[None, None, None]:
+    """Let the tasks ready now run first: ``asyncio.sleep(0)`` without its own frame."""
+    yield
+
+
+def _stacks(first: _Job, job: _Job) -> bool:
+    slot = first.slot
+    return (
+        job.slot is slot
+        and slot.batchable
+        and (slot.uniform or job.shape_key() == first.shape_key())
+    )
+
+
+def _batches(jobs: list[_Job], max_rows: int) -> Iterator[list[_Job]]:
     """Runs of consecutive jobs that can go through the model as one call."""
     group: list[_Job] = []
+    rows = 0
     for job in jobs:
-        if group and not (
-            job.slot is group[0].slot
-            and job.slot.batchable
-            and job.shape_key() == group[0].shape_key()
-        ):
+        if group and (rows + job.rows > max_rows or not _stacks(group[0], job)):
             yield group
-            group = []
+            group, rows = [], 0
         group.append(job)
+        rows += job.rows
     if group:
         yield group
 
 
-def _finish(job: _Job, outputs: Outputs, latency_ms: float) -> None:
+def _run_jobs(jobs: list[_Job], max_rows: int) -> list[Tally]:
+    """Run ``jobs`` in batches; what they count, one tally per run of jobs of a release."""
+    tallies: list[Tally] = []
+    for group in _batches(jobs, max_rows):
+        slot = group[0].slot
+        if not tallies or tallies[-1].sha256 != slot.sha256:
+            tallies.append(slot.tally())
+        _run_batch(group, tallies[-1])
+    return tallies
+
+
+def _run_one(job: _Job, tally: Tally) -> None:
     job.ran = True
-    try:
-        job.result = ModelSlot.summarise(outputs, latency_ms)
-    except ValueError as exc:
-        job.error = str(exc)
-    else:
-        job.outputs = outputs
-
-
-def _run_one(job: _Job) -> None:
     try:
         outputs, latency_ms = job.slot.timed(job.feed)
     except Exception as exc:  # noqa: BLE001 (any model failure is this job's error)
-        job.ran = True
         job.error = str(exc)
-    else:
-        _finish(job, outputs, latency_ms)
-
-
-def _run_batch(group: list[_Job]) -> None:
-    """Run ``group`` as one call; job by job when the batch fails or its outputs do not
-    have one row per input row."""
-    if len(group) == 1:
-        _run_one(group[0])
+        tally.add(None)
         return
-    names = group[0].feed.keys()
-    feed = {name: np.concatenate([job.feed[name] for job in group]) for name in names}
-    total = sum(job.rows for job in group)
+    job.slot.row_ms = latency_ms / job.rows
+    _finish(job, outputs, latency_ms, tally)
+
+
+def _finish(job: _Job, outputs: Outputs, latency_ms: float, tally: Tally) -> None:
+    job.ran = True
     try:
-        outputs, latency_ms = group[0].slot.timed(feed)
+        result = ModelSlot.summarise(outputs, latency_ms)
+    except ValueError as exc:
+        job.error = str(exc)
+        tally.add(None)
+    else:
+        job.outputs = outputs
+        tally.add(result)
+
+
+def _run_batch(group: list[_Job], tally: Tally) -> None:
+    """Run ``group`` as one call; job by job when the batch fails or its outputs do not
+    have one row per input row; each job judged on its own rows when some are not finite."""
+    if len(group) == 1:
+        _run_one(group[0], tally)
+        return
+    slot = group[0].slot
+    counts = np.fromiter((job.rows for job in group), dtype=np.intp, count=len(group))
+    ends = np.cumsum(counts)
+    total = int(ends[-1])
+    try:
+        names = group[0].feed
+        outputs, latency_ms = slot.timed(
+            {name: np.concatenate([job.feed[name] for job in group]) for name in names}
+        )
     except Exception:  # noqa: BLE001 (find the job at fault below)
         outputs, latency_ms = {}, 0.0
     if not outputs or any(a.ndim == 0 or a.shape[0] != total for a in outputs.values()):
         for job in group:
-            _run_one(job)
+            _run_one(job, tally)
         return
-    start = 0
-    for job in group:
-        end = start + job.rows
-        _finish(job, {name: a[start:end] for name, a in outputs.items()}, latency_ms)
-        start = end
+    slot.row_ms = latency_ms / total
+    starts = ends - counts
+    spans = zip(group, starts.tolist(), ends.tolist(), strict=True)
+    try:
+        confidences, labels = ModelSlot.first_rows(outputs, starts)
+    except ValueError:  # non-finite values: in whose rows?
+        for job, start, end in spans:
+            _finish(job, {n: a[start:end] for n, a in outputs.items()}, latency_ms, tally)
+        return
+    items = list(outputs.items())
+    for job, start, end in spans:
+        job.outputs = {name: a[start:end] for name, a in items}
+        job.ran = True
+    tally.add_batch(latency_ms, len(group), confidences, labels)
 
 
 class _Worker:
-    """The thread that runs every inference (see the module's docstring)."""
+    """The thread that runs every inference not run inline (see the module's docstring)."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        deliver: Callable[[list[_Job]], None],
+        deliver: Callable[[list[_Job], list[Tally]], None],
         max_rows: int,
     ) -> None:
         self._loop = loop
@@ -197,9 +246,7 @@ class _Worker:
                     break
                 jobs.append(more)
                 rows += more.rows
-            for group in _batches(jobs):
-                _run_batch(group)
-            self._post(jobs)
+            self._post(jobs, _run_jobs(jobs, self._max_rows))
         left: list[_Job] = []
         with contextlib.suppress(queue.Empty):
             while True:
@@ -207,11 +254,11 @@ class _Worker:
                 if more is not None:
                     left.append(more)
         if left:
-            self._post(left)
+            self._post(left, [])
 
-    def _post(self, jobs: list[_Job]) -> None:
+    def _post(self, jobs: list[_Job], tallies: list[Tally]) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-            self._loop.call_soon_threadsafe(self._deliver, jobs)
+            self._loop.call_soon_threadsafe(self._deliver, jobs, tallies)
 
 
 class Inference:
@@ -224,7 +271,7 @@ class Inference:
         *,
         device_id: str,
         hz: float,
-        record: Callable[[str, InferenceResult | None], None],
+        record: Callable[[Tally], None],
         feed: Callable[[EngineEvent], None],
         clock: Callable[[], float],
         limits: Limits,
@@ -237,13 +284,22 @@ class Inference:
         self._clock = clock
         self._max_batch = limits.max_batch
         self._max_waiting = limits.max_waiting
+        self._inline_ms = limits.inline_ms
         self._slot: ModelSlot | None = None
         self._loaded = asyncio.Event()
         self._worker: _Worker | None = None
         self._waiting = 0
+        self._busy = 0
+        """Jobs handed to the worker and not yet delivered."""
+        self._inline: list[_Job] = []
+        """Jobs to run inline by the first of their callers back on the loop."""
+        self._inline_cost = 0.0
         self.total = 0
         self.errors = 0
         self.last_at: float | None = None
+        self.turns = {"inline": 0, "worker": 0}
+        """How many times jobs ran inline on the loop or in the worker (one or more
+        model calls each): where the path spends its time, for ``bench/agent.py``."""
 
     @property
     def slot(self) -> ModelSlot | None:
@@ -283,6 +339,36 @@ class Inference:
             OverloadedError: ``max_waiting`` inferences wait already.
             InferenceFailedError: the model failed on ``feed``.
         """
+        job, cost = self._admit(feed)
+        if job.future is not None:
+            await job.future
+        else:
+            try:
+                await _next_turn()  # the callers ready now join; the first back runs all
+            except asyncio.CancelledError:
+                if not job.ran:  # its caller gave up before it ran: nothing to count
+                    self._inline.remove(job)
+                    self._inline_cost -= cost
+                    self._waiting -= 1
+                raise
+            if not job.ran:
+                jobs, self._inline, self._inline_cost = self._inline, [], 0.0
+                self.turns["inline"] += 1
+                self._deliver(jobs, _run_jobs(jobs, self._max_batch))
+        if job.outputs is not None:
+            return Prediction(job.outputs, job.slot.release)
+        if not job.ran:
+            msg = "the agent stopped"
+            raise NotReadyError(msg)
+        raise InferenceFailedError(job.error or "inference failed")
+
+    def _admit(self, feed: Inputs) -> tuple[_Job, float]:
+        """A job for ``feed``, queued inline (with its estimated cost) or handed to the
+        worker (with a future), as the module's docstring tells.
+
+        Raises:
+            InvalidInputError, NotReadyError, OverloadedError: see :meth:`infer`.
+        """
         slot, worker = self._slot, self._worker
         if slot is None or worker is None:
             msg = "no model serves here yet"
@@ -291,10 +377,18 @@ class Inference:
         if self._waiting >= self._max_waiting:
             msg = f"{self._waiting} inferences wait already"
             raise OverloadedError(msg)
-        future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
         self._waiting += 1
-        worker.submit(_Job(slot, feed, rows, future))
-        return await future
+        job = _Job(slot, feed, rows)
+        row_ms = slot.row_ms
+        cost = 0.0 if row_ms is None else row_ms * rows
+        if self._busy or row_ms is None or self._inline_cost + cost > self._inline_ms:
+            job.future = asyncio.get_running_loop().create_future()
+            self._busy += 1
+            worker.submit(job)
+        else:
+            self._inline.append(job)
+            self._inline_cost += cost
+        return job, cost
 
     async def run(self) -> None:
         """Run the worker, and the paced source loop if there is a source."""
@@ -327,7 +421,9 @@ class Inference:
                 pass  # counted where it was delivered
             except Exception as exc:  # noqa: BLE001 (a camera failure, a feed that does not fit)
                 log.debug("%s: inference error: %s", self._device_id, exc)
-                self._count(slot, None, self._clock())
+                failed = slot.tally()
+                failed.add(None)
+                self._count(failed, self._clock())
             next_at += self._interval
             delay = next_at - time.monotonic()
             if delay < 0:
@@ -335,30 +431,24 @@ class Inference:
                 delay = 0
             await asyncio.sleep(delay)
 
-    def _deliver(self, jobs: list[_Job]) -> None:
-        """On the loop: count each job's outcome, then answer its caller."""
+    def _deliver(self, jobs: list[_Job], tallies: list[Tally]) -> None:
+        """On the loop: count what ran, then wake the callers that wait on the worker."""
         now = self._clock()
         self._waiting -= len(jobs)
+        for tally in tallies:
+            self._count(tally, now)
+        if tallies and jobs[0].future is not None:
+            self.turns["worker"] += 1
         for job in jobs:
             future = job.future
-            if not job.ran:
-                if not future.done():
-                    future.set_exception(NotReadyError("the agent stopped"))
-                continue
-            self._count(job.slot, job.result, now)
-            if future.done():  # the caller gave up meanwhile
-                continue
-            if job.outputs is not None:
-                future.set_result(Prediction(job.outputs, job.slot.release))
-            else:
-                future.set_exception(InferenceFailedError(job.error or "inference failed"))
+            if future is not None:
+                self._busy -= 1
+                if not future.done():  # else the caller gave up meanwhile
+                    future.set_result(None)
 
-    def _count(self, slot: ModelSlot, result: InferenceResult | None, now: float) -> None:
-        self.total += 1
+    def _count(self, tally: Tally, now: float) -> None:
+        self.total += tally.count
+        self.errors += tally.errors
         self.last_at = now
-        release = slot.release
-        self._record(release.release_id, result)
-        if result is None:
-            self.errors += 1
-        latency = None if result is None else result.latency_ms
-        self._feed(Inferred(release.artifact.sha256, latency, now))
+        self._record(tally)
+        self._feed(Inferred(tally.sha256, tuple(tally.runs), tally.errors, now))

@@ -21,7 +21,7 @@ from typing import TypeVar
 from agent.events import Desired, EngineEvent, StorageFailed, StorageOk, StoragePart
 from agent.limits import Limits
 from agent.outbox import Outbox, is_contention
-from agent.runtime import InferenceResult
+from agent.runtime import Tally
 from agent.store import DamagedFileError, set_aside
 from agent.telemetry import TelemetryWindow
 from schemas import Event, EventKind, TelemetrySummary, encode, merge_summaries, topics
@@ -154,8 +154,8 @@ class Journal:
 
     # -- telemetry --------------------------------------------------------------------
 
-    def record(self, release_id: str, result: InferenceResult | None) -> None:
-        self._window.record(release_id, result)
+    def record(self, tally: Tally) -> None:
+        self._window.record(tally)
 
     async def telemetry_loop(self, window_s: float) -> None:
         """Commit a window every ``window_s``; tell when the outbox coarsened windows."""

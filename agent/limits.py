@@ -33,10 +33,17 @@ class Limits:
     """The most rows that run through the model as one call (where it batches)."""
     max_waiting: int = 1024
     """The most inferences waiting for the model; more are refused (overloaded)."""
+    inline_ms: float = 0.25
+    """The most model time (estimated from the model's last call) run inline on the event
+    loop in one turn, without a thread hop; more, a slower model or a busy worker thread
+    go to the worker. 0 sends every inference to the worker."""
 
     def __post_init__(self) -> None:
         if min(self.known_good, self.failed, self.max_batch, self.max_waiting) < 1:
             msg = "need known_good, failed, max_batch and max_waiting >= 1"
+            raise ValueError(msg)
+        if self.inline_ms < 0:
+            msg = "need inline_ms >= 0"
             raise ValueError(msg)
         if self.soak_deadline_factor < 1:
             msg = "need soak_deadline_factor >= 1"

@@ -8,9 +8,11 @@ verified against a signed manifest, and a golden set is only read from such a fi
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -37,6 +39,7 @@ __all__ = [
     "InvalidInputError",
     "ModelSlot",
     "Outputs",
+    "Tally",
     "read_golden",
 ]
 
@@ -67,6 +70,19 @@ def _numpy_dtype(name: str) -> np.dtype[np.generic] | None:
         return None
 
 
+def _fixed_sizes(
+    shape: tuple[int | str | None, ...],
+) -> tuple[int, tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """The fixed sizes of a declared shape, as :meth:`ModelSlot.check_feed` compares them:
+    where its fixed tail starts, that tail, and the fixed sizes before it by axis."""
+    start = len(shape)
+    while start and isinstance(shape[start - 1], int):
+        start -= 1
+    tail = tuple(dim for dim in shape[start:] if isinstance(dim, int))
+    others = tuple((axis, dim) for axis, dim in enumerate(shape[:start]) if isinstance(dim, int))
+    return start, tail, others
+
+
 def read_golden(path: Path) -> GoldenSet:
     """The golden set in a verified artifact file.
 
@@ -84,6 +100,55 @@ class InferenceResult:
     latency_ms: float
     confidence: float | None
     label: int | None
+
+
+@dataclass(slots=True, eq=False)
+class Tally:
+    """Inferences of one release counted together (a batch, or one): what telemetry and
+    the soak count of them. Each answer counts the latency of the model call it was part
+    of, and its first row's confidence and label (see :meth:`ModelSlot.first_rows`)."""
+
+    release_id: str
+    sha256: str
+    """The model's (its artifact's digest)."""
+    runs: list[tuple[float, int]] = field(default_factory=list)
+    """``(latency in ms, answers)`` per model call: the answers of a batch share its call."""
+    answered: int = 0
+    errors: int = 0
+    """Inferences that failed (the model, non-finite outputs, the input source)."""
+    confidences: list[float] = field(default_factory=list)
+    labels: Counter[int] = field(default_factory=Counter)
+
+    @property
+    def count(self) -> int:
+        return self.answered + self.errors
+
+    def add(self, result: InferenceResult | None) -> None:
+        """Count one inference; ``None`` is a failed one."""
+        if result is None:
+            self.errors += 1
+            return
+        self.answered += 1
+        self.runs.append((result.latency_ms, 1))
+        if result.confidence is not None:
+            self.confidences.append(result.confidence)
+        if result.label is not None:
+            self.labels[result.label] += 1
+
+    def add_batch(
+        self,
+        latency_ms: float,
+        answers: int,
+        confidences: list[float] | None,
+        labels: list[int] | None,
+    ) -> None:
+        """Count ``answers`` of one model call (:meth:`ModelSlot.first_rows`)."""
+        self.answered += answers
+        self.runs.append((latency_ms, answers))
+        if confidences is not None:
+            self.confidences += confidences
+        if labels is not None:
+            self.labels.update(labels)
 
 
 class ModelSlot:
@@ -114,13 +179,32 @@ class ModelSlot:
             raise ArtifactError(Reason.MODEL_LOAD_FAILED, f"onnxruntime: {exc}") from exc
         self._check_io()
         self.providers = tuple(self._session.get_providers())
+        self.release_id = release.release_id
+        self.sha256 = release.artifact.sha256
         self._output_names = [o.name for o in release.outputs]
         self._inputs = {t.name: (_numpy_dtype(t.dtype), t.shape) for t in release.inputs}
+        self._checks = [
+            (name, dtype, len(shape), *_fixed_sizes(shape))
+            for name, (dtype, shape) in self._inputs.items()
+        ]
         leading = [t.shape[0] if t.shape else 1 for t in (*release.inputs, *release.outputs)]
         leading += [i.shape[0] if i.shape else 1 for i in self._session.get_inputs()]
         self.batchable = not any(isinstance(dim, int) for dim in leading)
         """Whether feeds may be stacked along the first axis and run as one: every
         declared and actual input, and every declared output, has a free first dimension."""
+        self.uniform = self.batchable and all(
+            dtype is not None and all(isinstance(dim, int) for dim in shape[1:])
+            for dtype, shape in self._inputs.values()
+        )
+        """Whether any two feeds :meth:`check_feed` took stack: batchable, with every
+        type and every size past the first fixed by the release."""
+        self.row_ms: float | None = None
+        """The model's time per row in its last serving call (ms), None before one: what
+        decides whether its next inferences run inline (see :mod:`agent.inference`)."""
+
+    def tally(self) -> Tally:
+        """An empty tally of this model's inferences."""
+        return Tally(self.release_id, self.sha256)
 
     def _check_io(self) -> None:
         declared = {t.name: t.dtype for t in self.release.inputs}
@@ -167,27 +251,35 @@ class ModelSlot:
             msg = f"inputs [{given}] are not the model's [{', '.join(sorted(self._inputs))}]"
             raise InvalidInputError(bound_text(msg, _TEXT))
         rows: set[int] = set()
-        for name, (dtype, shape) in self._inputs.items():
+        for name, dtype, rank, start, tail, others in self._checks:
             array = feed[name]
             if not isinstance(array, np.ndarray):
                 msg = f"input {name}: a numpy array is needed, not {type(array).__name__}"
                 raise InvalidInputError(bound_text(msg, _TEXT))
-            if dtype is not None and array.dtype != dtype:
-                msg = f"input {name}: type {array.dtype} where the model takes {dtype}"
-                raise InvalidInputError(bound_text(msg, _TEXT))
-            if array.ndim != len(shape) or any(
-                isinstance(want, int) and got != want
-                for got, want in zip(array.shape, shape, strict=True)
+            shape, kind = array.shape, array.dtype
+            if (
+                len(shape) != rank
+                or (kind is not dtype and dtype is not None and kind != dtype)
+                or shape[start:] != tail
+                or (others and any(shape[axis] != want for axis, want in others))
             ):
-                msg = f"input {name}: shape {list(array.shape)} where the model takes {list(shape)}"
-                raise InvalidInputError(bound_text(msg, _TEXT))
-            rows.add(array.shape[0] if array.ndim else 1)
+                self._misfit(name, array)
+            rows.add(shape[0] if shape else 1)
         if not self.batchable:
             return 1
         if len(rows) != 1 or 0 in rows:
             msg = f"inputs disagree on their number of rows ({sorted(rows)[:_MAX_NAMES_SHOWN]})"
             raise InvalidInputError(bound_text(msg, _TEXT))
         return rows.pop()
+
+    def _misfit(self, name: str, array: npt.NDArray[np.generic]) -> NoReturn:
+        """Raises: InvalidInputError: what of ``array`` does not fit input ``name``."""
+        dtype, shape = self._inputs[name]
+        if dtype is not None and array.dtype != dtype:
+            msg = f"input {name}: type {array.dtype} where the model takes {dtype}"
+        else:
+            msg = f"input {name}: shape {list(array.shape)} where the model takes {list(shape)}"
+        raise InvalidInputError(bound_text(msg, _TEXT))
 
     def blank_feed(self) -> Feed:
         """Zeros of the declared inputs, one row: a self-test input for a device that has
@@ -213,9 +305,37 @@ class ModelSlot:
         return outputs, latency_ms
 
     @staticmethod
+    def first_rows(
+        outputs: Outputs, starts: npt.NDArray[np.intp]
+    ) -> tuple[list[float] | None, list[int] | None]:
+        """What telemetry counts of the answers whose first rows are ``starts`` (their
+        outputs stacked): each one's confidence (the top value of its first row of the
+        first 2-D float output) and label (the first value of its first row of the first
+        integer output); None where the outputs have none.
+
+        Raises:
+            ValueError: an output holds non-finite values (an inference error).
+        """
+        confidences: list[float] | None = None
+        labels: list[int] | None = None
+        for name, array in outputs.items():
+            kind = array.dtype.kind
+            if kind == "f":
+                if not np.isfinite(array).all():
+                    msg = f"non-finite values in output {name}"
+                    raise ValueError(msg)
+                if confidences is None and array.ndim == 2 and array.size:
+                    confidences = array[starts].max(axis=1).tolist()
+            elif kind in "iu" and labels is None and array.size:
+                flat = array.reshape(array.shape[0] if array.ndim else 1, -1)
+                labels = flat[starts, 0].tolist()
+        return confidences, labels
+
+    @staticmethod
     def summarise(outputs: Outputs, latency_ms: float) -> InferenceResult:
-        """What telemetry counts of one answer: its latency, the first row's confidence
-        (of the first 2-D float output) and label (of the first integer output).
+        """What telemetry counts of one answer: its latency, and its first row's
+        confidence and label, as :meth:`first_rows` tells them (with scalar numpy calls,
+        cheaper for one answer).
 
         Raises:
             ValueError: an output holds non-finite values (an inference error).

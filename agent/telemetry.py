@@ -6,7 +6,7 @@ import resource
 import uuid
 from collections import Counter
 
-from agent.runtime import InferenceResult
+from agent.runtime import Tally
 from schemas import LogHistogram, TelemetrySummary
 from schemas.telemetry import CONFIDENCE_BINS, bound_labels, confidence_bin, latency_bucket
 
@@ -29,18 +29,18 @@ class TelemetryWindow:
         self._confidence = [0] * CONFIDENCE_BINS
         self._labels: Counter[str] = Counter()
 
-    def record(self, release: str, result: InferenceResult | None) -> None:
-        """Count one inference; ``None`` is a failed one."""
-        self._release = release
-        self._count += 1
-        if result is None:
-            self._errors += 1
-            return
-        self._latency[latency_bucket(result.latency_ms)] += 1
-        if result.confidence is not None:
-            self._confidence[confidence_bin(result.confidence)] += 1
-        if result.label is not None:
-            self._labels[str(result.label)] += 1
+    def record(self, tally: Tally) -> None:
+        """Count the inferences of ``tally``."""
+        self._release = tally.release_id
+        self._count += tally.count
+        self._errors += tally.errors
+        for latency_ms, count in tally.runs:
+            self._latency[latency_bucket(latency_ms)] += count
+        bins = self._confidence
+        for confidence in tally.confidences:
+            bins[confidence_bin(confidence)] += 1
+        for label, count in tally.labels.items():
+            self._labels[str(label)] += count
 
     def close(self, now: float) -> TelemetrySummary:
         summary = TelemetrySummary(

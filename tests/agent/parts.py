@@ -15,11 +15,20 @@ from agent.fetch import Fetcher
 from agent.journal import Journal
 from agent.limits import Limits
 from agent.outbox import Outbox
+from agent.runtime import InferenceResult, Tally
 from broker.transport import Message
 from schemas import ArtifactRef
 from tests.broker.memory import MemoryTransport
 
 DEVICE = "jetson-000"
+
+
+def tally(release_id: str, *results: InferenceResult | None) -> Tally:
+    """``results`` (None: a failed inference) counted as one tally of ``release_id``."""
+    counted = Tally(release_id, "0" * 64)
+    for result in results:
+        counted.add(result)
+    return counted
 
 
 def journal(data_dir: Path, fed: list[EngineEvent] | None = None) -> Journal:

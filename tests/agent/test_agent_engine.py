@@ -150,7 +150,7 @@ def to_soak(e: UpdateEngine, desired: Desired, now: float = 0.0) -> int:
 def infer(e: UpdateEngine, release: Release, n: int, now: float, ms: float = 1.0) -> list[Command]:
     out: list[Command] = []
     for _ in range(n):
-        out += e.handle(Inferred(sha(release), ms, now))
+        out += e.handle(Inferred(sha(release), ((ms, 1),), 0, now))
     return out
 
 
@@ -250,7 +250,7 @@ def test_inferences_of_another_model_do_not_count_in_the_soak() -> None:
 def test_failed_inferences_count_as_errors_of_the_soak() -> None:
     e = serving(V1)
     to_soak(e, candidate(V2, 2), now=0.0)
-    e.handle(Inferred(sha(V2), None, 1.0))
+    e.handle(Inferred(sha(V2), (), 1, 1.0))
     done = infer(e, V2, 4, now=3.0)
     report = one(done, Report).report
     assert (report.errors, report.reasons) == (1, ("error_rate:0.200>0.100",))

@@ -13,6 +13,7 @@ from agent.outbox import EVENT, Outbox, OutboxItem
 from agent.runtime import InferenceResult
 from agent.telemetry import TelemetryWindow
 from schemas import LogHistogram, TelemetrySummary, decode, merge_summaries
+from tests.agent.parts import tally
 
 TOPIC = "fleet/v1/devices/dev-0001/telemetry"
 EVENTS = "fleet/v1/devices/dev-0001/events"
@@ -25,15 +26,17 @@ def _summary(index: int) -> TelemetrySummary:
     window = TelemetryWindow("dev-0001", started=T0 + 10.0 * index)
     for k in range(3 + index % 4):
         window.record(
-            RELEASE,
-            InferenceResult(
-                latency_ms=0.05 + ((index * 7 + k * 3) % 40) * 0.9,
-                confidence=((index * 13 + k * 29) % 101) / 100.0,
-                label=(index + k) % 10,
-            ),
+            tally(
+                RELEASE,
+                InferenceResult(
+                    latency_ms=0.05 + ((index * 7 + k * 3) % 40) * 0.9,
+                    confidence=((index * 13 + k * 29) % 101) / 100.0,
+                    label=(index + k) % 10,
+                ),
+            )
         )
     if index % 3 == 0:
-        window.record(RELEASE, None)
+        window.record(tally(RELEASE, None))
     return window.close(T0 + 10.0 * index + 10.0)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from agent.runtime import Feed, ModelSlot, read_golden
+from agent.runtime import Feed, InvalidInputError, ModelSlot, read_golden
 from agent.telemetry import TelemetryWindow
 from models import INPUT_NAME, DemoModel, DigitsSplit, DigitsStream
 from models.export import LABEL_OUTPUT, PROBABILITIES_OUTPUT
@@ -25,6 +25,7 @@ from schemas import (
     encode,
 )
 from tests.agent.goldens import TOLERANCE, golden_for, with_output
+from tests.agent.parts import tally
 
 
 @pytest.fixture
@@ -54,6 +55,59 @@ def test_slot_serves_digits_v1_on_real_digits(
         assert result.latency_ms > 0.0
         correct += result.label == stream.last_label
     assert correct >= 40  # digits-v1 is ~95 % accurate on held-out digits
+
+
+def test_a_batch_is_summarised_as_each_answer_alone(
+    v1_release: Release, v1_path: Path, digits_split: DigitsSplit
+) -> None:
+    """Telemetry counts each answer of a batch (its first row's confidence and label)
+    exactly as it counts that answer run alone; non-finite values anywhere fail it."""
+    slot = ModelSlot(v1_release, v1_path)
+    x = np.ascontiguousarray(digits_split.x_holdout[:10], dtype=np.float32)
+    outputs, _ = slot.timed({INPUT_NAME: x})
+    spans = [(0, 3), (3, 4), (4, 9), (9, 10)]
+    confidences, labels = ModelSlot.first_rows(outputs, np.array([a for a, _ in spans]))
+    alone = [ModelSlot.summarise({n: v[a:b] for n, v in outputs.items()}, 1.0) for a, b in spans]
+    assert confidences == [r.confidence for r in alone]
+    assert labels == [r.label for r in alone]
+    assert len(set(labels)) > 1
+    outputs[PROBABILITIES_OUTPUT][6, 2] = np.inf
+    with pytest.raises(ValueError, match="non-finite values in output"):
+        ModelSlot.first_rows(outputs, np.array([0, 3]))
+
+
+@pytest.mark.parametrize(
+    ("feed", "refusal"),
+    [
+        ({"image": np.zeros((1, 64), np.float32)}, r"inputs \[image\] are not the model's"),
+        ({INPUT_NAME: [[0.0] * 64]}, "a numpy array is needed, not list"),
+        ({INPUT_NAME: np.zeros((1, 64))}, "type float64 where the model takes float32"),
+        ({INPUT_NAME: np.zeros((1, 63), np.float32)}, r"shape \[1, 63\] where .* \['N', 64\]"),
+        ({INPUT_NAME: np.zeros(64, np.float32)}, r"shape \[64\] where"),
+        ({INPUT_NAME: np.zeros((0, 64), np.float32)}, r"number of rows \(\[0\]\)"),
+    ],
+    ids=["name", "list", "dtype", "size", "rank", "no-rows"],
+)
+def test_inputs_that_do_not_fit_are_refused_saying_what(
+    v1_release: Release, v1_path: Path, feed: dict[str, object], refusal: str
+) -> None:
+    slot = ModelSlot(v1_release, v1_path)
+    with pytest.raises(InvalidInputError, match=refusal):
+        slot.check_feed(feed)
+    assert slot.check_feed({INPUT_NAME: np.zeros((5, 64), np.float32)}) == 5
+
+
+def test_fixed_sizes_anywhere_in_a_declared_shape_are_checked(
+    v1_release: Release, v1_path: Path
+) -> None:
+    """The release's declared shape is what a feed is checked against (the model's own
+    is onnxruntime's business): fixed sizes before free ones count too."""
+    declared = TensorSpec(name=INPUT_NAME, dtype="float32", shape=("N", 4, "W", 64))
+    slot = ModelSlot(v1_release.model_copy(update={"inputs": (declared,)}), v1_path)
+    assert slot.check_feed({INPUT_NAME: np.zeros((3, 4, 7, 64), np.float32)}) == 3
+    for wrong in ((3, 5, 7, 64), (3, 4, 7, 65), (3, 4, 64)):
+        with pytest.raises(InvalidInputError, match="where the model takes"):
+            slot.check_feed({INPUT_NAME: np.zeros(wrong, np.float32)})
 
 
 def test_release_declaring_other_inputs_is_refused(v1_release: Release, v1_path: Path) -> None:
@@ -122,8 +176,8 @@ def test_wrong_input_shape_fails_the_inference_and_counts_as_an_error(
     for feed in wrong:
         with pytest.raises(ValueError, match="inference failed"):
             slot.run(feed)
-        window.record(v1_release.release_id, None)
-    window.record(v1_release.release_id, slot.run({INPUT_NAME: sample}))
+        window.record(tally(v1_release.release_id, None))
+    window.record(tally(v1_release.release_id, slot.run({INPUT_NAME: sample})))
 
     summary = window.close(1.0)
     assert (summary.count, summary.errors, summary.latency_ms.count) == (5, 4, 1)

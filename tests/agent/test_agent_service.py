@@ -60,7 +60,7 @@ from schemas.trust import RoleKeys, TrustDoc
 from tests.agent import parts
 from tests.agent.conftest import release_of
 from tests.agent.goldens import golden_for
-from tests.agent.parts import fetching
+from tests.agent.parts import fetching, tally
 
 HW_CLASS = "jetson-vision-standard"
 DEVICE = "jetson-000"
@@ -590,7 +590,7 @@ def test_outbox_locked_by_another_writer_holds_the_window_and_delivers_it_merged
         other = sqlite3.connect(tmp_path / "outbox.sqlite", isolation_level=None)
         try:
             for _ in range(30):
-                journal.record("v1", result)
+                journal.record(tally("v1", result))
             other.execute("BEGIN EXCLUSIVE")
             with pytest.raises(sqlite3.OperationalError, match="locked"):
                 await journal.commit_window()
@@ -598,7 +598,7 @@ def test_outbox_locked_by_another_writer_holds_the_window_and_delivers_it_merged
             other.execute("ROLLBACK")
             other.close()
         for _ in range(12):
-            journal.record("v1", None)
+            journal.record(tally("v1", None))
         await journal.commit_window()
         await asyncio.to_thread(journal.outbox.close)
 

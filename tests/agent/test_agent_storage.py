@@ -43,7 +43,7 @@ from schemas.artifact import split_artifact
 from schemas.device import MAX_REASON_CHARS
 from schemas.telemetry import MAX_LABELS, merge_summaries
 from tests.agent import parts
-from tests.agent.parts import fetching
+from tests.agent.parts import fetching, tally
 from tests.agent.test_agent_service import (
     GUARD_S,
     deliver,
@@ -432,12 +432,12 @@ def test_a_window_of_countless_labels_stays_within_the_schema_and_counts_them_al
     valid message (the rarest counted together), and merging two keeps the bound."""
     window = TelemetryWindow("jetson-000", 0.0)
     for label in range(5000):
-        window.record("r", InferenceResult(latency_ms=1.0, confidence=0.5, label=label))
+        window.record(tally("r", InferenceResult(latency_ms=1.0, confidence=0.5, label=label)))
     first = window.close(1.0)
     assert len(first.labels) == MAX_LABELS
     assert sum(first.labels.values()) == first.count == 5000
     for label in range(5000, 9000):
-        window.record("r", InferenceResult(latency_ms=1.0, confidence=0.5, label=label))
+        window.record(tally("r", InferenceResult(latency_ms=1.0, confidence=0.5, label=label)))
     merged = merge_summaries(first, window.close(2.0))
     assert len(merged.labels) == MAX_LABELS
     assert sum(merged.labels.values()) == merged.count == 9000
