@@ -11,8 +11,9 @@ lifecycle lives here, so it is tested in milliseconds with ``now`` made up:
 * which target supersedes work in flight (a re-signed manifest or a promotion of the
   candidate being soaked does not), and putting the previous model back whenever an
   update that swapped ends without a healthy verdict (one place: :meth:`_end`);
-* the soak: counted from the inferences of the model under test, judged by
-  :func:`agent.health.judge` once ready or at its deadline;
+* the soak (:mod:`agent.soak`): live (swapped in) or, where the budget asks for it and
+  a model serves, in its shadow (beside it, never answering, then swapped in once
+  healthy); judged by :func:`agent.health.judge` once ready or at its deadline;
 * which failures are verdicts (a model that does not load or fails its self-test)
   and which are retried after a backoff (a timeout, bytes that do not match, the
   agent's own trouble); failed releases are not tried again in their scope;
@@ -48,13 +49,13 @@ from agent.events import (
     Loaded,
     Log,
     Memory,
-    Note,
     Persist,
     Report,
     Restored,
     Revert,
     SelfTest,
     SelfTested,
+    Shadow,
     StateChanged,
     Stopping,
     StorageFailed,
@@ -64,9 +65,11 @@ from agent.events import (
     Targeted,
     Tick,
 )
-from agent.health import SoakStats, code_of, health_report, judge
+from agent.failures import told, unloadable
+from agent.health import SoakStats, code_of, health_report
 from agent.lifecycle import Stage, Step, advance
 from agent.limits import Limits
+from agent.soak import Soak
 from agent.trouble import ModelTrouble, StorageTrouble
 from broker.backoff import Backoff, Retry
 from schemas import EventKind, HealthReport, Mode, Reason, Release, Verdict
@@ -87,9 +90,8 @@ class _Work:
     golden: SelfTest | None = None
     fallback: str | None = None
     """Why the loaded model runs on a later provider than its first, if it does."""
-    soak: SoakStats | None = None
-    """Set once swapped in: from then on the previous model is not serving."""
-    deadline: float = 0.0
+    soak: Soak | None = None
+    """Set once soaking: from then on the previous model is put back unless it ends well."""
 
     @property
     def release(self) -> Release:
@@ -190,7 +192,7 @@ class UpdateEngine:
 
     def _soak_deadline(self) -> float | None:
         work = self._work
-        return None if work is None or work.soak is None else work.deadline
+        return None if work is None or work.soak is None else work.soak.deadline
 
     # -- events -----------------------------------------------------------------------
 
@@ -279,7 +281,7 @@ class UpdateEngine:
     def _on_tick(self, event: EngineEvent) -> list[Command]:
         assert isinstance(event, Tick)
         work = self._work
-        if work is not None and work.soak is not None and event.now >= work.deadline:
+        if work is not None and work.soak is not None and work.soak.due(event.now):
             return self._verdict(work, event.now)
         if work is None and self._retry_at is not None and event.now >= self._retry_at:
             return self._start()
@@ -314,31 +316,32 @@ class UpdateEngine:
             return []
         if event.failure is not None:
             return self._failed(work, event.failure, event.now)
-        release, previous = work.release, work.previous
-        keep = None if previous is None else previous.artifact.sha256
-        self._active = release
-        self._models.holding(release.artifact.sha256, work.fallback, keep=keep)
-        budget = release.health
-        # A model too slow to reach min_inferences must still be judged, so the soak
-        # has a deadline; judge() then reports too few inferences.
-        factor = self._limits.soak_deadline_factor
-        length = budget.soak_seconds + budget.min_inferences / self._inference_hz
-        work.soak = SoakStats(started=event.now)
-        work.deadline = event.now + length * factor + self._limits.soak_grace_s
-        # The record first: the service swaps only once it is written.
+        release = work.release
+        shadow = release.health.shadow is not None and self._active is not None
+        work.soak = Soak.begin(
+            release, event.now, shadow=shadow, inference_hz=self._inference_hz, limits=self._limits
+        )
+        # The record first: the service swaps (or runs the shadow) only once it is written.
         self._memory = replace(self._memory, soaking=self._desired)
-        out = [Persist(self._memory), Swap(release, work.attempt, keep), *self._step(Step.LOADED)]
+        out: list[Command] = [Persist(self._memory)]
+        out.append(Shadow(release, work.attempt) if shadow else self._swap_in(work, work.attempt))
+        out += self._step(Step.LOADED)
         if work.fallback is not None:
             out.append(Log(logging.WARNING, f"{release.release_id} degraded: {work.fallback}"))
         return out
 
+    def _swap_in(self, work: _Work, attempt: int | None) -> Swap:
+        """Serve the release of ``work`` (loaded under ``attempt``, or already held)."""
+        release, previous = work.release, work.previous
+        keep = None if previous is None else previous.artifact.sha256
+        self._active = release
+        self._models.holding(release.artifact.sha256, work.fallback, keep=keep)
+        return Swap(release, attempt, keep)
+
     def _on_inferred(self, event: EngineEvent) -> list[Command]:
         assert isinstance(event, Inferred)
         work = self._work
-        if work is None or work.soak is None or event.sha256 != work.desired.sha256:
-            return []
-        work.soak.add(event.runs, event.errors)
-        if work.soak.ready(work.release.health, event.now):
+        if work is not None and work.soak is not None and work.soak.count(event):
             return self._verdict(work, event.now)
         return []
 
@@ -401,50 +404,32 @@ class UpdateEngine:
         return out + self._step(step)
 
     def _failed(self, work: _Work, failure: Failure, now: float) -> list[Command]:
+        """``work`` failed: a verdict on its release, or retried later (:mod:`agent.failures`)."""
         out = self._end(work, Step.FAILED)
-        desired, limits = work.desired, self._limits
-        if failure.kind is FailureKind.REJECTED:
-            assert failure.reason is not None
-            self._retry.reset()
-            report = self._report(desired, Verdict.UNHEALTHY, (failure.reason.value,), None, now)
-            self._remember_failed(desired)
-            if self._active is None:
-                why = f"{work.release.release_id} {failure.reason}: {failure.detail}"
-                self._models.unloadable = f"model: {why}"
-            return [
-                *out,
-                Persist(self._memory),
-                Note(failure.reason, bound_text(failure.detail, limits.rejection_detail_chars)),
-                Report(report),
-                Emit(
-                    EventKind.ARTIFACT_REJECTED,
-                    failure.reason,
-                    self._detail(failure.detail),
-                    desired,
-                ),
-            ]
-        self._retry_at = now + self._retry.next_delay()
-        if failure.kind is FailureKind.ERROR:
-            text = f"update to {work.release.release_id} failed: {failure.detail}"
-            return [*out, Log(logging.ERROR, text)]
-        timeout = failure.kind is FailureKind.TIMEOUT
-        kind = EventKind.ARTIFACT_REJECTED if timeout else EventKind.ARTIFACT_RETRY
-        reason = Reason.FETCH_TIMEOUT if timeout else failure.reason
-        then = "retrying" if timeout else "dropped, fetching again"
-        assert reason is not None
-        detail = bound_text(f"{failure.detail}; {then}", limits.rejection_detail_chars)
-        return [*out, Note(reason, detail), Emit(kind, reason, self._detail(detail), desired)]
+        if failure.kind is not FailureKind.REJECTED:
+            self._retry_at = now + self._retry.next_delay()
+            return out + told(failure, work.release, work.desired, self._limits)
+        assert failure.reason is not None
+        self._retry.reset()
+        report = self._report(work.desired, Verdict.UNHEALTHY, (failure.reason.value,), None, now)
+        self._remember_failed(work.desired)
+        if self._active is None:
+            self._models.unloadable = unloadable(work.release, failure)
+        notice = told(failure, work.release, work.desired, self._limits)
+        return [*out, Persist(self._memory), Report(report), *notice]
 
     def _verdict(self, work: _Work, now: float) -> list[Command]:
         """Judge the soak of ``work``: keep the model, or put the previous one back.
         The report before the event: it is what the coordinator waits for."""
-        assert work.soak is not None
-        verdict, reasons = judge(work.soak, work.release.health)
-        report = self._report(work.desired, verdict, reasons, work.soak, now)
+        soak = work.soak
+        assert soak is not None
+        verdict, reasons = soak.judge()
+        report = self._report(work.desired, verdict, reasons, soak.stats, now)
         self._retry.reset()
         release, desired = work.release, work.desired
         if verdict is Verdict.HEALTHY:
             self._work = None
+            swapped = [self._swap_in(work, None)] if soak.shadow else []  # it answers now
             known_good = (*self._memory.known_good, release.artifact.sha256)
             self._memory = replace(
                 self._memory,
@@ -454,6 +439,7 @@ class UpdateEngine:
             )
             applied = f"serving {release.release_id}"
             return [
+                *swapped,
                 *self._step(Step.HEALTHY),
                 Persist(self._memory),
                 Report(report),

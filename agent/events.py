@@ -41,6 +41,7 @@ __all__ = [
     "Revert",
     "SelfTest",
     "SelfTested",
+    "Shadow",
     "StateChanged",
     "Stopping",
     "StorageFailed",
@@ -206,12 +207,15 @@ class SelfTested:
 class Inferred:
     """Inferences by the model of ``sha256``, counted together (a batch): ``runs`` holds
     ``(latency in ms, answers)`` for each model call that answered, ``errors`` the
-    inferences that failed."""
+    inferences that failed. A shadow's answers were ``compared`` with the serving
+    model's, and ``agreed`` with them."""
 
     sha256: str
     runs: tuple[tuple[float, int], ...]
     errors: int
     now: float
+    compared: int = 0
+    agreed: int = 0
 
 
 @dataclass(frozen=True)
@@ -294,8 +298,19 @@ class Swap:
 
 
 @dataclass(frozen=True)
+class Shadow:
+    """Run the model loaded under ``attempt`` beside the one serving, on the same inputs,
+    never answering: its shadow soak (a :class:`Revert` ends it, a :class:`Swap` of it
+    makes it answer)."""
+
+    release: Release
+    attempt: int
+
+
+@dataclass(frozen=True)
 class Revert:
-    """Serve ``to`` again (None: nothing), the model served before an update."""
+    """Serve ``to`` again (None: nothing), the model served before an update, and it
+    alone."""
 
     to: Release | None
 
@@ -355,6 +370,7 @@ Command = (
     | Load
     | SelfTest
     | Swap
+    | Shadow
     | Revert
     | Cancel
     | Report

@@ -1,4 +1,5 @@
-"""Judging a soak: live inference statistics against a release's health budget."""
+"""Judging a soak: inference statistics against a release's health budget (and, in a
+shadow soak, how often the candidate's answers agreed with the stable model's)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class HealthCode(StrEnum):
     TOO_FEW_INFERENCES = "too_few_inferences"
     ERROR_RATE = "error_rate"
     P95_LATENCY_MS = "p95_latency_ms"
+    AGREEMENT = "agreement"
 
 
 def code_of(reason: str) -> HealthCode:
@@ -36,15 +38,23 @@ def code_of(reason: str) -> HealthCode:
 
 @dataclass
 class SoakStats:
-    """Inference outcomes of one model since it was swapped in."""
+    """Inference outcomes of one model since its soak began."""
 
     started: float
     latencies_ms: list[float] = field(default_factory=list)
     errors: int = 0
+    compared: int = 0
+    """In a shadow soak: answers compared with the stable model's ..."""
+    agreed: int = 0
+    """... and of them, those that agreed."""
 
     @property
     def inferences(self) -> int:
         return len(self.latencies_ms) + self.errors
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreed / self.compared if self.compared else None
 
     def add(self, runs: Iterable[tuple[float, int]], errors: int) -> None:
         """Count answers (``(latency in ms, how many took it)``) and failed inferences."""
@@ -67,6 +77,8 @@ class SoakStats:
             "errors": stats.errors,
             "p95_latency_ms": stats.p95_ms(),
             "soak_seconds": now - stats.started,
+            "agreement": stats.agreement,
+            "shadow_inferences": stats.compared,
         }
 
     def ready(self, budget: HealthBudget, now: float) -> bool:
@@ -90,6 +102,9 @@ def judge(stats: SoakStats, budget: HealthBudget) -> tuple[Verdict, tuple[str, .
     p95 = stats.p95_ms()
     if p95 is not None and p95 > budget.p95_latency_ms:
         reasons.append(f"{HealthCode.P95_LATENCY_MS}:{p95:.2f}>{budget.p95_latency_ms:.2f}")
+    agreement, floor = stats.agreement, budget.shadow
+    if agreement is not None and floor is not None and agreement < floor.min_agreement:
+        reasons.append(f"{HealthCode.AGREEMENT}:{agreement:.3f}<{floor.min_agreement:.3f}")
     return (Verdict.UNHEALTHY if reasons else Verdict.HEALTHY), tuple(reasons)
 
 

@@ -2,12 +2,9 @@
 
 Theory of operation. Callers on the loop (the paced input source, and
 :meth:`Inference.infer` for applications and the local endpoint) hand in a job and wait
-for it; the jobs waiting at one moment run as one batch where the model's first dimension
-is free (stacked along it, the outputs handed back as views), at most ``max_batch`` rows
-per model call. A batch that fails is run again job by job, so that only the job at fault
-fails. Each job is counted (the telemetry window, the engine's soak) before its caller
-sees it, a batch in one update: sources, the endpoint and the embedding API share one
-counting.
+for it; the jobs waiting at one moment run in batches (:mod:`agent.batches`). Each job is
+counted (the telemetry window, the engine's soak) before its caller sees it, a batch in
+one update: sources, the endpoint and the embedding API share one counting.
 
 Where a batch runs depends on the model. A tiny one runs inline, on the loop: a caller
 whose job fits ``inline_ms`` of model time (estimated from the model's last call, see
@@ -17,7 +14,10 @@ for all: no thread hop and no future. Everything else (a slower model, more work
 ``inline_ms``, a model not yet measured, a busy worker) goes to the one worker thread
 through a queue: onnxruntime releases the GIL, so the model overlaps the loop; the worker
 takes every job waiting and gives results back with one ``loop.call_soon_threadsafe`` per
-batch.
+batch. While a candidate soaks in the shadow of the serving model (:attr:`Inference.shadow`)
+every job goes to the worker, which runs the candidate on the same batch after the serving
+model and compares their answers; the candidate answers nobody and counts only for its
+soak.
 
 The model served is :attr:`Inference.slot` (the update service swaps it). With no model,
 callers are told :class:`NotReadyError` and the paced loop sleeps until one is loaded.
@@ -32,12 +32,11 @@ import queue
 import threading
 import time
 import types
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
-
+from agent.batches import Job, run_beside, run_jobs
 from agent.events import EngineEvent, Inferred
 from agent.limits import Limits
 from agent.runtime import Feed, InferenceError, Inputs, ModelSlot, Outputs, Tally
@@ -86,121 +85,10 @@ class Prediction:
         return self.release.release_id
 
 
-@dataclass(slots=True, eq=False)
-class _Job:
-    slot: ModelSlot
-    feed: Inputs
-    rows: int
-    future: asyncio.Future[None] | None = None
-    """Set for a job handed to the worker: done once the job is delivered."""
-    outputs: Outputs | None = None
-    error: str | None = None
-    ran: bool = False
-
-    def shape_key(self) -> tuple[object, ...]:
-        """What must agree for jobs to be stacked into one batch."""
-        return tuple((n, a.dtype, a.shape[1:]) for n, a in self.feed.items())
-
-
 @types.coroutine
 def _next_turn() -> Generator[None, None, None]:
     """Let the tasks ready now run first: ``asyncio.sleep(0)`` without its own frame."""
     yield
-
-
-def _stacks(first: _Job, job: _Job) -> bool:
-    slot = first.slot
-    return (
-        job.slot is slot
-        and slot.batchable
-        and (slot.uniform or job.shape_key() == first.shape_key())
-    )
-
-
-def _batches(jobs: list[_Job], max_rows: int) -> Iterator[list[_Job]]:
-    """Runs of consecutive jobs that can go through the model as one call."""
-    group: list[_Job] = []
-    rows = 0
-    for job in jobs:
-        if group and (rows + job.rows > max_rows or not _stacks(group[0], job)):
-            yield group
-            group, rows = [], 0
-        group.append(job)
-        rows += job.rows
-    if group:
-        yield group
-
-
-def _run_jobs(jobs: list[_Job], max_rows: int) -> list[Tally]:
-    """Run ``jobs`` in batches; what they count, one tally per run of jobs of a release."""
-    tallies: list[Tally] = []
-    for group in _batches(jobs, max_rows):
-        slot = group[0].slot
-        if not tallies or tallies[-1].sha256 != slot.sha256:
-            tallies.append(slot.tally())
-        _run_batch(group, tallies[-1])
-    return tallies
-
-
-def _run_one(job: _Job, tally: Tally) -> None:
-    job.ran = True
-    try:
-        outputs, latency_ms = job.slot.timed(job.feed)
-    except Exception as exc:  # noqa: BLE001 (any model failure is this job's error)
-        job.error = str(exc)
-        tally.add(None)
-        return
-    job.slot.row_ms = latency_ms / job.rows
-    _finish(job, outputs, latency_ms, tally)
-
-
-def _finish(job: _Job, outputs: Outputs, latency_ms: float, tally: Tally) -> None:
-    job.ran = True
-    try:
-        result = ModelSlot.summarise(outputs, latency_ms)
-    except ValueError as exc:
-        job.error = str(exc)
-        tally.add(None)
-    else:
-        job.outputs = outputs
-        tally.add(result)
-
-
-def _run_batch(group: list[_Job], tally: Tally) -> None:
-    """Run ``group`` as one call; job by job when the batch fails or its outputs do not
-    have one row per input row; each job judged on its own rows when some are not finite."""
-    if len(group) == 1:
-        _run_one(group[0], tally)
-        return
-    slot = group[0].slot
-    counts = np.fromiter((job.rows for job in group), dtype=np.intp, count=len(group))
-    ends = np.cumsum(counts)
-    total = int(ends[-1])
-    try:
-        names = group[0].feed
-        outputs, latency_ms = slot.timed(
-            {name: np.concatenate([job.feed[name] for job in group]) for name in names}
-        )
-    except Exception:  # noqa: BLE001 (find the job at fault below)
-        outputs, latency_ms = {}, 0.0
-    if not outputs or any(a.ndim == 0 or a.shape[0] != total for a in outputs.values()):
-        for job in group:
-            _run_one(job, tally)
-        return
-    slot.row_ms = latency_ms / total
-    starts = ends - counts
-    spans = zip(group, starts.tolist(), ends.tolist(), strict=True)
-    try:
-        confidences, labels = ModelSlot.first_rows(outputs, starts)
-    except ValueError:  # non-finite values: in whose rows?
-        for job, start, end in spans:
-            _finish(job, {n: a[start:end] for n, a in outputs.items()}, latency_ms, tally)
-        return
-    items = list(outputs.items())
-    for job, start, end in spans:
-        job.outputs = {name: a[start:end] for name, a in items}
-        job.ran = True
-    tally.add_batch(latency_ms, len(group), confidences, labels)
 
 
 class _Worker:
@@ -209,19 +97,19 @@ class _Worker:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        deliver: Callable[[list[_Job], list[Tally]], None],
+        deliver: Callable[[list[Job], list[Tally], list[Tally]], None],
         max_rows: int,
     ) -> None:
         self._loop = loop
         self._deliver = deliver
         self._max_rows = max_rows
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="inference", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, job: _Job) -> None:
+    def submit(self, job: Job) -> None:
         self._queue.put(job)
 
     async def stop(self) -> None:
@@ -246,19 +134,20 @@ class _Worker:
                     break
                 jobs.append(more)
                 rows += more.rows
-            self._post(jobs, _run_jobs(jobs, self._max_rows))
-        left: list[_Job] = []
+            tallies = run_jobs(jobs, self._max_rows)
+            self._post(jobs, tallies, run_beside(jobs, self._max_rows))
+        left: list[Job] = []
         with contextlib.suppress(queue.Empty):
             while True:
                 more = self._queue.get_nowait()
                 if more is not None:
                     left.append(more)
         if left:
-            self._post(left, [])
+            self._post(left, [], [])
 
-    def _post(self, jobs: list[_Job], tallies: list[Tally]) -> None:
+    def _post(self, jobs: list[Job], tallies: list[Tally], shadows: list[Tally]) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-            self._loop.call_soon_threadsafe(self._deliver, jobs, tallies)
+            self._loop.call_soon_threadsafe(self._deliver, jobs, tallies, shadows)
 
 
 class Inference:
@@ -286,12 +175,14 @@ class Inference:
         self._max_waiting = limits.max_waiting
         self._inline_ms = limits.inline_ms
         self._slot: ModelSlot | None = None
+        self._shadow: tuple[ModelSlot, ModelSlot] | None = None
+        """The serving slot and the candidate that runs beside it."""
         self._loaded = asyncio.Event()
         self._worker: _Worker | None = None
         self._waiting = 0
         self._busy = 0
         """Jobs handed to the worker and not yet delivered."""
-        self._inline: list[_Job] = []
+        self._inline: list[Job] = []
         """Jobs to run inline by the first of their callers back on the loop."""
         self._inline_cost = 0.0
         self.total = 0
@@ -308,11 +199,24 @@ class Inference:
 
     @slot.setter
     def slot(self, slot: ModelSlot | None) -> None:
+        """Serve ``slot`` (None: nothing), and it alone: a shadow ends."""
         self._slot = slot
+        self._shadow = None
         if slot is None:
             self._loaded.clear()
         else:
             self._loaded.set()
+
+    @property
+    def shadow(self) -> ModelSlot | None:
+        """The candidate running beside the serving model, never answering: every job
+        for that model then goes to the worker, which runs the candidate on it too."""
+        return None if self._shadow is None else self._shadow[1]
+
+    @shadow.setter
+    def shadow(self, candidate: ModelSlot | None) -> None:
+        slot = self._slot
+        self._shadow = None if candidate is None or slot is None else (slot, candidate)
 
     @property
     def ready(self) -> bool:
@@ -354,7 +258,7 @@ class Inference:
             if not job.ran:
                 jobs, self._inline, self._inline_cost = self._inline, [], 0.0
                 self.turns["inline"] += 1
-                self._deliver(jobs, _run_jobs(jobs, self._max_batch))
+                self._deliver(jobs, run_jobs(jobs, self._max_batch), [])
         if job.outputs is not None:
             return Prediction(job.outputs, job.slot.release)
         if not job.ran:
@@ -362,7 +266,7 @@ class Inference:
             raise NotReadyError(msg)
         raise InferenceFailedError(job.error or "inference failed")
 
-    def _admit(self, feed: Inputs) -> tuple[_Job, float]:
+    def _admit(self, feed: Inputs) -> tuple[Job, float]:
         """A job for ``feed``, queued inline (with its estimated cost) or handed to the
         worker (with a future), as the module's docstring tells.
 
@@ -378,10 +282,12 @@ class Inference:
             msg = f"{self._waiting} inferences wait already"
             raise OverloadedError(msg)
         self._waiting += 1
-        job = _Job(slot, feed, rows)
-        row_ms = slot.row_ms
+        job = Job(slot, feed, rows)
+        shadow, row_ms = self._shadow, slot.row_ms
         cost = 0.0 if row_ms is None else row_ms * rows
-        if self._busy or row_ms is None or self._inline_cost + cost > self._inline_ms:
+        if shadow is not None and shadow[0] is slot:
+            job.shadow = shadow[1]
+        if shadow or self._busy or row_ms is None or self._inline_cost + cost > self._inline_ms:
             job.future = asyncio.get_running_loop().create_future()
             self._busy += 1
             worker.submit(job)
@@ -431,12 +337,18 @@ class Inference:
                 delay = 0
             await asyncio.sleep(delay)
 
-    def _deliver(self, jobs: list[_Job], tallies: list[Tally]) -> None:
-        """On the loop: count what ran, then wake the callers that wait on the worker."""
+    def _deliver(self, jobs: list[Job], tallies: list[Tally], shadows: list[Tally]) -> None:
+        """On the loop: count what ran (a shadow's runs only for its soak: it answered
+        nobody), then wake the callers that wait on the worker."""
         now = self._clock()
         self._waiting -= len(jobs)
         for tally in tallies:
             self._count(tally, now)
+        for tally in shadows:
+            runs = tuple(tally.runs)
+            self._feed(
+                Inferred(tally.sha256, runs, tally.errors, now, tally.compared, tally.agreed)
+            )
         if tallies and jobs[0].future is not None:
             self.turns["worker"] += 1
         for job in jobs:

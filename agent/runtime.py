@@ -119,6 +119,10 @@ class Tally:
     """Inferences that failed (the model, non-finite outputs, the input source)."""
     confidences: list[float] = field(default_factory=list)
     labels: Counter[int] = field(default_factory=Counter)
+    compared: int = 0
+    """Of a shadow's answers, those compared with the serving model's ..."""
+    agreed: int = 0
+    """... and of them, those that agreed (:func:`agent.shadow.agrees`)."""
 
     @property
     def count(self) -> int:

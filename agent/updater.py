@@ -5,7 +5,8 @@ Those that only change what is served or shown (revert, cancel, state, log, the 
 rejection, a swap to a model already held) take effect at once, so that inference and
 the published state never lag behind the engine. The rest go in order to
 :meth:`Updater.run`, the update task: the swap to a candidate waits there for the write
-before it, the soak's record (the crash-loop guard, see :mod:`agent.engine`);
+before it, the soak's record (the crash-loop guard, see :mod:`agent.engine`), and so does a
+candidate put beside the serving model for a shadow soak;
 writes, reports and events are awaited one after the other (the report before the event:
 it is what the coordinator waits for), and fetching, loading and self-testing run as
 tasks of their own whose results come back as events. Blocking work runs in threads.
@@ -43,6 +44,7 @@ from agent.events import (
     Revert,
     SelfTest,
     SelfTested,
+    Shadow,
     StateChanged,
     Swap,
     Tick,
@@ -211,6 +213,11 @@ class Updater:
             slot = self._tested.pop(command.attempt, None)
             if slot is not None:  # else cancelled while its record was written
                 self._swap(command, slot)
+        elif isinstance(command, Shadow):
+            slot = self._tested.pop(command.attempt, None)
+            if slot is not None:  # else cancelled while its record was written
+                self.slots[command.release.artifact.sha256] = slot
+                self._inference.shadow = slot
         elif isinstance(command, Fetch | Load | SelfTest):
             self._spawn(command, tg)
         else:  # pragma: no cover (the others take effect at once)

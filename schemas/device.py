@@ -112,6 +112,11 @@ class HealthReport(WireModel):
     p95_latency_ms: float | None
     soak_seconds: float
     at: float
+    agreement: float | None = Field(default=None, ge=0.0, le=1.0)
+    """A shadow soak's share of answers that agreed with the stable model's (None: no
+    shadow soak, or no answer to compare)."""
+    shadow_inferences: int = Field(default=0, ge=0)
+    """The answers ``agreement`` rests on."""
 
 
 class EventKind(StrEnum):

@@ -29,6 +29,7 @@ __all__ = [
     "Release",
     "RolloutCohort",
     "Runtime",
+    "ShadowBudget",
     "Target",
     "TensorSpec",
     "bucket",
@@ -83,11 +84,29 @@ class TensorSpec(WireModel):
     shape: tuple[int | str | None, ...]
 
 
+class ShadowBudget(WireModel):
+    """A shadow soak: where a stable model serves, the candidate runs beside it on the
+    same inputs without answering, and is judged on how often it agrees with it too."""
+
+    min_agreement: float = Field(ge=0.0, le=1.0)
+    """The lowest share of the candidate's answers that must agree with the stable's."""
+    measure: Literal["label", "distance"] = "label"
+    """``label``: an answer agrees when every row's label does (the first integer output,
+    else the argmax of the first float output); ``distance``: when every value of
+    ``output`` is within ``tolerance`` of the stable model's."""
+    output: str | None = Field(default=None, min_length=1, max_length=128)
+    """The output ``distance`` compares; None: the first float output."""
+    tolerance: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+
+
 class HealthBudget(WireModel):
     max_error_rate: float = Field(ge=0.0, le=1.0)
     p95_latency_ms: float = Field(gt=0.0)
     min_inferences: int = Field(ge=1)
     soak_seconds: float = Field(ge=0.0)
+    shadow: ShadowBudget | None = None
+    """Soak in the shadow of the stable model, where one serves (None: swapped in and
+    soaked on live traffic)."""
 
 
 class Release(WireModel):

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Final
 from pydantic import Field, field_validator, model_validator
 
 from schemas.codec import WireModel
-from schemas.manifest import ArtifactRef, TensorSpec
+from schemas.manifest import ArtifactRef, ShadowBudget, TensorSpec
 from schemas.topics import NAME_PATTERN
 
 __all__ = [
@@ -171,6 +171,9 @@ class RolloutSpec(WireModel):
     silence_s: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     rate_per_min: int | None = Field(default=None, ge=1, le=1_000_000)
     """At most this many devices of a class newly targeted per minute; None: no limit."""
+    shadow: ShadowBudget | None = None
+    """Every class's candidate soaks in the shadow of its stable model, so judged; None:
+    as the class's profile says."""
     all_or_nothing: bool = False
     """One class failing rolls every class back; none is promoted before all passed."""
     windows: dict[Annotated[str, Field(pattern=NAME_PATTERN)], MaintenanceWindow] = Field(
@@ -298,6 +301,15 @@ class WaveCounts(WireModel):
     """Targeted, no verdict, and past the wave's silence limit: counted as failed."""
     pending: int = 0
     """Members offline since the wave's manifest went out: not waited for."""
+    shadow_inferences: int = 0
+    """Shadow-soak answers the wave's reports rest on (see ``agreement``)."""
+    agreed: int = 0
+    """Of which agreed with the stable model's."""
+
+    @property
+    def agreement(self) -> float | None:
+        """The wave's agreement over its reports' shadow soaks; None without any."""
+        return self.agreed / self.shadow_inferences if self.shadow_inferences else None
 
     @property
     def reported(self) -> int:
@@ -320,6 +332,8 @@ class WaveCounts(WireModel):
             unhealthy=self.unhealthy + other.unhealthy,
             silent=self.silent + other.silent,
             pending=self.pending + other.pending,
+            shadow_inferences=self.shadow_inferences + other.shadow_inferences,
+            agreed=self.agreed + other.agreed,
         )
 
 

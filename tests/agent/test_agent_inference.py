@@ -23,6 +23,7 @@ from agent.limits import Limits
 from agent.runtime import ModelSlot, Tally
 from models import INPUT_NAME, DemoModel, DigitsSplit
 from models.export import LABEL_OUTPUT, PROBABILITIES_OUTPUT
+from schemas import ShadowBudget
 from tests.agent.conftest import release_of
 
 GUARD_S = 30.0
@@ -194,5 +195,44 @@ def test_an_inline_caller_that_gives_up_before_its_batch_ran_is_not_counted(
         assert all(isinstance(p, Prediction) for p in outcomes[1:])
         assert inference.total == counted.answered() == 1 + 9
         assert inference.turns["inline"] == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_shadow_runs_on_the_same_jobs_in_the_worker_and_counts_only_for_its_soak(
+    demo_models: dict[str, DemoModel], digits_split: DigitsSplit
+) -> None:
+    """Beside the serving model, the candidate runs on every job (in the worker, after
+    the serving model, on the same batch); callers get the serving model's answers,
+    telemetry counts those alone, and the engine hears how many of the candidate's
+    agreed. Serving a model again ends the shadow."""
+    slot = slot_of(demo_models["digits-v1"])
+    v2 = release_of(demo_models["digits-v2"])
+    budget = v2.health.model_copy(update={"shadow": ShadowBudget(min_agreement=0.5)})
+    beside = ModelSlot(v2.model_copy(update={"health": budget}), demo_models["digits-v2"].path)
+    x = rows(digits_split, 30)
+    served, theirs = direct(slot, x)[LABEL_OUTPUT], direct(beside, x)[LABEL_OUTPUT]
+
+    async def scenario() -> None:
+        async with serving(slot, ALWAYS_INLINE) as (inference, counted):
+            await inference.infer({INPUT_NAME: x[:1]})
+            inference.shadow = beside
+            answers = await asyncio.gather(
+                *(inference.infer({INPUT_NAME: x[i : i + 1]}) for i in range(30))
+            )
+            assert inference.turns["inline"] == 0
+            assert [int(a.outputs[LABEL_OUTPUT][0]) for a in answers] == served.tolist()
+            assert {a.release_id for a in answers} == {slot.release_id}
+            inference.slot = slot  # served alone again
+            assert inference.shadow is None
+            await asyncio.gather(*(inference.infer({INPUT_NAME: x[:1]}) for _ in range(3)))
+            assert inference.turns["inline"] == 1
+        assert inference.total == counted.answered() == 34
+        assert {t.sha256 for t in counted.tallies} == {slot.sha256}
+        shadows = [e for e in counted.events if isinstance(e, Inferred) and e.compared]
+        assert {e.sha256 for e in shadows} == {beside.sha256}
+        assert sum(n for e in shadows for _, n in e.runs) == sum(e.compared for e in shadows) == 30
+        assert sum(e.agreed for e in shadows) == int((served == theirs).sum())
+        assert (served != theirs).any(), "two real models that disagree somewhere"
 
     asyncio.run(scenario())
