@@ -75,7 +75,7 @@ def select_releases(
         if isinstance(chosen, str):
             problems.append(chosen)
             continue
-        releases[name] = profile.release(spec.candidate.name, chosen.variant)
+        releases[name] = profile.release(spec.candidate.name, chosen.variant, spec.shadow)
     if problems:
         return Selection({}, tuple(problems), tuple(notes), Cause.GATE_FAILED)
     return Selection(releases, (), tuple(notes))

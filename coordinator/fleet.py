@@ -18,7 +18,7 @@ from coordinator.rollout import LaneInput, RolloutRecord
 from schemas import DeviceState, HealthReport, Verdict, WaveCounts, bucket
 from schemas.errors import Reason, bound_text
 
-__all__ = ["DeviceView", "FleetView", "is_verdict"]
+__all__ = ["DeviceView", "FleetView", "agreed_of", "is_verdict"]
 
 _TRANSIENT: frozenset[str] = frozenset({Reason.CHUNK_CORRUPT.value, Reason.FETCH_TIMEOUT.value})
 """Report reasons about the transfer, not the candidate: a corrupt or missing chunk is
@@ -30,6 +30,13 @@ def is_verdict(report: HealthReport) -> bool:
     if report.verdict is Verdict.HEALTHY or not report.reasons:
         return True
     return any(r.split(":", 1)[0].strip() not in _TRANSIENT for r in report.reasons)
+
+
+def agreed_of(report: HealthReport) -> tuple[int, int]:
+    """The shadow-soak answers a report rests on, and how many of them agreed."""
+    if report.agreement is None:
+        return 0, 0
+    return report.shadow_inferences, round(report.agreement * report.shadow_inferences)
 
 
 @dataclass
@@ -46,10 +53,11 @@ class DeviceView:
         return None if self.state is None else self.state.hw_class
 
 
-_Part = tuple[int, int, int, int, int, int, int]
+_Part = tuple[int, int, int, int, int, int, int, int, int]
 """One device's part of a wave's counts, in the order of :class:`schemas.WaveCounts`:
-members, targeted, updated, healthy, unhealthy, silent, pending."""
-_NOTHING: _Part = (0, 0, 0, 0, 0, 0, 0)
+members, targeted, updated, healthy, unhealthy, silent, pending, shadow_inferences,
+agreed."""
+_NOTHING: _Part = (0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 class _Ranked(Sequence[int]):
@@ -130,7 +138,9 @@ class _Tally:
                 self._sums[i] += sign * value
 
     def counts(self) -> WaveCounts:
-        members, targeted, updated, healthy, unhealthy, silent, pending = self._sums
+        members, targeted, updated, healthy, unhealthy, silent, pending, shadowed, agreed = (
+            self._sums
+        )
         return WaveCounts(
             members=members,
             targeted=targeted,
@@ -139,6 +149,8 @@ class _Tally:
             unhealthy=unhealthy,
             silent=silent,
             pending=pending,
+            shadow_inferences=shadowed,
+            agreed=agreed,
         )
 
     def in_cohort(self, view: DeviceView) -> bool:
@@ -189,12 +201,14 @@ class _Tally:
             return _NOTHING
         state = view.state
         updated = int(state is not None and state.active_sha256 == self.candidate.artifact.sha256)
-        if self.reported(view):
-            healthy = view.health is not None and view.health.verdict is Verdict.HEALTHY
-            return (1, 1, updated, int(healthy), int(not healthy), 0, 0)
+        report = view.health
+        if report is not None and self.reported(view):
+            healthy = report.verdict is Verdict.HEALTHY
+            shadowed, agreed = agreed_of(report)
+            return (1, 1, updated, int(healthy), int(not healthy), 0, 0, shadowed, agreed)
         if view.device_id in self.targeted:
-            return (1, 1, updated, 0, 0, int(view.device_id in self.silent), 0)
-        return (1, 0, updated, 0, 0, 0, int(self.published and not view.online))
+            return (1, 1, updated, 0, 0, int(view.device_id in self.silent), 0, 0, 0)
+        return (1, 0, updated, 0, 0, 0, int(self.published and not view.online), 0, 0)
 
 
 @dataclass

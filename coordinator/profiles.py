@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from coordinator.rollout import Policy
 from models.precision import Precision
-from schemas import HealthBudget, Release, RolloutSpec, Runtime, Variant
+from schemas import HealthBudget, Release, RolloutSpec, Runtime, ShadowBudget, Variant
 
 __all__ = [
     "DEFAULT_PROFILES",
@@ -88,9 +88,14 @@ class ClassProfile(BaseModel):
     def runtime(self) -> Runtime:
         return Runtime(providers=self.providers, intra_op_threads=self.intra_op_threads)
 
-    def release(self, name: str, variant: Variant) -> Release:
+    def budget(self, shadow: ShadowBudget | None = None) -> HealthBudget:
+        """The class's health budget, soaked in the shadow of the stable model as
+        ``shadow`` says (a rollout spec's), else as the class's own budget says."""
+        return self.health if shadow is None else self.health.model_copy(update={"shadow": shadow})
+
+    def release(self, name: str, variant: Variant, shadow: ShadowBudget | None = None) -> Release:
         """``variant`` of model ``name`` as this class runs it: its runtime and health
-        budget are the class's."""
+        budget are the class's (its shadow soak ``shadow`` when given)."""
         return Release(
             name=name,
             variant=variant.label,
@@ -99,7 +104,7 @@ class ClassProfile(BaseModel):
             runtime=self.runtime,
             inputs=variant.inputs,
             outputs=variant.outputs,
-            health=self.health,
+            health=self.budget(shadow),
         )
 
 

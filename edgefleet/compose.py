@@ -27,7 +27,7 @@ from edgefleet.home import COORDINATOR, OPERATOR, Home
 from edgefleet.sources import SOURCES, Source
 from models.optimize import read_bundle
 from models.precision import detect_precision
-from schemas import Candidate, MaintenanceWindow, Role, RolloutSpec, WaveSpec
+from schemas import Candidate, MaintenanceWindow, Role, RolloutSpec, ShadowBudget, WaveSpec
 
 __all__ = [
     "HOST_PROVIDERS",
@@ -121,6 +121,7 @@ class SpecOptions:
     rate_per_min: int | None = None
     all_or_nothing: bool = False
     windows: Mapping[str, MaintenanceWindow] = field(default_factory=dict)
+    shadow: ShadowBudget | None = None
 
 
 def rollout_spec(
@@ -153,6 +154,7 @@ def rollout_spec(
         rate_per_min=options.rate_per_min,
         all_or_nothing=options.all_or_nothing,
         windows=dict(options.windows),
+        shadow=options.shadow,
         issued_at=issued_at,
         operator=OPERATOR,
     )

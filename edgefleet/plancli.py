@@ -200,7 +200,7 @@ def _offered(spec: RolloutSpec, profile: ClassProfile, chosen: Built, gate: str)
         runtime=profile.runtime,
         inputs=v.inputs,
         outputs=v.outputs,
-        health=profile.health,
+        health=profile.budget(spec.shadow),
     )
     return ClassOffer(
         hw_class=profile.name,

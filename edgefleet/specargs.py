@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from coordinator.profiles import DEFAULT_PROFILES
 from edgefleet.compose import SpecOptions
-from schemas import MaintenanceWindow, UsageError, WaveSpec
+from schemas import MaintenanceWindow, ShadowBudget, UsageError, WaveSpec
 from schemas.errors import bound_text
 from schemas.topics import check_name
 
@@ -28,6 +28,7 @@ __all__ = [
     "parse_window",
     "read_waves_file",
     "rollout_id_of",
+    "shadow_of",
     "spec_options",
 ]
 
@@ -86,6 +87,20 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
         metavar="CLASS=HH:MM-HH:MM",
         help="a daily UTC window in which CLASS may be newly targeted (repeatable)",
     )
+    p.add_argument(
+        "--shadow",
+        type=float,
+        metavar="MIN_AGREEMENT",
+        help="soak each candidate beside its class's stable model, never answering, and "
+        "refuse it below this share of answers whose labels agree (default: the class's)",
+    )
+    p.add_argument(
+        "--shadow-tolerance",
+        type=float,
+        metavar="T",
+        help="with --shadow: an answer agrees when every value of the first float output "
+        "is within T of the stable model's (instead of its labels)",
+    )
     p.add_argument("--id", help="rollout id (default: name-timestamp); it salts the buckets")
 
 
@@ -124,6 +139,26 @@ def spec_options(args: argparse.Namespace) -> SpecOptions:
         rate_per_min=args.rate,
         all_or_nothing=args.all_or_nothing,
         windows=windows,
+        shadow=shadow_of(args),
+    )
+
+
+def shadow_of(args: argparse.Namespace) -> ShadowBudget | None:
+    """The shadow soak ``--shadow`` and ``--shadow-tolerance`` ask for, if any.
+
+    Raises:
+        UsageError: a tolerance without ``--shadow``.
+        pydantic.ValidationError: values out of bounds.
+    """
+    if args.shadow is None:
+        if args.shadow_tolerance is not None:
+            msg = "--shadow-tolerance needs --shadow"
+            raise UsageError(msg)
+        return None
+    if args.shadow_tolerance is None:
+        return ShadowBudget(min_agreement=args.shadow)
+    return ShadowBudget(
+        min_agreement=args.shadow, measure="distance", tolerance=args.shadow_tolerance
     )
 
 

@@ -1,5 +1,6 @@
 """How a rollout's status reads to people: one summary line, and a row per class (its
-phase, wave and reach, counts, silent devices, what it waits for, why it is where it is).
+phase, wave and reach, counts, silent devices, shadow-soak agreement, what it waits for,
+why it is where it is).
 
 ``rollout status`` prints both; ``rollout status --watch`` prints, when piped, one line
 per change (:class:`PlainWatch`), and on a terminal a live table (:func:`rich_table`)."""
@@ -13,12 +14,13 @@ from rich.table import Table
 from rich.text import Text
 
 from models.report import text_table
-from schemas import LaneStatus, RolloutStatus
+from schemas import LaneStatus, RolloutStatus, WaveCounts
 from schemas.errors import bound_text
 
 __all__ = [
     "LANE_HEADER",
     "PlainWatch",
+    "agreement_text",
     "lane_cells",
     "lane_line",
     "rich_table",
@@ -34,6 +36,7 @@ LANE_HEADER: Final = (
     "unhealthy",
     "silent",
     "pending",
+    "agreement",
     "waiting / reason",
 )
 REASON_SHOWN: Final = 160
@@ -54,6 +57,14 @@ def _reach(status: RolloutStatus, wave: int) -> str:
     return ""
 
 
+def agreement_text(counts: WaveCounts) -> str | None:
+    """A wave's shadow-soak agreement, and how many answers it rests on; None without."""
+    agreement = counts.agreement
+    if agreement is None:
+        return None
+    return f"{agreement:.3f} of {counts.shadow_inferences}"
+
+
 def status_line(status: RolloutStatus) -> str:
     """The rollout as one line: phase, wave, release and the classes' counts summed."""
     c = status.counts
@@ -68,6 +79,9 @@ def status_line(status: RolloutStatus) -> str:
         f"updated {c.updated} healthy {c.healthy} unhealthy {c.unhealthy} "
         f"silent {c.silent} pending {c.pending}"
     )
+    agreement = agreement_text(c)
+    if agreement is not None:
+        line += f" agreement {agreement}"
     if status.reason:
         line += f" — {status.reason}"
     return line + (f" [{status.cause.value}]" if status.cause is not None else "")
@@ -95,6 +109,7 @@ def lane_cells(status: RolloutStatus, name: str, lane: LaneStatus) -> tuple[str,
         str(c.unhealthy),
         silent,
         str(c.pending),
+        agreement_text(c) or "-",
         bound_text(" — ".join(notes), REASON_SHOWN) or "-",
     )
 
@@ -107,6 +122,8 @@ def lane_line(status: RolloutStatus, name: str, lane: LaneStatus) -> str:
         f"{cells['healthy']}, unhealthy {cells['unhealthy']}, silent {cells['silent']}, "
         f"pending {cells['pending']}"
     )
+    if cells["agreement"] != "-":
+        line += f", agreement {cells['agreement']}"
     note = cells["waiting / reason"]
     return line if note == "-" else f"{line} — {note}"
 
@@ -156,14 +173,14 @@ def rich_table(status: RolloutStatus) -> Table:
         # Class names whole; the waiting text and the reason wrap instead.
         table.add_column(
             column,
-            justify="left" if i in (0, 1, 2, 7) else "right",
+            justify="left" if i in (0, 1, 2, len(LANE_HEADER) - 1) else "right",
             no_wrap=i == 0,
             overflow="fold",
         )
     rows = [lane_cells(status, name, lane) for name, lane in _lanes(status)]
     c = status.counts
     summed = ("all", status.phase.value, "", f"{c.healthy}/{c.targeted}", str(c.unhealthy))
-    rows.append((*summed, str(c.silent), str(c.pending), ""))
+    rows.append((*summed, str(c.silent), str(c.pending), agreement_text(c) or "-", ""))
     for row in rows:
         table.add_row(*(Text(cell) for cell in row))
     return table

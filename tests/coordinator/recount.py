@@ -5,7 +5,7 @@ which a recount cannot see). The property tests hold the kept counts to it;
 
 from __future__ import annotations
 
-from coordinator.fleet import FleetView, is_verdict
+from coordinator.fleet import FleetView, agreed_of, is_verdict
 from coordinator.rollout import RolloutRecord
 from schemas import Verdict, WaveCounts
 
@@ -20,6 +20,7 @@ def recount(fleet: FleetView, record: RolloutRecord, name: str) -> WaveCounts:
     published = record.lanes[name].published_at is not None
     candidate = record.candidates[name]
     members = targeted = updated = healthy = unhealthy = silent = pending = 0
+    shadowed = agreed = 0
     for view in fleet.devices.values():
         if view.hw_class != name or not fleet.in_cohort(record, view):
             continue
@@ -36,6 +37,8 @@ def recount(fleet: FleetView, record: RolloutRecord, name: str) -> WaveCounts:
             targeted += 1
             healthy += report.verdict is Verdict.HEALTHY
             unhealthy += report.verdict is not Verdict.HEALTHY
+            shadowed += agreed_of(report)[0]
+            agreed += agreed_of(report)[1]
         elif view.device_id in targeted_at:
             targeted += 1
             silent += view.device_id in silent_ids
@@ -51,4 +54,6 @@ def recount(fleet: FleetView, record: RolloutRecord, name: str) -> WaveCounts:
         unhealthy=unhealthy,
         silent=silent,
         pending=pending,
+        shadow_inferences=shadowed,
+        agreed=agreed,
     )

@@ -55,6 +55,8 @@ class Health:
     reasons: tuple[str, ...]
     at: float
     report_id: str
+    shadow: tuple[float | None, int]
+    """A shadow soak's agreement and the answers it rests on."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ updates = st.one_of(
         st.sampled_from(((), ("crashed",), ("chunk_corrupt: 3",), ("fetch_timeout", "slow"))),
         st.sampled_from((T0, T0 + 1.0, T0 + 2.0)),
         st.sampled_from(("r1", "r2", "r3", "r4", "r5", "r6")),
+        st.sampled_from(((None, 0), (1.0, 40), (0.25, 200), (0.0, 7))),
     ),
     st.builds(Forget, devices),
     st.builds(Count, st.integers(0, len(RECORDS) - 1)),
@@ -117,6 +120,8 @@ def _report(update: Health) -> HealthReport:
         p95_latency_ms=1.0,
         soak_seconds=4.0,
         at=update.at,
+        agreement=update.shadow[0],
+        shadow_inferences=update.shadow[1],
     )
 
 

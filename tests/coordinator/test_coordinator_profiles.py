@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from coordinator.profiles import DEFAULT_PROFILES, class_policy, load_profiles
-from schemas import ArtifactRef, Candidate, RolloutSpec, TensorSpec, Variant
+from schemas import ArtifactRef, Candidate, RolloutSpec, ShadowBudget, TensorSpec, Variant
 
 GOOD = """
 [classes.edge-cpu]
@@ -133,3 +133,20 @@ def test_without_a_silence_limit_a_device_has_three_soaks_and_a_minute() -> None
     jetson = profiles["jetson-vision-standard"]
     policy = class_policy(_spec((jetson.name,)), jetson, jetson.health)
     assert policy.silence_s == 3 * jetson.health.soak_seconds + 60.0
+
+
+def test_a_release_soaks_in_the_shadow_its_class_or_its_rollout_asks_for(tmp_path: Path) -> None:
+    path = tmp_path / "classes.toml"
+    shadowed = "soak_seconds = 4.0, shadow = { min_agreement = 0.95 } }"
+    path.write_text(
+        GOOD + GOOD.replace("edge-cpu", "edge-shadow").replace("soak_seconds = 4.0 }", shadowed)
+    )
+    profiles = load_profiles(path)
+    (variant,) = _spec(("edge-cpu",)).candidate.variants
+    assert profiles["edge-cpu"].release("m", variant).health.shadow is None
+    own = profiles["edge-shadow"].release("m", variant).health
+    assert own.shadow == ShadowBudget(min_agreement=0.95)
+    asked = ShadowBudget(min_agreement=0.8, measure="distance", tolerance=0.1)
+    for profile in profiles.values():
+        health = profile.release("m", variant, asked).health
+        assert health == profile.health.model_copy(update={"shadow": asked}), "the spec's wins"

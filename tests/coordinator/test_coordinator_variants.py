@@ -29,6 +29,7 @@ from schemas import (
     PolicyError,
     Release,
     RolloutSpec,
+    ShadowBudget,
     UsageError,
     Variant,
     encode,
@@ -330,6 +331,12 @@ def test_class_without_a_gate_takes_its_first_fitting_variant(
     assert selection.problems == ()
     assert selection.releases["tiny-gateway"].variant == "fp32"
     assert selection.releases["tiny-gateway"].artifact.size == len(data)
+    assert selection.releases["tiny-gateway"].health == small["tiny-gateway"].health
+    # A spec that asks for a shadow soak gets it in every class's release.
+    asked = ShadowBudget(min_agreement=0.9)
+    spec = _spec([_variant("fp32", data)], ["tiny-gateway"]).model_copy(update={"shadow": asked})
+    shadowed = select_releases(spec, {_ref(data).sha256: data}, {}, small, None)
+    assert shadowed.releases["tiny-gateway"].health.shadow == asked
 
 
 def test_admission_uses_the_variants_that_fit_and_ignores_the_rest(

@@ -16,7 +16,7 @@ from edgefleet.specargs import (
     read_waves_file,
     spec_options,
 )
-from schemas import MaintenanceWindow, UsageError, WaveSpec
+from schemas import MaintenanceWindow, ShadowBudget, UsageError, WaveSpec
 
 CAM = "jetson-vision-standard"
 
@@ -104,6 +104,17 @@ def test_every_option_reaches_the_spec_options() -> None:
         False,
         {},
     )
+
+
+def test_a_shadow_soak_is_asked_by_label_agreement_or_by_distance() -> None:
+    assert spec_options(_args()).shadow is None
+    assert spec_options(_args("--shadow", "0.97")).shadow == ShadowBudget(min_agreement=0.97)
+    distance = spec_options(_args("--shadow", "0.9", "--shadow-tolerance", "0.05")).shadow
+    assert distance == ShadowBudget(min_agreement=0.9, measure="distance", tolerance=0.05)
+    with pytest.raises(UsageError, match="needs --shadow"):
+        spec_options(_args("--shadow-tolerance", "0.05"))
+    with pytest.raises(ValidationError):
+        spec_options(_args("--shadow", "1.5"))
 
 
 def test_a_class_given_two_windows_is_refused() -> None:

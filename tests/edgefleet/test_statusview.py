@@ -111,3 +111,23 @@ def test_the_terminal_table_shows_device_words_as_text_not_markup() -> None:
     assert "[x] why" in text
     assert CAM in text
     assert GW in text
+
+
+def test_shadow_soak_agreement_shows_where_reports_carry_it() -> None:
+    shadowed = _lane(
+        counts=WaveCounts(
+            members=10, targeted=8, healthy=3, unhealthy=2, shadow_inferences=400, agreed=300
+        )
+    )
+    status = _status({CAM: shadowed, GW: _lane()})
+    cam, gw, summary = PlainWatch().lines(status)
+    assert cam.endswith("pending 0, agreement 0.750 of 400")
+    assert "agreement" not in gw
+    assert summary.endswith("pending 2 agreement 0.750 of 400")
+    header, cam_row, gw_row = status_text(status).splitlines()[1:]
+    assert "agreement" in header
+    assert "0.750 of 400" in cam_row
+    assert "0.750" not in gw_row
+    console = Console(width=200, record=True, color_system=None)
+    console.print(rich_table(status))
+    assert "0.750 of 400" in console.export_text()
