@@ -86,7 +86,7 @@ def _run_one(job: Job, tally: Tally) -> None:
         job.error = str(exc)
         tally.add(None)
         return
-    job.slot.row_ms = latency_ms / job.rows
+    job.slot.took(latency_ms, job.rows)
     _finish(job, outputs, latency_ms, tally)
 
 
@@ -123,7 +123,7 @@ def _run_batch(group: list[Job], tally: Tally) -> None:
         for job in group:
             _run_one(job, tally)
         return
-    slot.row_ms = latency_ms / total
+    slot.took(latency_ms, total)
     starts = ends - counts
     spans = zip(group, starts.tolist(), ends.tolist(), strict=True)
     try:

@@ -6,18 +6,18 @@ for it; the jobs waiting at one moment run in batches (:mod:`agent.batches`). Ea
 counted (the telemetry window, the engine's soak) before its caller sees it, a batch in
 one update: sources, the endpoint and the embedding API share one counting.
 
-Where a batch runs depends on the model. A tiny one runs inline, on the loop: a caller
-whose job fits ``inline_ms`` of model time (estimated from the model's last call, see
-:attr:`ModelSlot.row_ms`) while the worker is idle yields once (``asyncio.sleep(0)``), so
-that the callers ready at that moment join it, and the first of them back runs the batch
-for all: no thread hop and no future. Everything else (a slower model, more work than
-``inline_ms``, a model not yet measured, a busy worker) goes to the one worker thread
-through a queue: onnxruntime releases the GIL, so the model overlaps the loop; the worker
-takes every job waiting and gives results back with one ``loop.call_soon_threadsafe`` per
-batch. While a candidate soaks in the shadow of the serving model (:attr:`Inference.shadow`)
-every job goes to the worker, which runs the candidate on the same batch after the serving
-model and compares their answers; the candidate answers nobody and counts only for its
-soak.
+Where a batch runs depends on the model. A tiny one runs inline, on the loop: while the
+worker is idle, a caller whose model's last call took at most ``inline_ms`` and whose job
+fits the turn's ``inline_ms`` of model time (estimated from that call, see
+:meth:`ModelSlot.took`) yields once (``asyncio.sleep(0)``), so that the callers ready at
+that moment join it, and the first of them back runs the batch for all: no thread hop and
+no future. Everything else (a slower model, more work than ``inline_ms``, a model not yet
+measured, a busy worker) goes to the one worker thread through a queue: onnxruntime
+releases the GIL, so the model overlaps the loop; the worker takes every job waiting and
+gives results back with one ``loop.call_soon_threadsafe`` per batch. While a candidate
+soaks in the shadow of the serving model (:attr:`Inference.shadow`) every job goes to the
+worker, which runs the candidate on the same batch after the serving model and compares
+their answers; the candidate answers nobody and counts only for its soak.
 
 The model served is :attr:`Inference.slot` (the update service swaps it). With no model,
 callers are told :class:`NotReadyError` and the paced loop sleeps until one is loaded.
@@ -283,18 +283,29 @@ class Inference:
             raise OverloadedError(msg)
         self._waiting += 1
         job = Job(slot, feed, rows)
-        shadow, row_ms = self._shadow, slot.row_ms
-        cost = 0.0 if row_ms is None else row_ms * rows
+        shadow = self._shadow
         if shadow is not None and shadow[0] is slot:
             job.shadow = shadow[1]
-        if shadow or self._busy or row_ms is None or self._inline_cost + cost > self._inline_ms:
+        cost = self._inline_cost_of(slot, rows)
+        if cost is None:
             job.future = asyncio.get_running_loop().create_future()
             self._busy += 1
             worker.submit(job)
-        else:
-            self._inline.append(job)
-            self._inline_cost += cost
+            return job, 0.0
+        self._inline.append(job)
+        self._inline_cost += cost
         return job, cost
+
+    def _inline_cost_of(self, slot: ModelSlot, rows: int) -> float | None:
+        """The estimated model time of ``rows`` of ``slot`` run inline this turn; None when
+        they go to the worker: a shadow runs, the worker is busy, the model is not yet
+        measured or its last call took more than ``inline_ms``, or the turn's inline work
+        would."""
+        row_ms = slot.row_ms
+        if self._shadow or self._busy or row_ms is None or slot.call_ms > self._inline_ms:
+            return None
+        cost = row_ms * rows
+        return cost if self._inline_cost + cost <= self._inline_ms else None
 
     async def run(self) -> None:
         """Run the worker, and the paced source loop if there is a source."""

@@ -200,6 +200,10 @@ class ModelSlot:
         self.batchable = not any(isinstance(dim, int) for dim in leading)
         """Whether feeds may be stacked along the first axis and run as one: every
         declared and actual input, and every declared output, has a free first dimension."""
+        (name, dtype, rank, start, tail, others), *more = self._checks  # one input at least
+        lone = not more and self.batchable and dtype is not None and start == 1 and not others
+        self._lone = (name, dtype, rank, tail) if lone else None
+        """A batchable model's only input, if its sizes past the first are all fixed."""
         self.uniform = self.batchable and all(
             dtype is not None and all(isinstance(dim, int) for dim in shape[1:])
             for dtype, shape in self._inputs.values()
@@ -207,8 +211,15 @@ class ModelSlot:
         """Whether any two feeds :meth:`check_feed` took stack: batchable, with every
         type and every size past the first fixed by the release."""
         self.row_ms: float | None = None
-        """The model's time per row in its last serving call (ms), None before one: what
-        decides whether its next inferences run inline (see :mod:`agent.inference`)."""
+        """The model's time per row in its last serving call (ms), None before one ..."""
+        self.call_ms = float("inf")
+        """... and how long that call took: what decides whether its next inferences run
+        inline (see :mod:`agent.inference`)."""
+
+    def took(self, latency_ms: float, rows: int) -> None:
+        """A serving call of ``rows`` rows took ``latency_ms``."""
+        self.call_ms = latency_ms
+        self.row_ms = latency_ms / rows
 
     def tally(self) -> Tally:
         """An empty tally of this model's inferences."""
@@ -254,6 +265,18 @@ class ModelSlot:
         Raises:
             InvalidInputError: saying what does not fit.
         """
+        lone = self._lone
+        if lone is not None and len(feed) == 1:  # the common case, checked in a few steps
+            name, dtype, rank, tail = lone
+            array = feed.get(name)
+            if type(array) is np.ndarray and array.dtype is dtype:
+                shape = array.shape
+                if len(shape) == rank and shape[1:] == tail and shape[0] > 0:
+                    return int(shape[0])
+        return self._check_each(feed)
+
+    def _check_each(self, feed: Mapping[str, object]) -> int:
+        """:meth:`check_feed`, input by input, saying what does not fit."""
         if feed.keys() != self._inputs.keys():
             given = ", ".join(sorted(map(str, feed))[:_MAX_NAMES_SHOWN])
             msg = f"inputs [{given}] are not the model's [{', '.join(sorted(self._inputs))}]"
