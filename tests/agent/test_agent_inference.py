@@ -236,3 +236,30 @@ def test_a_shadow_runs_on_the_same_jobs_in_the_worker_and_counts_only_for_its_so
         assert (served != theirs).any(), "two real models that disagree somewhere"
 
     asyncio.run(scenario())
+
+
+def test_a_model_whose_last_call_was_long_goes_to_the_worker_and_back_once_short(
+    demo_models: dict[str, DemoModel], digits_split: DigitsSplit
+) -> None:
+    """The loop is never blocked long: after a call longer than ``inline_ms`` (told here
+    as if measured), or with more work in one turn than it, jobs go to the worker."""
+    slot = slot_of(demo_models["digits-v1"])
+    x = rows(digits_split, 8)
+
+    async def one_turn(inference: Inference, n: int) -> dict[str, int]:
+        before = dict(inference.turns)
+        await asyncio.gather(*(inference.infer({INPUT_NAME: x[i : i + 1]}) for i in range(n)))
+        return {where: inference.turns[where] - before[where] for where in before}
+
+    async def scenario() -> None:
+        async with serving(slot, Limits(inline_ms=1.0)) as (inference, _):
+            slot.took(5.0, 1)  # a long call
+            assert await one_turn(inference, 1) == {"inline": 0, "worker": 1}
+            slot.took(0.1, 1)
+            assert await one_turn(inference, 1) == {"inline": 1, "worker": 0}
+            slot.took(0.3, 1)  # 0.3 ms a row: three fit in one turn, the rest go on
+            ran = await one_turn(inference, 8)
+            assert ran["inline"] == 1
+            assert ran["worker"] >= 1
+
+    asyncio.run(scenario())
