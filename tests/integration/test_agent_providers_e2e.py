@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import onnxruntime as ort
 
+from coordinator.operator import read_fleet
 from edgefleet.fleet import Fleet
+from edgefleet.viewcli import watcher
 from models import DemoModel
 from schemas import Mode
 from tests.integration.fleetkit import (
@@ -56,3 +58,11 @@ async def _accelerator_fails(fleet: Fleet, v1: DemoModel) -> None:
         assert state.degraded_reason.startswith(f"provider: {MISSING}: not in this onnxruntime")
         assert state.degraded_reason.endswith("serving on CPUExecutionProvider")
         assert (wire.states[fine].mode, wire.states[fine].degraded_reason) == (Mode.SERVING, None)
+        # What `edgefleet fleet ls` shows, with the read-only watcher account.
+        async with watcher(fleet.home) as session:
+            rows = {row.device_id: row for row in await read_fleet(session)}
+        assert (rows[broken].mode, rows[broken].degraded_reason) == (
+            "degraded",
+            state.degraded_reason,
+        )
+        assert rows[fine].degraded_reason is None
