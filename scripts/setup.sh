@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs what edgefleet needs and is missing: Python >= 3.11 with venv, Mosquitto (Debian
-# package), a virtual environment in .venv with the project and its dev tools.
+# Installs what edgefleet needs and is missing: Python >= 3.11 with venv, Mosquitto and
+# Chromium (Debian packages), a virtual environment in .venv with the project and its dev tools.
 # Sourced by scripts/demo.sh and scripts/test.sh; safe to run again (it skips what is there).
 set -euo pipefail
 
@@ -36,6 +36,12 @@ fi
 
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   apt_install mosquitto
+fi
+
+# The dashboard's tests drive a real headless Chromium (Debian's; playwright's own browser
+# downloads are not used).
+if [ ! -x /usr/bin/chromium ]; then
+  apt_install chromium
 fi
 
 # Reinstall only when pyproject.toml changed since the last install.

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
-PACKAGES=(schemas broker agent coordinator models storage edgefleet tests bench)
+PACKAGES=(schemas broker agent coordinator models storage edgefleet dashboard tests bench)
 echo "== ruff" >&2
 .venv/bin/python -m ruff check .
 .venv/bin/python -m ruff format --check .
