@@ -160,11 +160,7 @@ class DashboardServer:
         await _answer(conn, writer, status, body)
 
     async def _body(self, chosen: Route) -> tuple[str, bytes]:
-        """The content type and body of a route that is not the relay.
-
-        Raises:
-            Refusal: 404 when the audit log cannot be read here.
-        """
+        """The content type and body of a route that is not the relay."""
         config = self._config
         if chosen.kind is RouteKind.FILE:
             file = self._files[chosen.path]
@@ -178,13 +174,14 @@ class DashboardServer:
             }
             return _json(settings)
         if config.audit_path is None:
-            raise Refusal(404, "no audit log here: start the dashboard with --data")
+            return _json({"entries": [], "note": "no audit log here: start with --data"})
         try:
             entries = await asyncio.to_thread(
                 read_newest, config.audit_path, config.audit_entries, chosen.rollout
             )
         except (OSError, sqlite3.Error) as exc:
-            raise Refusal(404, f"audit log unreadable: {exc}"[:300]) from None
+            # Not there yet (no coordinator ran here), or not a log: said, not an error.
+            return _json({"entries": [], "note": f"audit log unreadable: {exc}"[:300]})
         return _json({"entries": entries})
 
     async def _relay(

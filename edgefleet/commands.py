@@ -197,7 +197,11 @@ def add_commands(sub: Commands[argparse.ArgumentParser]) -> None:
     add_sim_command(sub)
     p = sub.add_parser("demo", help="broker, coordinator, fleet and three rollouts, live")
     p.add_argument("--devices-per-class", type=int, default=12)
-    p.add_argument("--keep", action="store_true", help="keep the working folder")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="say how to open the dashboard, keep the fleet running until Ctrl-C and the folder",
+    )
     p.set_defaults(func=_demo)
 
 

@@ -4,13 +4,15 @@ updates, sync or QUIC), and the page's console errors collected."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
 from playwright.async_api import Page, async_playwright
@@ -69,3 +71,17 @@ async def chromium(url: str, *, width: int = 1400, height: int = 1000) -> AsyncI
                 await context.close()
     finally:
         shutil.rmtree(profile, ignore_errors=True)
+
+
+async def until(page: Page, expression: str, *, what: str, timeout: float = 90.0) -> Any:
+    """The first truthy value of ``expression`` in the page, polled (the page's CSP
+    refuses the eval that ``page.wait_for_function`` polls with). A hang guard only."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await page.evaluate(expression)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            msg = f"timed out after {timeout:g} s waiting for {what}"
+            raise AssertionError(msg)
+        await asyncio.sleep(0.1)

@@ -11,7 +11,7 @@ export class AuditTrail {
     this._entries = [];
     this._note = available ? "loading…" : "The audit trail is read from the coordinator's data folder: start the dashboard with --data.";
     this._select = el("select", { "aria-label": "rollout", onchange: (e) => this.choose(e.target.value) });
-    this._options = "";
+    this._options = null;
     this._body = el("div");
     replace(container, el("div", { class: "filters" }, this._select), this._body);
     this.available = available;
@@ -25,7 +25,7 @@ export class AuditTrail {
       const document = await answer.json();
       if (!answer.ok) throw new Error(document.error ?? answer.statusText);
       this._entries = Array.isArray(document.entries) ? document.entries : [];
-      this._note = this._entries.length ? null : "no entries yet";
+      this._note = this._entries.length ? null : (document.note ?? "no entries yet");
     } catch (error) {
       this._note = `audit trail unavailable: ${error.message}`;
     }

@@ -16,7 +16,7 @@ export class DeviceTable {
     const controls = [search];
     for (const [key, label] of [["cls", "class"], ["release", "release"], ["mode", "mode"], ["health", "health"], ["link", "link"]]) {
       const select = el("select", { "aria-label": label, dataset: { filter: key }, onchange: (e) => this._set(key, e.target.value) });
-      this._selects[key] = { select, label, options: "" };
+      this._selects[key] = { select, label, options: null };
       controls.push(select);
     }
     this._options("health", ["healthy", "unhealthy", "none"]);

@@ -51,7 +51,7 @@ function releaseRow(v, color) {
     el("td", { class: "num" }, ms(l.p95)),
     el("td", { class: "num" }, ms(l.p99)),
     el("td", {}, bars({ title: "", values: l.confidence, labels: ["0", "", "", "", "", ".5", "", "", "", "1"], width: 120, height: 40, color })),
-    el("td", { class: "labels" }, l.labels.map(([label, n]) => el("span", { class: "label" }, `${label} ${n}`))),
+    el("td", { class: "labels" }, labelShares(l.labels, l.count)),
     el("td", {}, v.drift ? el("span", { class: v.drift.alert ? "badge bad" : "badge" }, JSON.stringify(v.drift).slice(0, 80)) : "–"),
     el("td", {}, v.breach ? el("span", { class: "badge bad" }, JSON.stringify(v.breach).slice(0, 80)) : "–"),
   );
@@ -61,4 +61,10 @@ function swatch(color) {
   const span = el("span", { class: "swatch" });
   span.style.background = color; // through the CSSOM: the page's CSP refuses inline styles
   return span;
+}
+
+// The labels a release predicts most, each with its share of the last minute.
+function labelShares(labels, count) {
+  const total = count || labels.reduce((sum, [, n]) => sum + n, 0);
+  return labels.map(([label, n]) => el("span", { class: "label", title: `${n} predictions` }, `${label}: ${percent(n / total, 0)}`));
 }
