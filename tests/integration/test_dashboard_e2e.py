@@ -265,6 +265,33 @@ async def _hostile(fleet: Fleet) -> None:
         assert await page.evaluate("document.title") == "edgefleet dashboard"
         assert await page.locator("script").count() == 3  # nothing written into the page ran
         await shoot(page, "hostile")
+        # The coordinator's aggregate (classes/{class}/telemetry): charted as it is published.
+        view = await page.evaluate(AGGREGATE)
+        assert view["release"] == "digits-v2:fp32@0123456789ab"
+        assert view["points"] == 2
+        assert view["latest"]["rate"] == 12.5
+        assert view["latest"]["p95"] == 3.0
+        assert view["drift"]["alert"] is True
+        assert view["breach"]["breach"] is False
+
+
+AGGREGATE: Final = """() => {
+  const stats = (rate) => ({ seconds: 60, observed_s: 60, inferences: 750, errors: 0,
+    rate_per_s: rate, error_rate: 0, p50_ms: 1, p95_ms: 3, p99_ms: 4,
+    confidence: [0, 0, 0, 0, 0, 0, 0, 0, 5, 745], labels: { "7": 700, "1": 50 } });
+  const aggregate = (at, rate) => ({ v: 1, hw_class: "c", at, unattributed: 0, releases: [{
+    v: 1, release: "digits-v2:fp32@0123456789ab", role: "stable", rollout_id: null,
+    first_seen: 1, last_seen: at, minute: stats(rate), hour: stats(rate),
+    drift: { reference: "rollout", confidence_psi: 0.4, labels_psi: 0.1, psi_threshold: 0.25,
+             alert: true, since: at, window_s: 60 },
+    health: { budget: null, window_s: 60, breach: false, reasons: [], since: null } }] });
+  const book = window.edgefleet.book;
+  book.takeAggregate("c", MessagePack.encode(aggregate(100, 10)));
+  book.takeAggregate("c", MessagePack.encode(aggregate(110, 12.5)));
+  const [v] = book.view("c", 120);
+  return { release: v.release, points: v.points.length, latest: v.latest, drift: v.drift,
+           breach: v.breach };
+}"""
 
 
 def encode_raw(value: object) -> bytes:

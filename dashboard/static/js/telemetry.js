@@ -8,7 +8,7 @@
 // devices' summaries are no longer merged here. Memory is bounded: at most MAX_SERIES
 // (class, release) series of MAX_BUCKETS buckets, MAX_LABELS labels a bucket.
 
-import { WireError, decodeMap, shaped } from "./wire.js";
+import { decodeMap, shaped } from "./wire.js";
 
 export const BUCKET_S = 10;
 const MAX_BUCKETS = 60; // ten minutes
@@ -89,7 +89,7 @@ export class TelemetryBook {
 
   // A device's summary; `cls` from its state (null: not known yet, dropped).
   takeSummary(cls, payload) {
-    if (!cls || this.aggregates.has(cls)) return;
+    if (!cls || this.aggregates.has(cls)) return; // the coordinator's aggregate counts them
     const s = shaped(decodeMap(payload), "TelemetrySummary");
     const key = `${cls}\u0000${s.release ?? "–"}`;
     let series = this.series.get(key);
@@ -110,18 +110,41 @@ export class TelemetryBook {
     this.dirty = true;
   }
 
-  // The coordinator's retained aggregate of a class (empty payload: cleared).
+  // The coordinator's retained aggregate of a class (schemas.classtelemetry.ClassTelemetry;
+  // an empty payload: cleared). It holds each release's last minute and hour, no history:
+  // the lines are drawn from the minutes of the aggregates the page received.
   takeAggregate(cls, payload) {
-    if (payload.byteLength === 0) this.aggregates.delete(cls);
-    else {
-      const aggregate = decodeMap(payload);
-      if (!Array.isArray(aggregate.releases) && (aggregate.releases === null || typeof aggregate.releases !== "object")) {
-        throw new WireError("class telemetry without releases");
+    if (payload.byteLength === 0) {
+      this.aggregates.delete(cls);
+      this.dirty = true;
+      return;
+    }
+    const aggregate = shaped(decodeMap(payload), "ClassTelemetry");
+    for (const r of aggregate.releases) shaped(r.minute ?? {}, "WindowStats");
+    this.aggregates.set(cls, aggregate);
+    for (const r of aggregate.releases) {
+      const key = `${cls}\u0000${r.release}`;
+      let series = this.series.get(key);
+      if (!series || !series.points) {
+        series = { cls, release: String(r.release), buckets: new Map(), points: [], touched: 0 };
+        this.series.set(key, series);
+        this._bound();
       }
-      this.aggregates.set(cls, aggregate);
-      for (const key of [...this.series.keys()]) if (key.startsWith(`${cls}\u0000`)) this.series.delete(key);
+      const m = r.minute;
+      if (series.points.at(-1)?.t !== aggregate.at) {
+        series.points.push({ t: aggregate.at, count: m.inferences, rate: m.rate_per_s, errorRate: m.error_rate, p50: m.p50_ms, p95: m.p95_ms, p99: m.p99_ms });
+        if (series.points.length > MAX_BUCKETS) series.points.shift();
+      }
+      series.touched = aggregate.at;
     }
     this.dirty = true;
+  }
+
+  _fromAggregate(cls) {
+    return this.aggregates
+      .get(cls)
+      .releases.map((r) => fromRelease(r, this.series.get(`${cls}\u0000${r.release}`)?.points ?? []))
+      .sort((a, b) => a.release.localeCompare(b.release));
   }
 
   _bound() {
@@ -140,7 +163,7 @@ export class TelemetryBook {
   // Per release of `cls`: {release, points (oldest first), latest (the last minute):
   // {rate, errorRate, p50, p95, p99, confidence, labels}, drift, breach}.
   view(cls, now) {
-    if (this.aggregates.has(cls)) return fromAggregate(this.aggregates.get(cls));
+    if (this.aggregates.has(cls)) return this._fromAggregate(cls);
     const views = [];
     for (const s of this.series.values()) {
       if (s.cls !== cls) continue;
@@ -165,28 +188,18 @@ function topLabels(labels, n = 8) {
   return [...labels.entries()].sort((a, b) => b[1] - a[1]).slice(0, n);
 }
 
-// The coordinator's aggregate in the charts' shape. Its schema is the coordinator's
-// (schemas.telemetry.ClassTelemetry); fields it does not carry are shown as "–".
-function fromAggregate(aggregate) {
-  const releases = Array.isArray(aggregate.releases)
-    ? aggregate.releases
-    : Object.entries(aggregate.releases).map(([release, value]) => ({ release, ...value }));
-  return releases.map((r) => {
-    const minute = r.minute ?? r.windows?.["60"] ?? r;
-    return {
-      release: String(r.release ?? "–"),
-      points: Array.isArray(r.points) ? r.points : [],
-      latest: {
-        rate: minute.rate ?? null,
-        errorRate: minute.error_rate ?? null,
-        p50: minute.p50_ms ?? minute.p50 ?? null,
-        p95: minute.p95_ms ?? minute.p95 ?? null,
-        p99: minute.p99_ms ?? minute.p99 ?? null,
-        confidence: Array.isArray(minute.confidence) ? minute.confidence : new Array(CONFIDENCE_BINS).fill(0),
-        labels: Object.entries(minute.labels ?? {}).sort((a, b) => b[1] - a[1]).slice(0, 8),
-      },
-      drift: r.drift ?? null,
-      breach: r.breach ?? null,
-    };
-  });
+// A release of the aggregate: its last minute, drift and health as published.
+function fromRelease(r, points) {
+  const m = r.minute;
+  return {
+    release: String(r.release),
+    points,
+    latest: {
+      count: m.inferences, rate: m.rate_per_s, errorRate: m.error_rate, p50: m.p50_ms, p95: m.p95_ms, p99: m.p99_ms,
+      confidence: Array.isArray(m.confidence) ? m.confidence : new Array(CONFIDENCE_BINS).fill(0),
+      labels: topLabels(new Map(Object.entries(m.labels ?? {}))),
+    },
+    drift: r.drift ?? null,
+    breach: r.health ?? null,
+  };
 }

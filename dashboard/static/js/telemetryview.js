@@ -52,8 +52,8 @@ function releaseRow(v, color) {
     el("td", { class: "num" }, ms(l.p99)),
     el("td", {}, bars({ title: "", values: l.confidence, labels: ["0", "", "", "", "", ".5", "", "", "", "1"], width: 120, height: 40, color })),
     el("td", { class: "labels" }, labelShares(l.labels, l.count)),
-    el("td", {}, v.drift ? el("span", { class: v.drift.alert ? "badge bad" : "badge" }, JSON.stringify(v.drift).slice(0, 80)) : "–"),
-    el("td", {}, v.breach ? el("span", { class: "badge bad" }, JSON.stringify(v.breach).slice(0, 80)) : "–"),
+    el("td", {}, drift(v.drift)),
+    el("td", {}, health(v.breach)),
   );
 }
 
@@ -67,4 +67,19 @@ function swatch(color) {
 function labelShares(labels, count) {
   const total = count || labels.reduce((sum, [, n]) => sum + n, 0);
   return labels.map(([label, n]) => el("span", { class: "label", title: `${n} predictions` }, `${label}: ${percent(n / total, 0)}`));
+}
+
+// Drift from the release's reference distribution (schemas.classtelemetry.DriftStatus).
+function drift(d) {
+  if (!d) return "–";
+  if (d.confidence_psi === null && d.labels_psi === null) return el("span", { class: "muted" }, d.reference ? "not judged yet" : "gathering reference");
+  const text = `PSI ${number(d.confidence_psi, 2)} conf, ${number(d.labels_psi, 2)} labels (alert > ${d.psi_threshold})`;
+  return el("span", { class: d.alert ? "badge bad" : "badge", dataset: { drift: d.alert ? "alert" : "ok" } }, d.alert ? `drift: ${text}` : text);
+}
+
+// Health after the soak: the release against its budget (schemas.classtelemetry.HealthStatus).
+function health(h) {
+  if (!h) return "–";
+  if (!h.breach) return el("span", { class: "badge healthy" }, h.window_s === null ? "not judged yet" : "within budget");
+  return el("span", { class: "badge bad", dataset: { breach: "breach" }, title: (h.reasons ?? []).join("; ") }, `breach: ${(h.reasons ?? []).join("; ")}`);
 }

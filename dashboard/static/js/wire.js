@@ -91,6 +91,8 @@ const SHAPES = {
   Manifest: { hw_class: isText, seq: isNumber, issued_at: isNumber, expires_at: isNumber },
   DeviceState: { device_id: isText, hw_class: isText, mode: isText, active_release: isTextOrNull, updated_at: isNumber },
   HealthReport: { device_id: isText, release: isText, verdict: isText, reasons: Array.isArray, at: isNumber },
+  ClassTelemetry: { hw_class: isText, at: isNumber, releases: Array.isArray },
+  WindowStats: { inferences: isNumber, rate_per_s: isNumber, confidence: Array.isArray, labels: isMap },
   TelemetrySummary: {
     device_id: isText, release: isTextOrNull, window_start: isNumber, window_end: isNumber,
     count: isNumber, errors: isNumber, latency_ms: isMap, confidence: Array.isArray, labels: isMap,
