@@ -274,6 +274,11 @@ class Aggregator:
         """The releases of ``hw_class`` followed now."""
         return list(self._tracks.get(hw_class, {}))
 
+    def knows(self, hw_class: str, release: str) -> bool:
+        """Whether a summary of ``release`` would be followed (named, or followed
+        already)."""
+        return release in self._tracks.get(hw_class, {}) or release in self._named.get(hw_class, {})
+
     def name(self, named: Mapping[str, Mapping[str, Named]]) -> None:
         """The releases the coordinator publishes now, per class (others are ``past``)."""
         for hw_class, tracks in self._tracks.items():

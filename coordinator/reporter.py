@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from typing import Final
 
 from broker.transport import TransportError
 from coordinator.aggregate import Aggregator, Named
@@ -35,12 +37,15 @@ from schemas import (
     topics,
 )
 
-__all__ = ["NO_ROLLOUT", "Reporter"]
+__all__ = ["NO_ROLLOUT", "RENAME_S", "Reporter"]
 
 log = logging.getLogger(__name__)
 
-NO_ROLLOUT = "-"
+NO_ROLLOUT: Final = "-"
 """Where alerts about a release no rollout named are filed in the audit log."""
+RENAME_S: Final = 1.0
+"""At most this often a summary of a release the engine does not know has the names
+read again (a stray or hostile device's made-up releases cost no more than that)."""
 
 
 class Reporter:
@@ -56,13 +61,27 @@ class Reporter:
         self._generation: int | None = None
         self._started = False
         """Set on the first report: restoring is over."""
+        self._named_at = -math.inf
+        """When (monotonic) a summary last had the names read again."""
 
     # -- on the event loop, from the ingest ---------------------------------------------
 
     def counted(self, summary: TelemetrySummary) -> None:
-        """A summary the ledger counted (its device id checked by the ingest)."""
+        """A summary the ledger counted (its device id checked by the ingest). A release
+        the engine does not know has the names read again first (a rollout admitted
+        since the last report), at most once per ``RENAME_S``."""
         view = self._core.fleet.devices.get(summary.device_id)
-        self.engine.add(None if view is None else view.hw_class, summary, self._core.clock())
+        hw_class = None if view is None else view.hw_class
+        now = self._core.monotonic()
+        if (
+            hw_class is not None
+            and summary.release is not None
+            and not self.engine.knows(hw_class, summary.release)
+            and now - self._named_at >= RENAME_S
+        ):
+            self._named_at = now
+            self.engine.name(self.named())
+        self.engine.add(hw_class, summary, self._core.clock())
 
     def restore(self, hw_class: str, payload: bytes) -> None:
         """A retained snapshot read before the first report: references and alarms are
