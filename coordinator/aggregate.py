@@ -201,7 +201,9 @@ class _Track:
             self.health_measure = judge_health(self.budget, windows, clear_ratio=clear_ratio)
         if self.health_measure is not None:
             h = self.health_measure
-            self.health.judge(over=h.over, clear=h.clear, now=now, detail=self._health_detail())
+            self.health.judge(
+                over=h.over, clear=h.clear, now=now, detail=self._health_detail(hw_class)
+            )
 
     def _drift_detail(self, hw_class: str, policy: DriftPolicy) -> str:
         m = self.drift_measure
@@ -222,13 +224,13 @@ class _Track:
             f"{self.reference.count} inferences)"
         )
 
-    def _health_detail(self) -> str:
+    def _health_detail(self, hw_class: str) -> str:
         h = self.health_measure
         assert h is not None  # judged just before
         p95 = "-" if h.p95_ms is None else f"{h.p95_ms:.2f}"
         said = ", ".join(h.reasons) if h.over else "within budget"
         return (
-            f"{self.release}: {said} over the last {h.window_s:g} s ({h.inferences} "
+            f"{self.release} on {hw_class}: {said} over the last {h.window_s:g} s ({h.inferences} "
             f"inferences, error rate {h.error_rate:.3f}, p95 <= {p95} ms)"
         )
 
@@ -392,7 +394,7 @@ class Aggregator:
 
     def _window(self, ring: Ring, now: float) -> WindowStats:
         total = ring.total
-        observed = min(ring.seconds, max(ring.bucket_s, now - self._started))
+        observed = min(ring.seconds, max(1.0, now - self._started))
         p50, p95, p99 = (
             None if q is None else bucket_ms(q) for q in total.quantiles(0.5, 0.95, 0.99)
         )
