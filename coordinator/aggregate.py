@@ -41,7 +41,7 @@ from typing import Final
 
 from coordinator.alerts import Alarm, Alert, AlertKind, HealthMeasure, judge_health
 from coordinator.drift import DriftMeasure, DriftPolicy, judge_drift
-from coordinator.windows import Piece, Ring, Tally, bucket_ms, piece
+from coordinator.windows import Ring, Tally, bucket_ms
 from schemas import (
     ClassTelemetry,
     DriftStatus,
@@ -54,7 +54,7 @@ from schemas import (
     WindowStats,
 )
 from schemas.classtelemetry import MAX_LABELS_SHOWN, MAX_RELEASE_CHARS, MAX_RELEASES
-from schemas.telemetry import CONFIDENCE_BINS, MAX_LABELS, OTHER_LABEL
+from schemas.telemetry import MAX_LABELS, OTHER_LABEL
 
 __all__ = ["AggregateSettings", "AggregateStats", "Aggregator", "Named", "Tick"]
 
@@ -122,9 +122,6 @@ class Tick:
     alerts: list[Alert] = field(default_factory=list)
 
 
-_NOTHING: Final = (0,) * CONFIDENCE_BINS
-
-
 class _Track:
     """One release of one class: its windows, its reference and its alarms."""
 
@@ -132,6 +129,10 @@ class _Track:
         self.release = release
         self.minute = Ring(*MINUTE)
         self.hour = Ring(*HOUR)
+        self.pending: dict[int, Tally] = {}
+        """What arrived since the last tick, by the minute's bucket (its epoch)."""
+        self.late = Tally()
+        """What arrived since the last tick from before the hour: for the reference."""
         self.reference = Tally()
         self.reference_from: ReferenceSource | None = None
         self.first_seen = self.last_seen = now
@@ -159,16 +160,35 @@ class _Track:
         self.rollout_id = named.rollout_id or self.rollout_id
         self.was_candidate = self.was_candidate or named.role is ReleaseRole.CANDIDATE
 
-    def add(self, part: Piece, t: float, now: float, labels_kept: int) -> bool:
-        """Count ``part`` at ``t``; False when it is older than the hour."""
+    def add(self, summary: TelemetrySummary, t: float, now: float, labels_kept: int) -> bool:
+        """Count ``summary`` at ``t`` (at most ``now``) with what else arrived for its
+        10 s since the last tick; False when it is from before the hour."""
         self.last_seen = max(self.last_seen, now)
-        if self.reference_from is None:
-            self.reference.add(self.reference.vocabulary(part, labels_kept))
-        mapped = self.hour.total.vocabulary(part, labels_kept)
-        if not self.hour.add(t, mapped, now):
+        if now - t >= self.hour.seconds:
+            if self.reference_from is None:
+                self.late.count_summary(summary, labels_kept)
             return False
-        self.minute.add(t, mapped, now)
+        epoch = math.floor(t / self.minute.bucket_s)
+        pending = self.pending.get(epoch)
+        if pending is None:
+            pending = self.pending[epoch] = Tally()
+        pending.count_summary(summary, labels_kept)
         return True
+
+    def fold(self, now: float, labels_kept: int) -> None:
+        """What arrived since the last tick, into the reference (while it gathers) and
+        the windows, its labels mapped once to the hour's vocabulary."""
+        if self.reference_from is None and self.late.count:
+            self.reference.add(self.late.relabelled(self.reference, labels_kept))
+        self.late.clear()
+        for epoch, tally in self.pending.items():
+            if self.reference_from is None:
+                self.reference.add(tally.relabelled(self.reference, labels_kept))
+            mapped = tally.relabelled(self.hour.total, labels_kept)
+            t = epoch * self.minute.bucket_s
+            if self.hour.add(t, mapped, now):
+                self.minute.add(t, mapped, now)
+        self.pending.clear()
 
     def fix_reference(self, policy: DriftPolicy, now: float, reference_s: float) -> None:
         if self.reference_from is not None:
@@ -305,11 +325,10 @@ class Aggregator:
         )
         if track is None:
             stats.unattributed += 1
-            counted = Piece(summary.count, 0, (), _NOTHING, ())
-            self._unattributed[hw_class].add(t, counted, now)
+            self._unattributed[hw_class].add(t, Tally(summary.count), now)
             return False
         stats.added += 1
-        if not track.add(piece(summary), t, now, self.settings.labels_kept):
+        if not track.add(summary, t, now, self.settings.labels_kept):
             stats.late += 1
         return True
 
@@ -339,6 +358,7 @@ class Aggregator:
             policy = self._policies[hw_class]
             self._unattributed[hw_class].advance(now)
             for release, track in list(tracks.items()):
+                track.fold(now, settings.labels_kept)
                 track.minute.advance(now)
                 track.hour.advance(now)
                 if track.named is None and now - track.last_seen >= track.hour.seconds:
@@ -457,16 +477,9 @@ def _restore(track: _Track, shown: ReleaseTelemetry, now: float) -> None:
     track.first_seen = min(track.first_seen, shown.first_seen)
     track.rollout_id = track.rollout_id or shown.rollout_id
     if drift.reference is not None:
-        track.reference.clear()
-        track.reference.add(
-            Piece(
-                count=drift.reference_inferences,
-                errors=0,
-                latency=(),
-                confidence=drift.reference_confidence,
-                labels=tuple(drift.reference_labels.items()),
-            )
-        )
+        reference = track.reference = Tally(drift.reference_inferences)
+        reference.confidence = list(drift.reference_confidence)
+        reference.labels = dict(drift.reference_labels)
         track.reference_from = drift.reference
     for alarm, raised, since in (
         (track.drift, drift.alert, drift.since),

@@ -1,18 +1,20 @@
 """Rolling windows of telemetry, pure: mergeable tallies in time buckets.
 
-Theory of operation. A device's :class:`schemas.TelemetrySummary` is first made a
-:class:`Piece` (:func:`piece`): its numbers clamped to what an honest agent can send
-(errors at most the count, no negative counts, latency buckets within 1 us .. 1 h), so a
-hostile summary cannot grow a window's dictionaries or make a quantile overflow. A
-:class:`Ring` is one window cut into time buckets (the last minute: six of 10 s; the last
-hour: sixty of 1 min): a piece goes into the bucket of its time, and into the window's
-running ``total``; when a bucket falls out of the window its tally is taken off the total.
-A piece costs O(its size), a bucket's expiry O(the bucket's size), reading a window
-O(the total's size): never O(devices).
+Theory of operation. A :class:`Tally` holds counts that merge exactly: inferences,
+errors, a log latency histogram, confidence bins and label counts. A device's
+:class:`schemas.TelemetrySummary` is counted into one (:meth:`Tally.count_summary`)
+clamped to what an honest agent sends (errors at most the count, no negative counts,
+latency buckets within 1 us .. 1 h), so a hostile summary can neither grow a tally's
+dictionaries past the latency range nor make a quantile overflow. A :class:`Ring` is one
+window cut into time buckets (the last minute: six of 10 s; the last hour: sixty of
+1 min): a tally goes into the bucket of its time, and into the window's running
+``total``; when a bucket falls out of the window its tally is taken off the total. Adding
+costs O(the tally's size), a bucket's expiry O(the bucket's size), reading a window O(the
+total's size): never O(devices).
 
-Labels are a vocabulary: a window knows at most ``labels_kept`` of them, the rest are
-counted under :data:`schemas.telemetry.OTHER_LABEL`. The owner maps a piece's labels once,
-against its widest window's total (:meth:`Tally.vocabulary`), and adds the mapped piece to
+Labels are a vocabulary: a tally knows at most ``labels_kept`` of them, the rest are
+counted under :data:`schemas.telemetry.OTHER_LABEL`. The owner maps a tally's labels once,
+against its widest window's total (:meth:`Tally.relabelled`), and adds the mapped tally to
 all its windows, so a label is counted under one name in every bucket and total; a label
 whose count in the widest window falls to zero leaves the vocabulary.
 """
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
 from typing import Final, TypeVar
 
 from schemas import TelemetrySummary
@@ -30,11 +31,9 @@ from schemas.telemetry import CONFIDENCE_BINS, LATENCY_GAMMA, OTHER_LABEL, laten
 __all__ = [
     "LATENCY_MAX_INDEX",
     "LATENCY_MIN_INDEX",
-    "Piece",
     "Ring",
     "Tally",
     "bucket_ms",
-    "piece",
     "quantile_bucket",
 ]
 
@@ -46,59 +45,50 @@ LATENCY_MAX_INDEX: Final = latency_bucket(3_600_000.0)
 """The latency bucket of one hour: every slower inference is counted here."""
 
 
-@dataclass(frozen=True, slots=True)
-class Piece:
-    """One summary's numbers, clamped; labels as pairs, mapped by the owner."""
-
-    count: int
-    errors: int
-    latency: tuple[tuple[int, int], ...]
-    confidence: tuple[int, ...]
-    labels: tuple[tuple[str, int], ...]
-
-
-def piece(summary: TelemetrySummary) -> Piece:
-    """The numbers of ``summary`` within what an honest agent sends: errors at most the
-    count, negative counts as zero, latency buckets clamped to 1 us .. 1 h (merged where
-    clamping joins them)."""
-    latency: dict[int, int] = {}
-    for index, n in summary.latency_ms.buckets:
-        key = min(LATENCY_MAX_INDEX, max(LATENCY_MIN_INDEX, index))
-        latency[key] = latency.get(key, 0) + n
-    return Piece(
-        count=summary.count,
-        errors=min(summary.errors, summary.count),
-        latency=tuple(latency.items()),
-        confidence=tuple(max(0, n) for n in summary.confidence),
-        labels=tuple((label, n) for label, n in summary.labels.items() if n > 0),
-    )
-
-
 class Tally:
     """Counts that merge exactly: inferences, errors, a log latency histogram,
     confidence bins and label counts."""
 
     __slots__ = ("confidence", "count", "errors", "labels", "latency")
 
-    def __init__(self) -> None:
-        self.count = 0
+    def __init__(self, count: int = 0) -> None:
+        self.count = count
         self.errors = 0
         self.latency: dict[int, int] = {}
         self.confidence = [0] * CONFIDENCE_BINS
         self.labels: dict[str, int] = {}
 
-    def add(self, part: Piece) -> None:
-        self.count += part.count
-        self.errors += part.errors
+    def count_summary(self, summary: TelemetrySummary, labels_kept: int) -> None:
+        """Add ``summary``, clamped to what an honest agent sends: errors at most the
+        count, negative counts as none, latency buckets within 1 us .. 1 h; a label
+        beyond ``labels_kept`` (the catch-all included) counts under ``OTHER_LABEL``."""
+        count = summary.count
+        self.count += count
+        self.errors += min(summary.errors, count)
         latency = self.latency
-        for index, n in part.latency:
-            latency[index] = latency.get(index, 0) + n
+        for index, n in summary.latency_ms.buckets:
+            key = index if LATENCY_MIN_INDEX <= index <= LATENCY_MAX_INDEX else _clamp(index)
+            latency[key] = latency.get(key, 0) + n
         confidence = self.confidence
-        for index, n in enumerate(part.confidence):
-            if n:
+        for index, n in enumerate(summary.confidence):
+            if n > 0:
                 confidence[index] += n
         labels = self.labels
-        for label, n in part.labels:
+        for label, n in summary.labels.items():
+            if n <= 0:
+                continue
+            name = label if label in labels or len(labels) < labels_kept - 1 else OTHER_LABEL
+            labels[name] = labels.get(name, 0) + n
+
+    def add(self, other: Tally) -> None:
+        self.count += other.count
+        self.errors += other.errors
+        latency = self.latency
+        for index, n in other.latency.items():
+            latency[index] = latency.get(index, 0) + n
+        self.confidence = [a + b for a, b in zip(self.confidence, other.confidence, strict=True)]
+        labels = self.labels
+        for label, n in other.labels.items():
             labels[label] = labels.get(label, 0) + n
 
     def remove(self, other: Tally) -> None:
@@ -115,25 +105,34 @@ class Tally:
         self.confidence = [0] * CONFIDENCE_BINS
         self.labels.clear()
 
-    def vocabulary(self, part: Piece, labels_kept: int) -> Piece:
-        """``part`` with each label this tally does not know, once it knows
-        ``labels_kept`` (the catch-all included), counted under ``OTHER_LABEL``."""
-        known = self.labels
-        room = labels_kept - 1 - len(known) + (OTHER_LABEL in known)
-        mapped: dict[str, int] = {}
-        for label, n in part.labels:
-            if label not in known and label not in mapped:
+    def relabelled(self, known: Tally, labels_kept: int) -> Tally:
+        """A copy whose labels that ``known`` does not know, once it knows
+        ``labels_kept`` (the catch-all included), are counted under ``OTHER_LABEL``."""
+        vocabulary = known.labels
+        room = labels_kept - 1 - len(vocabulary) + (OTHER_LABEL in vocabulary)
+        copy = Tally(self.count)
+        copy.errors = self.errors
+        copy.latency = dict(self.latency)
+        copy.confidence = list(self.confidence)
+        labels = copy.labels
+        for label, n in self.labels.items():
+            name = label
+            if label not in vocabulary:
                 if room > 0 and label != OTHER_LABEL:
                     room -= 1
                 else:
-                    label = OTHER_LABEL  # noqa: PLW2901 (counted under the catch-all)
-            mapped[label] = mapped.get(label, 0) + n
-        return replace(part, labels=tuple(mapped.items()))
+                    name = OTHER_LABEL
+            labels[name] = labels.get(name, 0) + n
+        return copy
 
     def quantiles(self, *qs: float) -> tuple[int | None, ...]:
         """The latency bucket holding each quantile (None when no latency was counted):
         its upper bound is ``LATENCY_GAMMA ** index`` ms."""
         return quantile_bucket(sorted(self.latency.items()), qs)
+
+
+def _clamp(index: int) -> int:
+    return min(LATENCY_MAX_INDEX, max(LATENCY_MIN_INDEX, index))
 
 
 def _take(table: dict[K, int], minus: Iterable[tuple[K, int]]) -> None:
@@ -203,7 +202,7 @@ class Ring:
             self._tallies[slot].clear()
             self._epochs[slot] = None
 
-    def add(self, t: float, part: Piece, now: float) -> bool:
+    def add(self, t: float, part: Tally, now: float) -> bool:
         """Count ``part`` at time ``t`` (at most ``now``); False when ``t`` is before the
         window."""
         epoch, newest = self._epoch(t), self._epoch(now)

@@ -11,14 +11,7 @@ import pytest
 
 from coordinator.alerts import Alarm, judge_health
 from coordinator.drift import DriftPolicy, judge_drift, ks_distance, label_bins, psi
-from coordinator.windows import (
-    LATENCY_MAX_INDEX,
-    LATENCY_MIN_INDEX,
-    Ring,
-    Tally,
-    bucket_ms,
-    piece,
-)
+from coordinator.windows import LATENCY_MAX_INDEX, LATENCY_MIN_INDEX, Ring, Tally, bucket_ms
 from schemas import HealthBudget, LogHistogram, TelemetrySummary
 from schemas.telemetry import OTHER_LABEL, latency_bucket
 from tests.coordinator.summaries import T0, window
@@ -28,6 +21,13 @@ BUDGET = HealthBudget(max_error_rate=0.01, p95_latency_ms=10.0, min_inferences=1
 
 def minute() -> Ring:
     return Ring(10.0, 6)
+
+
+def piece(summary: TelemetrySummary, labels_kept: int = 256) -> Tally:
+    """``summary`` counted into a tally of its own."""
+    tally = Tally()
+    tally.count_summary(summary, labels_kept)
+    return tally
 
 
 def test_a_window_sums_its_buckets_and_forgets_each_as_it_rolls_out() -> None:
@@ -61,8 +61,7 @@ def test_quantiles_of_merged_windows_are_those_of_the_merged_histograms() -> Non
     merge of their histograms, exactly as the schema's own quantile reads it."""
     fast = window("cam-1", count=90, latency_ms=(0.5, 0.6, 0.7))
     slow = window("cam-2", count=10, latency_ms=(30.0, 45.0))
-    tally = Tally()
-    tally.add(piece(fast))
+    tally = piece(fast)
     tally.add(piece(slow))
     merged = fast.latency_ms.merge(slow.latency_ms)
     found = tally.quantiles(0.5, 0.95, 0.99)
@@ -89,12 +88,10 @@ def test_hostile_numbers_are_clamped_to_what_an_agent_can_send() -> None:
     )
     part = piece(hostile)
     assert (part.count, part.errors) == (5, 5)
-    assert part.latency == ((LATENCY_MIN_INDEX, 3), (-5, 1), (LATENCY_MAX_INDEX, 2))
-    assert part.confidence == (0, 1, 0, 0, 0, 0, 0, 0, 0, 4)
-    assert part.labels == (("b", 2),)
-    tally = Tally()
-    tally.add(part)
-    assert all(math.isfinite(bucket_ms(i)) for i in tally.quantiles(0.0, 0.5, 1.0) if i is not None)
+    assert part.latency == {LATENCY_MIN_INDEX: 3, -5: 1, LATENCY_MAX_INDEX: 2}
+    assert part.confidence == [0, 1, 0, 0, 0, 0, 0, 0, 0, 4]
+    assert part.labels == {"b": 2}
+    assert all(math.isfinite(bucket_ms(i)) for i in part.quantiles(0.0, 0.5, 1.0) if i is not None)
 
 
 def test_a_flood_of_labels_is_counted_whole_under_a_bounded_vocabulary() -> None:
@@ -103,8 +100,9 @@ def test_a_flood_of_labels_is_counted_whole_under_a_bounded_vocabulary() -> None
     for batch in range(20):
         labels = {f"junk-{batch}-{i}": 1 + i % 3 for i in range(200)}
         sent += sum(labels.values())
-        part = ring.total.vocabulary(piece(window(labels=labels)), 50)
-        ring.add(T0, part, now=T0)
+        arrived = piece(window(labels=labels), labels_kept=100)
+        assert len(arrived.labels) <= 100
+        ring.add(T0, arrived.relabelled(ring.total, 50), now=T0)
     assert len(ring.total.labels) == 50
     assert OTHER_LABEL in ring.total.labels
     assert sum(ring.total.labels.values()) == sent
@@ -112,11 +110,11 @@ def test_a_flood_of_labels_is_counted_whole_under_a_bounded_vocabulary() -> None
 
 def test_labels_leave_the_vocabulary_when_they_leave_the_window() -> None:
     ring = minute()
-    old = ring.total.vocabulary(piece(window(labels={"a": 1, "b": 1})), 3)
-    ring.add(T0, old, now=T0)
-    assert ring.total.vocabulary(piece(window(labels={"c": 1})), 3).labels == ((OTHER_LABEL, 1),)
+    ring.add(T0, piece(window(labels={"a": 1, "b": 1})).relabelled(ring.total, 3), now=T0)
+    late = piece(window(labels={"c": 1}))
+    assert late.relabelled(ring.total, 3).labels == {OTHER_LABEL: 1}
     ring.advance(T0 + 70.0)
-    assert ring.total.vocabulary(piece(window(labels={"c": 1})), 3).labels == (("c", 1),)
+    assert late.relabelled(ring.total, 3).labels == {"c": 1}
 
 
 # -- drift ------------------------------------------------------------------------------
@@ -156,9 +154,7 @@ def test_labels_are_compared_on_the_references_top_labels_and_one_bin_for_the_re
 
 
 def _tally_of(**labels: int) -> Tally:
-    tally = Tally()
-    tally.add(piece(window(count=sum(labels.values()), labels=labels)))
-    return tally
+    return piece(window(count=sum(labels.values()), labels=labels))
 
 
 def test_drift_is_judged_on_the_shortest_window_that_holds_enough() -> None:
@@ -195,8 +191,7 @@ def test_drift_within_the_threshold_neither_raises_nor_clears_between_the_two() 
 
 
 def test_a_ks_limit_raises_drift_on_confidences_alone() -> None:
-    reference = Tally()
-    reference.add(piece(window(count=1000, confidence=(0,) * 5 + (200,) * 5)))
+    reference = piece(window(count=1000, confidence=(0,) * 5 + (200,) * 5))
     ring = minute()
     ring.add(T0, piece(window(count=1000, confidence=(0,) * 4 + (250, 0, 250, 250, 0, 250))), T0)
     plain = DriftPolicy(psi=5.0, min_inferences=10, reference_inferences=10)
