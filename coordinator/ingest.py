@@ -36,7 +36,7 @@ from coordinator.keeper import Keeper
 from coordinator.ledger import TelemetryLedger
 from coordinator.metrics import Counters
 from coordinator.reporter import Reporter
-from coordinator.telemetry import Verdict as Counted
+from coordinator.telemetry import Verdict as Judged
 from schemas import (
     ONLINE,
     DeviceState,
@@ -125,7 +125,7 @@ class Ingest:
         reporter: Reporter | None = None,
     ) -> None:
         """``reporter`` gets every summary the ledger counted, and the retained class
-        telemetry (to restore from it)."""
+        telemetry (restored from at start, re-asserted where it differs)."""
         self._core = core
         self._intake = intake
         self._keeper = keeper
@@ -251,7 +251,7 @@ class Ingest:
                 core.spawn("manifest re-assert", core.publish_manifest(name))
         elif parsed.kind is TopicKind.CLASS_TELEMETRY and name is not None:
             if self._reporter is not None:
-                self._reporter.restore(name, payload)
+                self._reporter.retained(name, payload)
         elif parsed.kind is TopicKind.TRUST:
             core.retained_trust = payload
             if ready and payload != core.trust_bytes and not core.adopt_trust(payload):
@@ -298,7 +298,7 @@ class Ingest:
                     self._core.changed.set()
             case TelemetrySummary():
                 if payload.device_id == device_id:
-                    counted = self._ledger.offer(payload) is Counted.COUNTED
+                    counted = self._ledger.offer(payload) is Judged.COUNTED
                     if counted and self._reporter is not None:
                         self._reporter.counted(payload)
                 else:

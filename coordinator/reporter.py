@@ -11,9 +11,11 @@ writes the alerts due to the audit log (``drift``, ``drift_cleared``, ``health_b
 carried (a new connection carries them all again: the broker's cache may have lost them).
 
 Restart. Nothing is published before the first connection has read the broker's retained
-topics, among them these snapshots: :meth:`Reporter.restore` takes back each release's
+topics, among them these snapshots: :meth:`Reporter.retained` takes back each release's
 fixed reference and raised alarms from them, so a release keeps the reference of its
-rollout and an alarm already in the audit log is not written again.
+rollout and an alarm already in the audit log is not written again. Later, a retained
+snapshot that is not the one last published (cleared, or written by someone else) is
+published again at the next report.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class Reporter:
         )
         self._published: dict[str, bytes] = {}
         """Class -> the content (its time left out) this connection carried last."""
+        self._sent: dict[str, bytes] = {}
+        """Class -> the snapshot last published, as published."""
         self._generation: int | None = None
         self._started = False
         """Set on the first report: restoring is over."""
@@ -83,10 +87,16 @@ class Reporter:
             self.engine.name(self.named())
         self.engine.add(hw_class, summary, self._core.clock())
 
-    def restore(self, hw_class: str, payload: bytes) -> None:
-        """A retained snapshot read before the first report: references and alarms are
-        taken back. Later ones are this coordinator's own, echoed: ignored."""
-        if self._started or not payload:
+    def retained(self, hw_class: str, payload: bytes) -> None:
+        """A class's retained snapshot. Before the first report: a snapshot of the
+        coordinator before a restart, whose references and alarms are taken back. After:
+        the echo of this coordinator's own, or someone else's word; if it is not what was
+        last published, the next report publishes again."""
+        if self._started:
+            if payload != self._sent.get(hw_class):
+                self._published.pop(hw_class, None)
+            return
+        if not payload:
             return
         try:
             snapshot = decode(payload, ClassTelemetry)
@@ -152,14 +162,14 @@ class Reporter:
             content = encode(snapshot.model_copy(update={"at": 0.0}))
             if self._published.get(hw_class) == content:
                 continue
+            payload = encode(snapshot)
             try:
-                await transport.publish(
-                    topics.class_telemetry(hw_class), encode(snapshot), retain=True
-                )
+                await transport.publish(topics.class_telemetry(hw_class), payload, retain=True)
             except TransportError as exc:
                 log.warning("coordinator: telemetry of %s not published: %s", hw_class, exc)
                 continue
             self._published[hw_class] = content
+            self._sent[hw_class] = payload
 
     async def _audit(self, alert: Alert) -> None:
         detail = alert.detail

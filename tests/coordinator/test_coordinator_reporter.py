@@ -174,11 +174,21 @@ def test_a_restart_takes_references_back_from_the_retained_snapshot_before_publi
         assert retained.releases[0].health.breach
         running = asyncio.create_task(rig.reporter.run())
         try:
-            message = Message(
-                topic=topics.class_telemetry(CLASS), payload=encode(retained), retain=True, qos=1
-            )
+
+            def snapshot(hw_class: str, payload: bytes) -> Message:
+                topic = topics.class_telemetry(hw_class)
+                return Message(topic=topic, payload=payload, retain=True, qos=1)
+
             summary = window("cam-0", release=RELEASE.release_id, end=T0, errors=50)
-            await rig.dispatch([message, _state("cam-0"), _sent(summary)])
+            await rig.dispatch(
+                [
+                    snapshot("medical-cart-cpu", b"\x93junk"),  # refused, logged
+                    snapshot("medical-cart-cpu", encode(retained)),  # not that class's
+                    snapshot(CLASS, encode(retained)),
+                    _state("cam-0"),
+                    _sent(summary),
+                ]
+            )
             rig.core.ready.set()  # the retained topics were read: reports may begin
             while not rig.published():
                 await rig.transport.sent.wait()
@@ -194,8 +204,14 @@ def test_a_restart_takes_references_back_from_the_retained_snapshot_before_publi
         assert release.health.breach
         assert release.health.since == was.health.since
         assert not [e for e in rig.core.store.audit_log() if e["event"] == "health_breach"]
-        # Once reporting, a retained snapshot is our own echo: it restores nothing.
-        rig.reporter.restore(CLASS, encode(retained))
-        rig.reporter.restore(CLASS, b"\x00junk")
+        # Once reporting, a retained snapshot restores nothing: the echo of our own is
+        # left alone, another one (cleared, or someone else's) is replaced.
+        rig.reporter.retained(CLASS, rig.transport.published[-1][1])
+        await rig.reporter.report()
+        assert len(rig.published()) == 1
+        rig.reporter.retained(CLASS, b"")
+        await rig.reporter.report()
+        assert len(rig.published()) == 2
+        assert rig.published()[1].releases[0].drift.reference is ReferenceSource.FIRST_HOUR
 
     _run(tmp_path, restart)
