@@ -13,6 +13,7 @@ from typing import Final, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from coordinator.drift import DriftPolicy
 from coordinator.rollout import Policy
 from models.precision import Precision
 from schemas import HealthBudget, Release, RolloutSpec, Runtime, Variant
@@ -77,6 +78,9 @@ class ClassProfile(BaseModel):
     refuse it as a model that does not load (see ``agent.providers``)."""
     health: HealthBudget
     rollout: RolloutDefaults = RolloutDefaults()
+    drift: DriftPolicy = DriftPolicy()
+    """When the class's releases count as drifted from their reference (PSI threshold,
+    inferences needed), judged on the fleet's aggregated telemetry."""
     manifest_ttl_s: float = Field(default=86_400.0, gt=0.0)
 
     @field_validator("precisions")
