@@ -2,9 +2,11 @@
 
 Theory of operation: a device serves one model at all times once it has one. A new
 target release is fetched and loaded *beside* the serving model; only a model that
-loaded and passed its self-test is swapped in, and then soaked under live traffic.
-A soak that fails its health budget swaps the previous model back at once, without
-waiting for the coordinator. A newer target may supersede any stage in flight.
+loaded and passed its self-test is swapped in, and then soaked under live traffic (or,
+when its budget asks for a shadow soak, soaked beside the serving model without answering,
+and swapped in once healthy). A soak that fails its health budget swaps the previous model
+back at once, without waiting for the coordinator. A newer target may supersede any stage
+in flight.
 
     IDLE/SERVING/DEGRADED --target--> FETCHING --fetched--> LOADING --loaded--> SOAKING
     SOAKING --healthy--> SERVING        SOAKING --unhealthy--> DEGRADED (rolled back)
