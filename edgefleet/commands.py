@@ -32,6 +32,7 @@ from edgefleet.modelcli import Commands, add_model_commands
 from edgefleet.plancli import add_plan_command
 from edgefleet.simcli import add_sim_command
 from edgefleet.specargs import add_spec_arguments, rollout_id_of, spec_options
+from edgefleet.tailcli import add_tail_command
 from edgefleet.viewcli import add_rollout_views, add_view_commands, home_of
 from schemas import Desired, Role, RolloutSpec
 from schemas.topics import check_name
@@ -190,6 +191,7 @@ def add_commands(sub: Commands[argparse.ArgumentParser]) -> None:
     _service_commands(sub)
     _rollout_commands(sub)
     add_view_commands(sub)
+    add_tail_command(sub)
     add_model_commands(sub)
     add_sim_command(sub)
     p = sub.add_parser("demo", help="broker, coordinator, fleet and three rollouts, live")
