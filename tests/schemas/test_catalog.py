@@ -15,6 +15,7 @@ from schemas.topics import DeviceChannel, TopicKind
 def test_every_kind_of_topic_has_one_channel() -> None:
     keys = [(c.kind, c.device_channel) for c in CHANNELS]
     assert len(set(keys)) == len(keys)
+    expected: set[tuple[TopicKind, DeviceChannel | None]]
     expected = {(k, None) for k in TopicKind if k is not TopicKind.DEVICE}
     expected |= {(TopicKind.DEVICE, c) for c in DeviceChannel}
     assert set(keys) == expected
