@@ -39,6 +39,7 @@ from broker.transport import Transport
 from coordinator.config import CoordinatorConfig, CoordinatorLimits
 from coordinator.core import Core
 from coordinator.custody import release_shas
+from coordinator.exporter import Exporter
 from coordinator.fetching import Fetcher
 from coordinator.fleet import FleetView
 from coordinator.ingest import Ingest
@@ -46,7 +47,6 @@ from coordinator.intake import Intake
 from coordinator.keeper import Keeper
 from coordinator.ledger import TELEMETRY_FILENAME, TelemetryLedger
 from coordinator.link import Connect, Link, session_opener
-from coordinator.metrics import Counters
 from coordinator.rollout import RolloutRecord
 from coordinator.signer import Signer
 from coordinator.ticker import Ticker
@@ -105,11 +105,12 @@ class Coordinator:
                 rather than forget what it decided (the message says how to recover).
         """
         core = self._core = Core(config, clock)
-        self.counters = Counters()
+        self.counters = core.counters
         """What the coordinator counted of its ingest (drops, overflows, telemetry)."""
         self.telemetry = TelemetryLedger(
             config.data_dir / TELEMETRY_FILENAME, counters=self.counters, clock=clock
         )
+        self._exporter = None if config.metrics is None else Exporter(core, config.metrics)
         self._fetcher = Fetcher(core)
         keeper = Keeper(core, self._fetcher)
         signer = Signer(core)
@@ -134,6 +135,11 @@ class Coordinator:
         return dict(self._core.rollouts)
 
     @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where ``/metrics`` is served (``config.metrics``) while running; None otherwise."""
+        return None if self._exporter is None else self._exporter.address
+
+    @property
     def transport(self) -> Transport | None:
         """The link held now; None between links."""
         return self._core.transport
@@ -144,6 +150,7 @@ class Coordinator:
         Raises:
             RejectedError: the configured TrustDoc does not verify against the root keys.
             ConnectRefused: the broker refused the coordinator's credentials.
+            OSError: the metrics address cannot be bound.
         """
         core = self._core
         core.trusted.update_trust(core.config.trust, now=core.clock())
@@ -167,7 +174,8 @@ class Coordinator:
         # it is. The committer outlives links (what it counted is acknowledged on the next).
         committer = asyncio.create_task(self.telemetry.run(lambda: core.transport))
         try:
-            await self._link.run()
+            async with self._exporter or contextlib.nullcontext():
+                await self._link.run()
         finally:
             committer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import signal
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from broker.launcher import MosquittoBroker
 from broker.session import Session
 from coordinator import serve
+from coordinator.config import MetricsConfig
 from coordinator.operator import (
     next_generation,
     read_spec,
@@ -127,6 +129,8 @@ def _coordinator_run(args: argparse.Namespace) -> int:
         Path(args.classes),
         datasets_dir=Path(args.datasets) if args.datasets else None,
     )
+    if args.metrics is not None:
+        config = dataclasses.replace(config, metrics=MetricsConfig.parse(args.metrics))
     asyncio.run(serve(config))
     return 0
 
@@ -250,6 +254,13 @@ def _service_commands(sub: Commands[argparse.ArgumentParser]) -> None:
     p.add_argument("--data", help="the coordinator's store (default: HOME/coordinator-data)")
     p.add_argument(
         "--datasets", help="folder of held-out data sets (<name>.npz) for the accuracy gates"
+    )
+    p.add_argument(
+        "--metrics",
+        nargs="?",
+        const="127.0.0.1:9464",
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics on /metrics (default when given: 127.0.0.1:9464)",
     )
     p.set_defaults(func=_coordinator_run)
 
