@@ -27,6 +27,7 @@ from coordinator.operator import (
     submit_spec,
 )
 from coordinator.profiles import DEFAULT_PROFILES, load_profiles
+from edgefleet.asyncapi import add_asyncapi_command
 from edgefleet.compose import coordinator_config, publish_rollout
 from edgefleet.demo import run_demo
 from edgefleet.home import ACCOUNT_ROLES, OPERATOR, Home
@@ -196,6 +197,7 @@ def add_commands(sub: Commands[argparse.ArgumentParser]) -> None:
     _rollout_commands(sub)
     add_view_commands(sub)
     add_tail_command(sub)
+    add_asyncapi_command(sub)
     add_model_commands(sub)
     add_sim_command(sub)
     p = sub.add_parser("demo", help="broker, coordinator, fleet and three rollouts, live")
