@@ -405,13 +405,18 @@ class FleetView:
     def _recount(self, view: DeviceView, present: bool) -> None:
         """Move ``view`` in the census to what it is now (out of it, if it is gone)."""
         self._changed = True
-        was = self._counted.pop(view.device_id, None)
+        key = _census(view) if present else None
+        was = self._counted.get(view.device_id)
+        if key == was:
+            return
         if was is not None:
             self._census[was] -= 1
             if not self._census[was]:
                 del self._census[was]
-        if present:
-            key = self._counted[view.device_id] = _census(view)
+        if key is None:
+            del self._counted[view.device_id]
+        else:
+            self._counted[view.device_id] = key
             self._census[key] += 1
 
     def in_cohort(self, record: RolloutRecord, view: DeviceView) -> bool:
