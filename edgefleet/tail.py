@@ -150,7 +150,7 @@ class Renderer:
             "received_at": round(received_at, 3),
         }
         try:
-            channel = channel_of(parse(message.topic))
+            channel = _channel(message.topic)
         except RejectedError as exc:
             return _dumps(line | {"error": _error(exc)})
         line["channel"] = channel.key
@@ -234,6 +234,14 @@ class Renderer:
         role = Role.MANIFEST if kind == MANIFEST_KIND else Role.OPERATOR
         threshold = doc.roles[role].threshold
         open_envelope(payload, kind=kind, allowed=doc.keys_for(role), threshold=threshold)
+
+
+def _channel(topic: str) -> Channel:
+    """Raises: RejectedError: not a topic of the tree (or of none the catalog lists)."""
+    try:
+        return channel_of(parse(topic))
+    except KeyError:  # a kind of topic schemas/catalog.py does not list yet
+        raise MalformedPayloadError(Reason.MALFORMED, "no channel of the catalog") from None
 
 
 def _version(payload: bytes) -> int:

@@ -295,5 +295,10 @@ _BY_TOPIC: Final = {(c.kind, c.device_channel): c for c in CHANNELS}
 
 
 def channel_of(parsed: ParsedTopic) -> Channel:
-    """The channel a parsed topic belongs to (every topic ``topics.parse`` takes has one)."""
+    """The channel a parsed topic belongs to (every topic ``topics.parse`` takes has one).
+
+    Raises:
+        KeyError: a kind of topic the table does not list (a test keeps this from
+            happening: ``tests/schemas/test_catalog.py``).
+    """
     return _BY_TOPIC[parsed.kind, parsed.channel]
