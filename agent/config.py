@@ -16,14 +16,18 @@ An example (``deploy/agent.toml``)::
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.folder import InboxConfig
+from agent.serve import ServeConfig
 from agent.service import AgentConfig
 from schemas import UsageError
 from schemas.errors import bound_text
@@ -43,8 +47,25 @@ class LogFormat(StrEnum):
     """One JSON object a line, for journald and log shippers."""
 
 
-_NOT_AGENT_CONFIG: Final = {"bundle", "data", "source", "replay", "log_format", "log_level"}
-"""The settings of the process, not of :class:`AgentConfig`."""
+_NOT_AGENT_CONFIG: Final = {
+    "bundle",
+    "data",
+    "source",
+    "replay",
+    "folder",
+    "folder_keep",
+    "image_scale",
+    "log_format",
+    "log_level",
+    "serve",
+    "serve_model_name",
+}
+"""The settings of the process, or built into parts of :class:`AgentConfig`."""
+_LISTS: Final = {"providers"}
+"""Settings that are lists: comma-separated in the environment."""
+_SERVE: Final = re.compile(
+    r"^(?:unix:(?P<path>/.{1,200})|(?:(?P<host>[^\s:]{1,253}|\[[0-9a-fA-F:]{2,39}\]):)?(?P<port>\d{1,5}))$"
+)
 
 _Seconds = Field(default=None, gt=0, le=86_400)
 
@@ -62,6 +83,16 @@ class DeviceSettings(BaseModel):
     """The built-in input source, by name (see ``edgefleet agent run --help``)."""
     replay: Path | None = None
     """A ``.npz`` of inputs replayed in a loop, instead of a simulated source."""
+    folder: Path | None = None
+    """An inbox: each file dropped into it is inferred once, its answer written beside
+    it (:mod:`agent.folder`)."""
+    folder_keep: int | None = Field(default=None, ge=1, le=1_000_000)
+    image_scale: float | None = Field(default=None, gt=0, le=1e6)
+    serve: str | None = Field(default=None, pattern=_SERVE.pattern)
+    """The local inference endpoint: ``[HOST:]PORT`` (HOST defaults to 127.0.0.1) or
+    ``unix:/PATH``; unset: no endpoint."""
+    serve_model_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    """The model name the endpoint answers to (default: the hardware class)."""
     log_format: LogFormat = LogFormat.TEXT
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
     inference_hz: float | None = Field(default=None, gt=0, le=1000)
@@ -77,6 +108,11 @@ class DeviceSettings(BaseModel):
     retry_s: float | None = _Seconds
     retry_max_s: float | None = _Seconds
     stop_flush_s: float | None = Field(default=None, ge=0, le=600)
+    providers: tuple[Annotated[str, Field(pattern=r"^[A-Za-z]{1,64}$")], ...] | None = Field(
+        default=None, min_length=1, max_length=8
+    )
+    """Execution providers to try in order instead of the class's (e.g. pin a device to
+    ``["CPUExecutionProvider"]`` while its accelerator is repaired)."""
 
     def agent_config(self) -> AgentConfig:
         """The agent's configuration: the tunables set here, the defaults for the rest.
@@ -88,7 +124,34 @@ class DeviceSettings(BaseModel):
             msg = "no bundle: give --bundle, `bundle` in the config file or EDGEFLEET_BUNDLE"
             raise UsageError(msg)
         tunables = self.model_dump(exclude_none=True, exclude=_NOT_AGENT_CONFIG)
-        return AgentConfig(data_dir=self.data or self.bundle / "data", **tunables)
+        data = self.data or self.bundle / "data"
+        return AgentConfig(data_dir=data, serve=self.serve_config(), **tunables)
+
+    def serve_config(self) -> ServeConfig | None:
+        """The endpoint :attr:`serve` asks for (None: none)."""
+        match = None if self.serve is None else _SERVE.match(self.serve)
+        if match is None:
+            return None
+        name = self.serve_model_name
+        if match["path"]:
+            return ServeConfig(unix_path=Path(match["path"]), model_name=name)
+        port = int(match["port"])
+        if port > 65535:
+            msg = f"serve: port {port} is over 65535"
+            raise UsageError(msg)
+        host = (match["host"] or "127.0.0.1").strip("[]")
+        return ServeConfig(host=host, port=port, model_name=name)
+
+    def inbox_config(self) -> InboxConfig | None:
+        """The inbox :attr:`folder` asks for (None: none)."""
+        if self.folder is None:
+            return None
+        inbox = InboxConfig(root=self.folder)
+        if self.folder_keep is not None:
+            inbox = replace(inbox, keep=self.folder_keep)
+        if self.image_scale is not None:
+            inbox = replace(inbox, image_scale=self.image_scale)
+        return inbox
 
 
 def load_settings(
@@ -106,11 +169,13 @@ def load_settings(
     if file is not None:
         layers.append((str(file), _read_file(file)))
     names = DeviceSettings.model_fields
-    env = {
+    env: dict[str, Any] = {
         key[len(ENV_PREFIX) :].lower(): value
         for key, value in environ.items()
         if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in names
     }
+    for key in _LISTS & env.keys():
+        env[key] = [item.strip() for item in env[key].split(",")]
     layers.append(("the environment", env))
     layers.append(("the command line", {k: v for k, v in flags.items() if v is not None}))
     merged: dict[str, Any] = {}

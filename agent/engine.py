@@ -18,7 +18,8 @@ lifecycle lives here, so it is tested in milliseconds with ``now`` made up:
   agent's own trouble); failed releases are not tried again in their scope;
 * the crash-loop guard: ``Memory.soaking`` records a soak (written before the swap); a
   start that finds it open fails the release (``crashed_during_soak``) and reverts;
-* storage trouble: which parts fail, since when, and the ``degraded`` mode they cause.
+* the ``degraded`` mode: storage trouble (which parts fail, since when), a model that
+  serves on a fallback execution provider, or one that does not load with none serving.
 
 Results of work carry their ``attempt``: one of work superseded meanwhile is ignored.
 """
@@ -63,12 +64,13 @@ from agent.events import (
     Targeted,
     Tick,
 )
-from agent.health import SoakStats, code_of, judge
+from agent.health import SoakStats, code_of, health_report, judge
 from agent.lifecycle import Stage, Step, advance
 from agent.limits import Limits
-from agent.trouble import StorageTrouble
+from agent.trouble import ModelTrouble, StorageTrouble
 from broker.backoff import Backoff, Retry
 from schemas import EventKind, HealthReport, Mode, Reason, Release, Verdict
+from schemas.device import MAX_REASON_CHARS
 from schemas.errors import bound_text
 
 __all__ = ["UpdateEngine"]
@@ -83,6 +85,8 @@ class _Work:
     previous: Release | None
     """The model served when it began, put back unless it ends healthy."""
     golden: SelfTest | None = None
+    fallback: str | None = None
+    """Why the loaded model runs on a later provider than its first, if it does."""
     soak: SoakStats | None = None
     """Set once swapped in: from then on the previous model is not serving."""
     deadline: float = 0.0
@@ -113,8 +117,7 @@ class UpdateEngine:
         self._new_id = new_id
         self._stage = Stage.IDLE
         self._active: Release | None = None
-        self._loaded: set[str] = set()
-        """Releases the service holds loaded: the one serving and one to fall back to."""
+        self._models = ModelTrouble()
         self._memory = Memory()
         self._desired = NOTHING
         self._work: _Work | None = None
@@ -165,12 +168,14 @@ class UpdateEngine:
 
     @property
     def mode(self) -> Mode:
-        return Mode.DEGRADED if self._trouble else self._stage.mode
+        degraded = self._trouble or self._models.reason(self._active) is not None
+        return Mode.DEGRADED if degraded else self._stage.mode
 
     @property
     def degraded_reason(self) -> str | None:
-        """Why storage fails now (None when it all works)."""
-        return self._trouble.reason
+        """Why the model serves degraded (or none serves), why storage fails; or None."""
+        why = [w for w in (self._models.reason(self._active), self._trouble.reason) if w]
+        return bound_text("; ".join(why), MAX_REASON_CHARS) if why else None
 
     @property
     def trouble(self) -> dict[str, str]:
@@ -196,10 +201,13 @@ class UpdateEngine:
     def _on_restored(self, event: EngineEvent) -> list[Command]:
         assert isinstance(event, Restored)
         self._memory = event.memory
-        if event.serving and event.memory.active is not None:
-            self._active = event.memory.active
-            self._loaded = {event.memory.active.artifact.sha256}
+        active = event.memory.active
+        if event.serving and active is not None:
+            self._active = active
+            self._models.holding(active.artifact.sha256, event.trouble)
             self._stage = advance(self._stage, Step.SERVED, has_model=True)
+        elif active is not None and event.trouble is not None:
+            self._models.unloadable = f"model: {active.release_id} does not load: {event.trouble}"
         soaking = event.memory.soaking
         return [StateChanged()] if soaking is None else self._crashed(soaking, event.now)
 
@@ -236,6 +244,8 @@ class UpdateEngine:
         assert isinstance(event, Targeted)
         old, new = self._desired, event.desired
         self._desired = new
+        if new.release is None:
+            self._models.unloadable = None
         work = self._work
         promoted = (
             old.rollout_id is not None and new.rollout_id is None and new.sha256 == old.sha256
@@ -294,6 +304,7 @@ class UpdateEngine:
         if event.failure is not None:
             return self._failed(work, event.failure, event.now)
         assert work.golden is not None
+        work.fallback = event.fallback
         return [work.golden]
 
     def _on_self_tested(self, event: EngineEvent) -> list[Command]:
@@ -306,7 +317,7 @@ class UpdateEngine:
         release, previous = work.release, work.previous
         keep = None if previous is None else previous.artifact.sha256
         self._active = release
-        self._loaded = {release.artifact.sha256} | ({keep} if keep else set())
+        self._models.holding(release.artifact.sha256, work.fallback, keep=keep)
         budget = release.health
         # A model too slow to reach min_inferences must still be judged, so the soak
         # has a deadline; judge() then reports too few inferences.
@@ -316,7 +327,10 @@ class UpdateEngine:
         work.deadline = event.now + length * factor + self._limits.soak_grace_s
         # The record first: the service swaps only once it is written.
         self._memory = replace(self._memory, soaking=self._desired)
-        return [Persist(self._memory), Swap(release, work.attempt, keep), *self._step(Step.LOADED)]
+        out = [Persist(self._memory), Swap(release, work.attempt, keep), *self._step(Step.LOADED)]
+        if work.fallback is not None:
+            out.append(Log(logging.WARNING, f"{release.release_id} degraded: {work.fallback}"))
+        return out
 
     def _on_inferred(self, event: EngineEvent) -> list[Command]:
         assert isinstance(event, Inferred)
@@ -332,27 +346,14 @@ class UpdateEngine:
         return []
 
     def _on_storage_failed(self, event: EngineEvent) -> list[Command]:
-        """``part`` of storage failed: the device is degraded, with the reason in its
-        retained state, until a write there works again."""
+        """Storage failed: the device is degraded, saying why, until a write works."""
         assert isinstance(event, StorageFailed)
-        why = self._trouble.failed(event.part, event.why, event.now)
-        if why is None:
-            return []
-        return [Log(logging.ERROR, f"storage failing, {why}"), StateChanged()]
+        return self._trouble.failed(event.part, event.why, event.now)
 
     def _on_storage_ok(self, event: EngineEvent) -> list[Command]:
         assert isinstance(event, StorageOk)
-        ended = self._trouble.ok(event.part, event.now)
-        if ended is None:
-            return []
-        why, lasted = ended
-        detail = self._detail(f"{why} (for {lasted:.0f} s); works again")
-        out: list[Command] = [
-            Log(logging.WARNING, f"storage works again ({why}, for {lasted:.0f} s)"),
-            StateChanged(),
-            Emit(EventKind.STORAGE_RECOVERED, None, detail, None),
-        ]
-        if event.part is StoragePart.ARTIFACTS and self._work is None:
+        out = self._trouble.ok(event.part, event.now, self._limits.event_detail_chars)
+        if out and event.part is StoragePart.ARTIFACTS and self._work is None:
             out += self._start()  # an update waiting for space goes on now
         return out
 
@@ -381,7 +382,7 @@ class UpdateEngine:
             return self._step(Step.SERVED) if self._stage is Stage.DEGRADED else []
         if FailedRelease.of(desired) in self._memory.failed:
             return []
-        if sha in self._loaded and sha in self._memory.known_good:
+        if sha in self._models and sha in self._memory.known_good:
             keep = None if active is None else active.artifact.sha256
             self._active = release
             self._memory = replace(self._memory, active=release)
@@ -410,6 +411,9 @@ class UpdateEngine:
             self._retry.reset()
             report = self._report(desired, Verdict.UNHEALTHY, (failure.reason.value,), None, now)
             self._remember_failed(desired)
+            if self._active is None:
+                why = f"{work.release.release_id} {failure.reason}: {failure.detail}"
+                self._models.unloadable = f"model: {why}"
             return [
                 *out,
                 Persist(self._memory),
@@ -481,17 +485,13 @@ class UpdateEngine:
         stats: SoakStats | None,
         now: float,
     ) -> HealthReport:
-        assert desired.release is not None
-        report = HealthReport(
+        report = health_report(
+            desired,
             report_id=self._new_id(),
             device_id=self.device_id,
-            rollout_id=desired.rollout_id,
-            manifest_seq=desired.seq,
-            release=desired.release.release_id,
-            verdict=verdict,
-            reasons=reasons,
-            at=now,
-            **SoakStats.figures(stats, now),
+            judged=(verdict, reasons),
+            stats=stats,
+            now=now,
         )
         self._memory = replace(self._memory, last_health=report)
         return report

@@ -159,11 +159,13 @@ class StoragePart(StrEnum):
 
 @dataclass(frozen=True)
 class Restored:
-    """The agent started: what it remembered, and whether the active model loaded."""
+    """The agent started: what it remembered, and whether the active model loaded;
+    ``trouble`` says why it serves degraded (a fallback provider) or does not load."""
 
     memory: Memory
     serving: bool
     now: float
+    trouble: str | None = None
 
 
 @dataclass(frozen=True)
@@ -185,9 +187,12 @@ class Fetched:
 
 @dataclass(frozen=True)
 class Loaded:
+    """The model loaded (``fallback``: on a later provider than its first, and why)."""
+
     attempt: int
     now: float
     failure: Failure | None = None
+    fallback: str | None = None
 
 
 @dataclass(frozen=True)

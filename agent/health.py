@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from schemas import HealthBudget, Verdict
+from schemas import HealthBudget, HealthReport, Verdict
 
-__all__ = ["HealthCode", "SoakStats", "code_of", "judge"]
+if TYPE_CHECKING:
+    from agent.events import Desired
+
+__all__ = ["HealthCode", "SoakStats", "code_of", "health_report", "judge"]
 
 
 class HealthCode(StrEnum):
@@ -81,3 +84,29 @@ def judge(stats: SoakStats, budget: HealthBudget) -> tuple[Verdict, tuple[str, .
     if p95 is not None and p95 > budget.p95_latency_ms:
         reasons.append(f"{HealthCode.P95_LATENCY_MS}:{p95:.2f}>{budget.p95_latency_ms:.2f}")
     return (Verdict.UNHEALTHY if reasons else Verdict.HEALTHY), tuple(reasons)
+
+
+def health_report(
+    desired: Desired,
+    *,
+    report_id: str,
+    device_id: str,
+    judged: tuple[Verdict, tuple[str, ...]],
+    stats: SoakStats | None,
+    now: float,
+) -> HealthReport:
+    """The report of a verdict on ``desired`` (``judged``: the verdict and its reasons),
+    with the figures of its soak ``stats`` (None: there was none)."""
+    assert desired.release is not None
+    verdict, reasons = judged
+    return HealthReport(
+        report_id=report_id,
+        device_id=device_id,
+        rollout_id=desired.rollout_id,
+        manifest_seq=desired.seq,
+        release=desired.release.release_id,
+        verdict=verdict,
+        reasons=reasons,
+        at=now,
+        **SoakStats.figures(stats, now),
+    )

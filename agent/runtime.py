@@ -8,7 +8,7 @@ verified against a signed manifest, and a golden set is only read from such a fi
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from agent.providers import open_session
 from schemas import (
     ArtifactError,
     GoldenSet,
@@ -89,29 +90,32 @@ class InferenceResult:
 class ModelSlot:
     """One loaded model, ready to serve."""
 
-    def __init__(self, release: Release, path: Path) -> None:
-        """Load the model and check it matches the release's declared I/O.
+    def __init__(
+        self, release: Release, path: Path, *, providers: Sequence[str] | None = None
+    ) -> None:
+        """Load the model on the first of the release's execution providers that takes
+        it (``providers``: the device's own list instead), and check it matches the
+        release's declared I/O. :attr:`fallback` says why it is not the first.
 
         Raises:
-            ArtifactError: MODEL_LOAD_FAILED when onnxruntime refuses the file or its
-                inputs/outputs are not those the release declares.
+            ArtifactError: MODEL_LOAD_FAILED when no provider opens the file, its
+                inputs/outputs are not those the release declares, or it opens only on
+                a fallback provider and the release refuses that.
         """
         self.release = release
-        available = set(ort.get_available_providers())
-        providers = [p for p in release.runtime.providers if p in available]
-        if not providers:
-            raise ArtifactError(
-                Reason.MODEL_LOAD_FAILED,
-                f"none of {list(release.runtime.providers)} available here ({sorted(available)})",
-            )
+        runtime = release.runtime
         options = ort.SessionOptions()
-        options.intra_op_num_threads = release.runtime.intra_op_threads
+        options.intra_op_num_threads = runtime.intra_op_threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        try:
-            self._session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as exc:  # onnxruntime raises bare Fail/InvalidGraph/RuntimeError
-            raise ArtifactError(Reason.MODEL_LOAD_FAILED, f"onnxruntime: {exc}") from exc
+        opened = open_session(path, options, providers or runtime.providers)
+        if opened.fallback is not None and runtime.on_fallback == "refuse":
+            raise ArtifactError(
+                Reason.MODEL_LOAD_FAILED, f"release refuses a fallback: {opened.fallback}"
+            )
+        self._session = opened.session
+        self.fallback = opened.fallback
+        """Why the model serves on a later provider than the first (None: it does not)."""
         self._check_io()
         self.providers = tuple(self._session.get_providers())
         self._output_names = [o.name for o in release.outputs]

@@ -105,6 +105,9 @@ class AgentConfig:
     limits: Limits = field(default_factory=Limits)
     serve: ServeConfig | None = None
     """The local inference endpoint (Open Inference Protocol); None: no endpoint."""
+    providers: tuple[str, ...] | None = None
+    """The execution providers this device tries, in order, instead of its class's (see
+    :mod:`agent.providers`); None: the release's."""
 
 
 class _Stopped(Exception):  # noqa: N818 (the end of a requested stop, not an error)
@@ -203,6 +206,7 @@ class Agent:
             publish=self.link.publish_retained,
             state_changed=self.link.state_changed,
             clock=clock,
+            providers=config.providers,
         )
         self._stop = asyncio.Event()
         self._inventory = DeviceInventory(data)
@@ -445,9 +449,9 @@ class Agent:
         )
         for problem in restored.problems:
             log.warning("%s: %s", self.device_id, problem)
-        serving = await self._updater.load_active(state.active)
+        serving, trouble = await self._updater.load_active(state.active)
         memory = StateKeeper.memory_of(state)
-        self._feed(Restored(memory, serving=serving, now=self._clock()))
+        self._feed(Restored(memory, serving=serving, now=self._clock(), trouble=trouble))
         if restored.desired is not None:
             self._feed(Targeted(restored.desired, self._clock()))
         # Open the outbox now, so that damage it finds is told at once.

@@ -20,6 +20,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 from agent.artifacts import ArtifactKind
@@ -87,6 +88,7 @@ class Updater:
         publish: Publish,
         state_changed: Callable[[], None],
         clock: Callable[[], float],
+        providers: tuple[str, ...] | None = None,
     ) -> None:
         self.engine = engine
         self._fetcher = fetcher
@@ -96,6 +98,8 @@ class Updater:
         self._publish = publish
         self._state_changed = state_changed
         self._clock = clock
+        self._open = partial(ModelSlot, providers=providers)
+        """How a model is loaded: on the device's own providers, or its release's."""
         self.slots: dict[str, ModelSlot] = {}
         """Loaded models by sha256: the one serving and the one to fall back to."""
         self._tested: dict[int, ModelSlot] = {}
@@ -150,21 +154,22 @@ class Updater:
         self.slots = {**keep, command.release.artifact.sha256: slot}
         self._inference.slot = slot
 
-    async def load_active(self, release: Release | None) -> bool:
-        """Load the model served before a restart; whether it serves again."""
+    async def load_active(self, release: Release | None) -> tuple[bool, str | None]:
+        """Load the model served before a restart: whether it serves again, and why it
+        serves degraded (a fallback provider) or why it does not load."""
         if release is None:
-            return False
+            return False, None
         path = await self._fetcher.stored(release.artifact, ArtifactKind.MODEL)
         if path is None:
-            return False
+            return False, None
         try:
-            slot = await asyncio.to_thread(ModelSlot, release, path)
+            slot = await asyncio.to_thread(self._open, release, path)
         except ArtifactError as exc:
             log.error("%s: stored model does not load: %s", self.device_id, exc)
-            return False
+            return False, exc.detail
         self.slots = {release.artifact.sha256: slot}
         self._inference.slot = slot
-        return True
+        return True, slot.fallback
 
     def note(self, reason: Reason, detail: str) -> None:
         """Show a rejection in the device's state (the last one is shown)."""
@@ -242,13 +247,13 @@ class Updater:
     async def _load(self, command: Load) -> None:
         """Load the model beside the one serving."""
         try:
-            slot = await asyncio.to_thread(ModelSlot, command.release, command.model)
+            slot = await asyncio.to_thread(self._open, command.release, command.model)
         except Exception as exc:  # noqa: BLE001 (every failure is told to the engine)
             self.feed(Loaded(command.attempt, self._clock(), failure=_failure(exc)))
         else:
             if command.attempt == self.engine.attempt:  # else superseded while it loaded
                 self._tested[command.attempt] = slot
-            self.feed(Loaded(command.attempt, self._clock()))
+            self.feed(Loaded(command.attempt, self._clock(), fallback=slot.fallback))
 
     async def _self_test(self, command: SelfTest) -> None:
         """Run the release's golden set, or else one real input (the source is called

@@ -8,7 +8,8 @@ user, so an account named like a device would inherit that device's rights.
 Every grant is exact: a device may write its five channels and nothing below or beside
 them, so it cannot grow the broker's retained store beyond three topics of its own. It
 may read its telemetry acknowledgement (``devices/D/ack``), which only the coordinator
-(and admins) write; dashboards read every device's.
+(and admins) write; dashboards read every device's, and every class's aggregated
+telemetry (``classes/C/telemetry``, which only the coordinator writes).
 The broker forces each client id to the account name (``use_username_as_clientid``), so
 an account is also one session: two processes need two accounts.
 """
@@ -43,6 +44,7 @@ _DASHBOARD_READ = (
     *(topics.all_devices(channel) for channel in DeviceChannel),
     topics.all_device_acks(),
     topics.all_class_manifests(),
+    topics.all_class_telemetry(),
     topics.coordinator_presence(),
 )
 

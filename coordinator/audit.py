@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AUDIT_FILENAME", "DEFAULT_MAX_ENTRIES", "AuditLog", "read_audit"]
+__all__ = ["AUDIT_FILENAME", "DEFAULT_MAX_ENTRIES", "AuditLog", "read_audit", "read_newest"]
 
 DEFAULT_MAX_ENTRIES = 100_000
 AUDIT_FILENAME = "audit.sqlite"
@@ -100,3 +100,32 @@ def read_audit(path: Path, rollout_id: str | None = None) -> list[dict[str, Any]
         db.close()
     entries = [json.loads(text) for (text,) in rows]
     return [e for e in entries if rollout_id is None or e.get("rollout") == rollout_id]
+
+
+def read_newest(path: Path, limit: int, rollout_id: str | None = None) -> list[dict[str, Any]]:
+    """The newest ``limit`` entries of the log at ``path`` (of one rollout, if given),
+    oldest first, read without writing: what a dashboard shows, at a cost bounded by
+    ``limit`` however long the log.
+
+    Raises:
+        FileNotFoundError: there is no log at ``path``.
+        sqlite3.Error: the file is not such a log.
+    """
+    if not path.is_file():
+        msg = f"no audit log at {path}"
+        raise FileNotFoundError(msg)
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        if rollout_id is None:
+            rows = db.execute(
+                "SELECT entry FROM audit ORDER BY id DESC LIMIT ?", (limit,)
+            ).fetchall()
+        else:
+            rows = db.execute(
+                "SELECT entry FROM audit WHERE json_extract(entry, '$.rollout') = ?"
+                " ORDER BY id DESC LIMIT ?",
+                (rollout_id, limit),
+            ).fetchall()
+    finally:
+        db.close()
+    return [json.loads(text) for (text,) in reversed(rows)]

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from broker.backoff import RECONNECT, Backoff
 from broker.transport import Endpoint
+from coordinator.aggregate import AggregateSettings
 from coordinator.profiles import ClassProfile
 from schemas import KeyPair
 from schemas.rollout import MAX_REASON_CHARS
@@ -128,5 +129,8 @@ class CoordinatorConfig:
     datasets_dir: Path | None = None
     """Held-out data sets (``<name>.npz``) the classes' accuracy gates name."""
     limits: CoordinatorLimits = field(default_factory=CoordinatorLimits)
+    telemetry: AggregateSettings = field(default_factory=AggregateSettings)
+    """The fleet telemetry aggregated per class (``classes/{class}/telemetry``): how often
+    it is published, how many releases and labels it follows, its alerts' hysteresis."""
     metrics: MetricsConfig | None = None
     """Where to serve Prometheus metrics; None (the default): not served."""

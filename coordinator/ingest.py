@@ -35,6 +35,8 @@ from coordinator.intake import Intake
 from coordinator.keeper import Keeper
 from coordinator.ledger import TelemetryLedger
 from coordinator.metrics import FAILED, WRONG_DEVICE, Counters
+from coordinator.reporter import Reporter
+from coordinator.telemetry import Verdict as Judged
 from schemas import (
     ONLINE,
     DeviceState,
@@ -120,12 +122,16 @@ class Ingest:
         *,
         ledger: TelemetryLedger,
         counters: Counters,
+        reporter: Reporter | None = None,
     ) -> None:
+        """``reporter`` gets every summary the ledger counted, and the retained class
+        telemetry (restored from at start, re-asserted where it differs)."""
         self._core = core
         self._intake = intake
         self._keeper = keeper
         self._ledger = ledger
         self._counters = counters
+        self._reporter = reporter
         self._overflow_told_at = -math.inf
         self._overflow_untold = 0
         self._echoes: list[asyncio.Future[None]] = []
@@ -245,6 +251,9 @@ class Ingest:
             current = core.classes.get(name)
             if ready and current is not None and current.manifest not in (None, payload):
                 core.spawn("manifest re-assert", core.publish_manifest(name))
+        elif parsed.kind is TopicKind.CLASS_TELEMETRY and name is not None:
+            if self._reporter is not None:
+                self._reporter.retained(name, payload)
         elif parsed.kind is TopicKind.TRUST:
             core.retained_trust = payload
             if ready and payload != core.trust_bytes and not core.adopt_trust(payload):
@@ -291,7 +300,9 @@ class Ingest:
                     self._core.changed.set()
             case TelemetrySummary():
                 if payload.device_id == device_id:
-                    self._ledger.offer(payload)
+                    counted = self._ledger.offer(payload) is Judged.COUNTED
+                    if counted and self._reporter is not None:
+                        self._reporter.counted(payload)
                 else:
                     self._counters.refuse(WRONG_DEVICE)
             case DeviceState() | HealthReport():  # of another device than its topic's

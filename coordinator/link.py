@@ -214,6 +214,7 @@ class Link:
             await transport.subscribe(
                 topics.trust(),
                 topics.all_class_manifests(),
+                topics.all_class_telemetry(),
                 topics.all_rollout_specs(),
                 topics.all_rollout_statuses(),
                 topics.all_artifacts(),

@@ -303,6 +303,8 @@ class DeviceRow:
     online: bool = False
     sha256: str | None = None
     """The artifact it runs (``rollout plan``: a device that has it pulls nothing)."""
+    degraded_reason: str | None = None
+    """Why it is degraded (its model on a fallback provider, storage failing, ...)."""
 
 
 _FLEET_CHANNELS: Final = (DeviceChannel.PRESENCE, DeviceChannel.STATE, DeviceChannel.HEALTH)
@@ -351,6 +353,7 @@ def _row(device_id: str, payloads: Mapping[DeviceChannel, bytes]) -> DeviceRow:
         last_seen=state.updated_at,
         online=online,
         sha256=state.active_sha256,
+        degraded_reason=state.degraded_reason,
     )
 
 

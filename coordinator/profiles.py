@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Final, get_args
+from typing import Final, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from coordinator.drift import DriftPolicy
 from coordinator.rollout import Policy
 from models.precision import Precision
 from schemas import HealthBudget, Release, RolloutSpec, Runtime, Variant
@@ -72,8 +73,14 @@ class ClassProfile(BaseModel):
     max_model_bytes: int = Field(gt=0)
     gate: AccuracyGate | None = None
     intra_op_threads: int = Field(default=1, ge=1, le=64)
+    on_fallback: Literal["serve", "refuse"] = "serve"
+    """When a model opens only on a later provider than the first: serve it degraded, or
+    refuse it as a model that does not load (see ``agent.providers``)."""
     health: HealthBudget
     rollout: RolloutDefaults = RolloutDefaults()
+    drift: DriftPolicy = DriftPolicy()
+    """When the class's releases count as drifted from their reference (PSI threshold,
+    inferences needed), judged on the fleet's aggregated telemetry."""
     manifest_ttl_s: float = Field(default=86_400.0, gt=0.0)
 
     @field_validator("precisions")
@@ -86,7 +93,11 @@ class ClassProfile(BaseModel):
 
     @property
     def runtime(self) -> Runtime:
-        return Runtime(providers=self.providers, intra_op_threads=self.intra_op_threads)
+        return Runtime(
+            providers=self.providers,
+            intra_op_threads=self.intra_op_threads,
+            on_fallback=self.on_fallback,
+        )
 
     def release(self, name: str, variant: Variant) -> Release:
         """``variant`` of model ``name`` as this class runs it: its runtime and health

@@ -14,7 +14,9 @@ clear), :mod:`~coordinator.clock` (downtime and settling). Services carry the de
 out over a :class:`~coordinator.core.Core`: ``link`` (the session loop and re-assert),
 ``ingest`` (incoming messages), ``intake`` (specs), ``keeper`` (artifacts), ``signer``
 (manifests), ``ticker`` (the rollout loop), ``fetching`` (candidate artifacts), and
-``ledger`` (telemetry counted durably, then acknowledged to each device).
+``ledger`` (telemetry counted durably, then acknowledged to each device), and
+``reporter`` (what the ledger counted, aggregated per class and release, published with
+its drift and health alerts).
 
 Artifacts. Operators upload to ``staging/``; the coordinator fetches a candidate from
 there (or from ``artifacts/``, where it publishes), checks it, keeps a copy, and once the
@@ -47,6 +49,7 @@ from coordinator.intake import Intake
 from coordinator.keeper import Keeper
 from coordinator.ledger import TELEMETRY_FILENAME, TelemetryLedger
 from coordinator.link import Connect, Link, session_opener
+from coordinator.reporter import Reporter
 from coordinator.rollout import RolloutRecord
 from coordinator.signer import Signer
 from coordinator.ticker import Ticker
@@ -110,6 +113,8 @@ class Coordinator:
         self.telemetry = TelemetryLedger(
             config.data_dir / TELEMETRY_FILENAME, counters=self.counters, clock=clock
         )
+        self.reporter = Reporter(core)
+        """The fleet's telemetry aggregated per class and release, published; alerts."""
         self._exporter = None if config.metrics is None else Exporter(core, config.metrics)
         self._fetcher = Fetcher(core)
         keeper = Keeper(core, self._fetcher)
@@ -119,7 +124,14 @@ class Coordinator:
         self._link = Link(
             core,
             connect or session_opener(config),
-            ingest=Ingest(core, intake, keeper, ledger=self.telemetry, counters=self.counters),
+            ingest=Ingest(
+                core,
+                intake,
+                keeper,
+                ledger=self.telemetry,
+                counters=self.counters,
+                reporter=self.reporter,
+            ),
             intake=intake,
             keeper=keeper,
             signer=signer,
@@ -173,13 +185,15 @@ class Coordinator:
         # Beside the link, not in a task group with it: its ConnectRefused ends run() as
         # it is. The committer outlives links (what it counted is acknowledged on the next).
         committer = asyncio.create_task(self.telemetry.run(lambda: core.transport))
+        reporter = asyncio.create_task(self.reporter.run())
         try:
             async with self._exporter or contextlib.nullcontext():
                 await self._link.run()
         finally:
-            committer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await committer
+            for task in (committer, reporter):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self.telemetry.close()
             self._fetcher.cancel()
             # Under the lock: a write still running in its thread finishes first.

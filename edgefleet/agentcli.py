@@ -50,10 +50,25 @@ def add_agent_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--data", type=Path, help="data folder (default: BUNDLE/data)")
     p.add_argument(
         "--source",
-        choices=SIMULATED_SOURCES,
-        help="simulated input (needs edgefleet[models]): digits, a camera showing held-out "
-        "real digit images (the default); cytology, an analyser reading held-out fine-needle "
-        "aspirate measurements",
+        choices=(*SIMULATED_SOURCES, "none"),
+        help="the paced input: none (the endpoint or the inbox only; the default with "
+        "--serve or --folder), or simulated (needs edgefleet[models]): digits, a camera "
+        "showing held-out real digit images (the default otherwise); cytology, an analyser "
+        "reading held-out fine-needle aspirate measurements",
+    )
+    p.add_argument(
+        "--serve",
+        metavar="[HOST:]PORT|unix:/PATH",
+        help="serve the model on a local Open Inference Protocol (KServe v2 REST) endpoint: "
+        "TCP on HOST (default 127.0.0.1) or a Unix socket",
+    )
+    p.add_argument(
+        "--folder",
+        type=Path,
+        metavar="DIR",
+        help="an inbox: each .npy/.npz/image file dropped into DIR is inferred once, the "
+        "answer written to DIR/results/NAME.json and the file moved to DIR/done/ (images "
+        "need edgefleet[images])",
     )
     p.add_argument(
         "--replay",
@@ -73,12 +88,14 @@ def _agent_run(args: argparse.Namespace) -> int:
         "data": args.data,
         "source": args.source,
         "replay": args.replay,
+        "serve": args.serve,
+        "folder": args.folder,
         "log_format": args.log_format,
     }
     settings = load_settings(args.config, os.environ, flags)
     _configure_logging(settings, verbose=args.verbose)
     agent = _make_agent(settings)
-    asyncio.run(_serve(agent, _notifier()))
+    asyncio.run(_serve(agent, _notifier(), settings))
     return 0
 
 
@@ -95,11 +112,12 @@ def _make_agent(settings: DeviceSettings) -> Agent:
     config = settings.agent_config()  # checks a bundle was given
     assert settings.bundle is not None
     bundle = Bundle.load(settings.bundle)
-    return Agent(bundle, settings.bundle, config, _input_source(settings.source, settings.replay))
+    return Agent(bundle, settings.bundle, config, _input_source(settings))
 
 
-def _input_source(name: str | None, replay: Path | None) -> InputSource:
-    """The agent's input: a replayed file, or a simulated source.
+def _input_source(settings: DeviceSettings) -> InputSource | None:
+    """The agent's paced input: a replayed file, a simulated source, or none (``none``,
+    or by default when an endpoint or an inbox is its input).
 
     Raises:
         UsageError: an unknown source, or a simulated one without the model toolchain.
@@ -107,8 +125,11 @@ def _input_source(name: str | None, replay: Path | None) -> InputSource:
     from edgefleet.sources import SOURCES, Source, replay_source  # noqa: PLC0415
     from schemas import UsageError  # noqa: PLC0415
 
+    name, replay = settings.source, settings.replay
     if replay is not None:
         return Source(replay_source(replay))
+    if name == "none" or (name is None and (settings.serve or settings.folder)):
+        return None
     name = name or _DEFAULT_SOURCE
     if name not in SOURCES:
         msg = f"unknown source {name!r}: one of {', '.join(sorted(SOURCES))}, or --replay FILE"
@@ -129,19 +150,31 @@ def _notifier() -> Notifier | None:
     return Notifier.from_env(os.environ)
 
 
-async def _serve(agent: Agent, notifier: Notifier | None) -> None:
-    """Run the agent until a signal stops it, telling systemd (when it asked) that it is
-    ready once restored, and that it lives at half the watchdog interval."""
-    if notifier is None:
-        await agent.run_until_signalled()
-        return
+async def _serve(agent: Agent, notifier: Notifier | None, settings: DeviceSettings) -> None:
+    """Run the agent until a signal stops it, with its inbox when it has one, telling
+    systemd (when it asked) that it is ready once restored, and that it lives at half
+    the watchdog interval."""
+    from agent.folder import FolderInbox  # noqa: PLC0415
     from agent.sdnotify import keep_systemd_posted  # noqa: PLC0415
 
+    inbox_config = settings.inbox_config()
     async with asyncio.TaskGroup() as tg:
-        posting = tg.create_task(
-            keep_systemd_posted(notifier, agent.ready.wait, status=f"device {agent.device_id}")
-        )
+        helpers: list[asyncio.Task[None]] = []
+        if notifier is not None:
+            status = f"device {agent.device_id}"
+            helpers.append(
+                tg.create_task(keep_systemd_posted(notifier, agent.ready.wait, status=status))
+            )
+        if inbox_config is not None:
+            inbox = FolderInbox(
+                inbox_config,
+                infer=agent.infer,
+                release=lambda: agent.active_release,
+                until_serving=agent.until_serving,
+            )
+            helpers.append(tg.create_task(inbox.run()))
         try:
             await agent.run_until_signalled()
         finally:
-            posting.cancel()
+            for task in helpers:
+                task.cancel()

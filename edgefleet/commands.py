@@ -1,5 +1,6 @@
 """The ``edgefleet`` commands of the operator and the cloud side: keys, devices, accounts,
-the broker, the coordinator, rollouts, views, models, the simulator and the demo.
+the broker, the coordinator, rollouts, views, the dashboard, models, the simulator and the
+demo.
 
 They need the ``coordinator`` extra (``pip install 'edgefleet[coordinator]'``); the device's
 commands (:mod:`edgefleet.agentcli`) need only the base install, so :mod:`edgefleet.cli`
@@ -29,6 +30,7 @@ from coordinator.operator import (
 from coordinator.profiles import DEFAULT_PROFILES, load_profiles
 from edgefleet.asyncapi import add_asyncapi_command
 from edgefleet.compose import coordinator_config, publish_rollout
+from edgefleet.dashcli import add_dashboard_command
 from edgefleet.demo import run_demo
 from edgefleet.home import ACCOUNT_ROLES, OPERATOR, Home
 from edgefleet.modelcli import Commands, add_model_commands
@@ -198,11 +200,16 @@ def add_commands(sub: Commands[argparse.ArgumentParser]) -> None:
     add_view_commands(sub)
     add_tail_command(sub)
     add_asyncapi_command(sub)
+    add_dashboard_command(sub)
     add_model_commands(sub)
     add_sim_command(sub)
     p = sub.add_parser("demo", help="broker, coordinator, fleet and three rollouts, live")
     p.add_argument("--devices-per-class", type=int, default=12)
-    p.add_argument("--keep", action="store_true", help="keep the working folder")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="say how to open the dashboard, keep the fleet running until Ctrl-C and the folder",
+    )
     p.set_defaults(func=_demo)
 
 

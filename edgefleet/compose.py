@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Final
 
 import onnx
 
@@ -29,6 +30,7 @@ from models.precision import detect_precision
 from schemas import Candidate, MaintenanceWindow, Role, RolloutSpec, WaveSpec
 
 __all__ = [
+    "HOST_PROVIDERS",
     "SpecOptions",
     "coordinator_config",
     "make_agent",
@@ -38,6 +40,9 @@ __all__ = [
     "rollout_spec",
     "start_rollout",
 ]
+
+HOST_PROVIDERS: Final = ("CPUExecutionProvider",)
+"""What a simulated device runs its model on: the host's CPU."""
 
 
 def coordinator_config(
@@ -62,9 +67,11 @@ def coordinator_config(
 def make_agent(
     bundle_dir: Path, config: AgentConfig, *, seed: int, source: str = "digits"
 ) -> Agent:
-    """An agent on its enrollment bundle, its input a stream of real held-out data
-    (``SOURCES``)."""
+    """A simulated device: an agent on its enrollment bundle, its input a stream of real
+    held-out data (``SOURCES``). It runs on the host's CPU whatever accelerator its class
+    names, unless ``config`` says otherwise (``providers``): not degraded for that."""
     bundle = Bundle.load(bundle_dir)
+    config = replace(config, providers=config.providers or HOST_PROVIDERS)
     return Agent(bundle, bundle_dir, config, Source(SOURCES[source](seed)))
 
 

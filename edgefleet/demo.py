@@ -1,13 +1,15 @@
 """``edgefleet demo``: a broker, a coordinator and a fleet of agents in two hardware
 classes; a first install, a model optimised into one variant per class and rolled out
 in three waves, and a bad build stopped and rolled back by its health reports. Shown
-live; ends by itself and cleans up."""
+live; ends by itself and cleans up. With ``keep``, it says how to open the dashboard,
+keeps the fleet running once the rollouts are done (until Ctrl-C) and keeps the folder."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -245,7 +247,28 @@ async def _scenario(fleet: Fleet, demo_models: dict[str, DemoModel], watch: _Wat
     return ok
 
 
-async def _run(workdir: Path, devices_per_class: int, out: TextIO) -> bool:
+def _dashboard_hint(fleet: Fleet) -> str:
+    return (
+        f"dashboard: in another terminal run `edgefleet --home {fleet.home.root} dashboard "
+        f"--data {fleet.workdir / 'coordinator'}` and open the address it prints"
+    )
+
+
+async def _keep_running(watch: _Watch) -> None:
+    """With ``--keep``: the fleet goes on (for the dashboard) until Ctrl-C or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    watch.say("the fleet keeps running for the dashboard; Ctrl-C ends the demo")
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+async def _run(workdir: Path, devices_per_class: int, out: TextIO, *, keep: bool) -> bool:
     started = time.monotonic()
     watch = _Watch(out, started)
     watch.say("building demo models from scikit-learn's bundled data sets ...")
@@ -269,6 +292,8 @@ async def _run(workdir: Path, devices_per_class: int, out: TextIO) -> bool:
             f"websockets :{fleet.broker.ports.websockets}); starting coordinator and "
             f"{len(fleet.home.devices())} agents"
         )
+        if keep:
+            watch.say(_dashboard_hint(fleet))
         async with asyncio.TaskGroup() as tg:
             fleet.start_coordinator(tg)
             for device_id in fleet.home.devices():
@@ -280,6 +305,8 @@ async def _run(workdir: Path, devices_per_class: int, out: TextIO) -> bool:
                 follower = tg.create_task(watch.follow(watcher))
                 try:
                     ok = await _scenario(fleet, demo_models, watch)
+                    if keep:
+                        await _keep_running(watch)
                 finally:
                     follower.cancel()
             for task in [*fleet.agent_tasks.values(), fleet.coordinator_task]:
@@ -307,7 +334,7 @@ def run_demo(*, devices_per_class: int = 12, keep: bool = False, out: TextIO = s
     workdir.chmod(0o755)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            return asyncio.run(_run(workdir, devices_per_class, out))
+            return asyncio.run(_run(workdir, devices_per_class, out, keep=keep))
         return False
     finally:
         if keep:

@@ -23,6 +23,7 @@ from edgefleet.modelcli import Commands
 from edgefleet.statusview import PlainWatch, rich_table, status_line, status_text
 from models.report import text_table
 from schemas import Phase, RolloutStatus
+from schemas.errors import bound_text
 from schemas.topics import check_name
 
 __all__ = ["EXIT_FAILED", "add_rollout_views", "add_view_commands", "home_of", "watcher"]
@@ -121,8 +122,8 @@ def _fleet_ls(args: argparse.Namespace) -> int:
         print(json.dumps([dataclasses.asdict(row) for row in rows]))
         return 0
     now = time.time()
-    header = ("device", "class", "release", "mode", "health", "last seen", "link")
-    cells = [
+    header: tuple[str, ...] = ("device", "class", "release", "mode", "health", "last seen", "link")
+    cells: list[tuple[str, ...]] = [
         (
             r.device_id,
             r.hw_class or "-",
@@ -134,6 +135,11 @@ def _fleet_ls(args: argparse.Namespace) -> int:
         )
         for r in rows
     ]
+    if any(r.degraded_reason for r in rows):  # why, cut to a line (--json has it whole)
+        header = (*header, "why degraded")
+        cells = [
+            (*c, bound_text(r.degraded_reason or "", 60)) for c, r in zip(cells, rows, strict=True)
+        ]
     print(text_table(header, cells))
     return 0
 

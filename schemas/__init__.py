@@ -4,6 +4,15 @@ Pure: no MQTT client, no asyncio, no file or network I/O.
 """
 
 from schemas.artifact import ArtifactMeta, split_artifact
+from schemas.classtelemetry import (
+    ClassTelemetry,
+    DriftStatus,
+    HealthStatus,
+    ReferenceSource,
+    ReleaseRole,
+    ReleaseTelemetry,
+    WindowStats,
+)
 from schemas.codec import MAX_MESSAGE_BYTES, SCHEMA_VERSION, WireModel, decode, encode
 from schemas.device import (
     OFFLINE,
@@ -75,8 +84,10 @@ __all__ = [
     "ArtifactRef",
     "Candidate",
     "Cause",
+    "ClassTelemetry",
     "Desired",
     "DeviceState",
+    "DriftStatus",
     "EdgefleetError",
     "Event",
     "EventKind",
@@ -84,6 +95,7 @@ __all__ = [
     "GoldenSet",
     "HealthBudget",
     "HealthReport",
+    "HealthStatus",
     "Inventory",
     "KeyPair",
     "LanePhase",
@@ -96,9 +108,12 @@ __all__ = [
     "Phase",
     "PolicyError",
     "Reason",
+    "ReferenceSource",
     "RejectedError",
     "Rejection",
     "Release",
+    "ReleaseRole",
+    "ReleaseTelemetry",
     "Role",
     "RoleKeys",
     "RolloutCohort",
@@ -119,6 +134,7 @@ __all__ = [
     "Verdict",
     "WaveCounts",
     "WaveSpec",
+    "WindowStats",
     "WireModel",
     "bucket",
     "decode",

@@ -17,6 +17,7 @@ from typing import Final
 
 from schemas import topics
 from schemas.artifact import ArtifactMeta
+from schemas.classtelemetry import ClassTelemetry
 from schemas.codec import WireModel
 from schemas.device import DeviceState, Event, HealthReport
 from schemas.manifest import MANIFEST_KIND, Manifest
@@ -142,6 +143,17 @@ CHANNELS: Final[tuple[Channel, ...]] = (
         retained=True,
         stamp="issued_at",
         summary="The signed manifest of one hardware class: its stable release and rollout.",
+    ),
+    Channel(
+        key="classTelemetry",
+        kind=TopicKind.CLASS_TELEMETRY,
+        params=(HW_CLASS,),
+        build=topics.class_telemetry,
+        body=Body.MSGPACK,
+        model=ClassTelemetry,
+        retained=True,
+        stamp="at",
+        summary="A class's telemetry aggregated per release over 1 min and 1 h; drift, health.",
     ),
     Channel(
         key="artifactMeta",

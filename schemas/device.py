@@ -85,8 +85,11 @@ class DeviceState(WireModel):
     last_rejection: Rejection | None
     updated_at: float
     degraded_reason: str | None = Field(default=None, max_length=MAX_REASON_CHARS)
-    """Why storage is failing (a full or read-only data folder), e.g. ``outbox: database
-    or disk is full``; None when it works. Storage trouble makes ``mode`` degraded."""
+    """Why the device is degraded, each cause headed by what fails: its storage (a full
+    or read-only data folder, e.g. ``outbox: database or disk is full``), its model's
+    execution provider (``provider: CUDAExecutionProvider: ...; serving on
+    CPUExecutionProvider``), or its model (``model: ... does not load: ...``, none
+    serving). None when nothing does. Any of them makes ``mode`` degraded."""
     inventory: Inventory | None = None
     """What the device is (None from agents that predate it)."""
 

@@ -51,8 +51,13 @@ class ArtifactRef(WireModel):
 class Runtime(WireModel):
     engine: Literal["onnxruntime"] = "onnxruntime"
     providers: tuple[str, ...] = Field(min_length=1, max_length=8)
-    """Execution providers in order of preference; the agent uses those it has."""
+    """Execution providers in order of preference: the agent tries them in turn (CPU
+    last even when left out); serving on any but the first makes the device degraded."""
     intra_op_threads: int = Field(default=1, ge=1, le=64)
+    on_fallback: Literal["serve", "refuse"] = "serve"
+    """When the model opens only on a later provider than the first: ``serve`` it
+    (degraded, the reason in the device's state), or ``refuse`` it as a model that does
+    not load (the device keeps the model it serves)."""
 
 
 _ORT_DTYPES: Final = {

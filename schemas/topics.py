@@ -24,6 +24,7 @@ __all__ = [
     "all_artifact_metas",
     "all_artifacts",
     "all_class_manifests",
+    "all_class_telemetry",
     "all_device_acks",
     "all_devices",
     "all_rollout_specs",
@@ -34,6 +35,7 @@ __all__ = [
     "artifact_meta",
     "check_name",
     "class_manifest",
+    "class_telemetry",
     "coordinator_fence",
     "coordinator_presence",
     "device",
@@ -71,6 +73,7 @@ class DeviceChannel(StrEnum):
 class TopicKind(StrEnum):
     TRUST = "trust"
     CLASS_MANIFEST = "class_manifest"
+    CLASS_TELEMETRY = "class_telemetry"
     ARTIFACT_META = "artifact_meta"
     ARTIFACT_CHUNK = "artifact_chunk"
     STAGING_META = "staging_meta"
@@ -115,6 +118,12 @@ def trust() -> str:
 
 def class_manifest(hw_class: str) -> str:
     return f"{PREFIX}/classes/{check_name(hw_class, 'class')}/manifest"
+
+
+def class_telemetry(hw_class: str) -> str:
+    """Where the coordinator keeps, retained, the class's aggregated telemetry
+    (``schemas.classtelemetry.ClassTelemetry``)."""
+    return f"{PREFIX}/classes/{check_name(hw_class, 'class')}/telemetry"
 
 
 def artifact_meta(sha256: str) -> str:
@@ -191,6 +200,10 @@ def all_class_manifests() -> str:
     return f"{PREFIX}/classes/+/manifest"
 
 
+def all_class_telemetry() -> str:
+    return f"{PREFIX}/classes/+/telemetry"
+
+
 def all_rollout_specs() -> str:
     return f"{PREFIX}/rollouts/+/spec"
 
@@ -263,6 +276,11 @@ def parse(topic: str) -> ParsedTopic:
         raise MalformedPayloadError(Reason.MALFORMED, f"topic {topic!r}: {exc}") from exc
 
 
+_CLASS_KINDS: Final = {
+    "manifest": TopicKind.CLASS_MANIFEST,
+    "telemetry": TopicKind.CLASS_TELEMETRY,
+}
+
 _ARTIFACT_KINDS: Final = {
     ("artifacts", True): TopicKind.ARTIFACT_META,
     ("artifacts", False): TopicKind.ARTIFACT_CHUNK,
@@ -286,8 +304,8 @@ def _parse_parts(parts: list[str]) -> ParsedTopic:
     match parts:
         case ["trust"]:
             parsed = ParsedTopic(kind=TopicKind.TRUST)
-        case ["classes", name, "manifest"]:
-            parsed = ParsedTopic(kind=TopicKind.CLASS_MANIFEST, name=check_name(name, "class"))
+        case ["classes", name, "manifest" | "telemetry" as leaf]:
+            parsed = ParsedTopic(kind=_CLASS_KINDS[leaf], name=check_name(name, "class"))
         case ["artifacts" | "staging" as area, sha, leaf]:
             parsed = _artifact_topic(area, _sha(sha), leaf)
         case ["rollouts", rid, "spec"]:

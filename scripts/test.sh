@@ -7,7 +7,12 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
-PACKAGES=(schemas broker agent coordinator models storage edgefleet tests bench)
+# The dashboard's tests drive a real headless Chromium (Debian's; playwright's own browser
+# downloads are not used). Only the tests need it, not the demo.
+if [ ! -x /usr/bin/chromium ]; then
+  apt_install chromium
+fi
+PACKAGES=(schemas broker agent coordinator models storage edgefleet dashboard tests bench)
 echo "== ruff" >&2
 .venv/bin/python -m ruff check .
 .venv/bin/python -m ruff format --check .

@@ -86,3 +86,40 @@ def test_the_example_config_in_the_repo_loads() -> None:
     settings = load_settings(example, {}, {})
     assert settings.log_format is LogFormat.JSON
     assert settings.agent_config().data_dir == Path("/var/lib/edgefleet")
+
+
+@pytest.mark.parametrize(
+    ("serve", "host", "port", "unix"),
+    [
+        ("8000", "127.0.0.1", 8000, None),
+        ("0.0.0.0:8080", "0.0.0.0", 8080, None),
+        ("[::1]:9000", "::1", 9000, None),
+        ("unix:/run/edgefleet/infer.sock", "127.0.0.1", 8000, Path("/run/edgefleet/infer.sock")),
+    ],
+)
+def test_the_endpoint_is_set_by_one_address(
+    serve: str, host: str, port: int, unix: Path | None
+) -> None:
+    settings = load_settings(None, {"EDGEFLEET_SERVE": serve}, {"bundle": Path("/b")})
+    endpoint = settings.agent_config().serve
+    assert endpoint is not None
+    assert (endpoint.host, endpoint.port, endpoint.unix_path) == (host, port, unix)
+
+
+@pytest.mark.parametrize("serve", ["", "host:", "99999", "unix:relative", "a b:80", "x" * 300])
+def test_a_bad_endpoint_address_is_refused(serve: str) -> None:
+    with pytest.raises(UsageError, match="serve"):
+        load_settings(None, {}, {"bundle": Path("/b"), "serve": serve}).agent_config()
+
+
+def test_no_endpoint_unless_asked_and_the_inbox_takes_its_tunables(tmp_path: Path) -> None:
+    file = _file(tmp_path, 'bundle = "/b"\nfolder = "/srv/inbox"\nfolder_keep = 50\n')
+    settings = load_settings(
+        file, {"EDGEFLEET_PROVIDERS": "OpenVINOExecutionProvider, CPUExecutionProvider"}, {}
+    )
+    config = settings.agent_config()
+    assert config.serve is None
+    assert config.providers == ("OpenVINOExecutionProvider", "CPUExecutionProvider")
+    inbox = settings.inbox_config()
+    assert inbox is not None
+    assert (inbox.root, inbox.keep) == (Path("/srv/inbox"), 50)

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from agent.providers import open_session
 from agent.runtime import Feed, ModelSlot, read_golden
 from agent.telemetry import TelemetryWindow
 from models import INPUT_NAME, DemoModel, DigitsSplit, DigitsStream
@@ -87,15 +88,34 @@ def test_broken_onnx_file_is_refused(
     assert _refused(v1_release, path).reason is Reason.MODEL_LOAD_FAILED
 
 
-def test_release_listing_only_providers_missing_here_is_refused(
-    v1_release: Release, v1_path: Path
-) -> None:
+def _missing_providers() -> tuple[str, ...]:
     available = set(ort.get_available_providers())
     missing = tuple(p for p in ort.get_all_providers() if p not in available)[:3]
     assert missing
-    runtime = Runtime(providers=missing)
+    return missing
+
+
+def test_release_listing_only_providers_missing_here_serves_degraded_on_cpu(
+    v1_release: Release, v1_path: Path
+) -> None:
+    missing = _missing_providers()
+    slot = ModelSlot(v1_release.model_copy(update={"runtime": Runtime(providers=missing)}), v1_path)
+    assert slot.providers == ("CPUExecutionProvider",)
+    assert slot.fallback is not None
+    assert f"{missing[0]}: not in this onnxruntime build" in slot.fallback
+    assert slot.fallback.endswith("serving on CPUExecutionProvider")
+    assert slot.run(slot.blank_feed()).label is not None
+
+
+def test_release_refusing_a_fallback_does_not_load_on_cpu(
+    v1_release: Release, v1_path: Path
+) -> None:
+    runtime = Runtime(
+        providers=(*_missing_providers(), "CPUExecutionProvider"), on_fallback="refuse"
+    )
     error = _refused(v1_release.model_copy(update={"runtime": runtime}), v1_path)
     assert error.reason is Reason.MODEL_LOAD_FAILED
+    assert "refuses a fallback" in error.detail
 
 
 def test_release_preferring_a_missing_provider_falls_back_to_one_present(
@@ -105,6 +125,41 @@ def test_release_preferring_a_missing_provider_falls_back_to_one_present(
     runtime = Runtime(providers=(missing, "CPUExecutionProvider"))
     slot = ModelSlot(v1_release.model_copy(update={"runtime": runtime}), v1_path)
     assert slot.providers == ("CPUExecutionProvider",)
+    assert slot.fallback is not None
+    assert missing in slot.fallback
+
+
+def test_first_choice_provider_serves_without_fallback(v1_release: Release, v1_path: Path) -> None:
+    slot = ModelSlot(v1_release, v1_path)
+    assert v1_release.runtime.providers[0] == "CPUExecutionProvider"
+    assert slot.fallback is None
+
+
+def test_device_providers_override_the_release(v1_release: Release, v1_path: Path) -> None:
+    runtime = Runtime(providers=(*_missing_providers(), "CPUExecutionProvider"))
+    release = v1_release.model_copy(update={"runtime": runtime})
+    slot = ModelSlot(release, v1_path, providers=("CPUExecutionProvider",))
+    assert slot.fallback is None
+
+
+def test_a_provider_that_fails_to_open_the_model_is_passed_over(v1_path: Path) -> None:
+    # onnxruntime is told a provider exists that it cannot start: it falls back to the
+    # CPU on its own, which counts as that provider failing.
+    options = ort.SessionOptions()
+    wanted = ("BogusExecutionProvider", "CPUExecutionProvider")
+    opened = open_session(v1_path, options, wanted, available=wanted)
+    assert opened.provider == "CPUExecutionProvider"
+    assert opened.fallback is not None
+    assert opened.fallback.startswith("BogusExecutionProvider: ")
+
+
+def test_a_model_no_provider_opens_is_refused_saying_what_each_answered(tmp_path: Path) -> None:
+    path = tmp_path / "not-a-model.onnx"
+    path.write_bytes(b"\x08\x07not an onnx graph")
+    with pytest.raises(ArtifactError) as caught:
+        open_session(path, ort.SessionOptions(), ("CPUExecutionProvider",))
+    assert caught.value.reason is Reason.MODEL_LOAD_FAILED
+    assert caught.value.detail.startswith("CPUExecutionProvider: ")
 
 
 def test_wrong_input_shape_fails_the_inference_and_counts_as_an_error(

@@ -66,6 +66,7 @@ def test_acl_gives_each_device_only_its_own_rights() -> None:
     ]
     assert all("write" not in line for line in blocks["user dashboard"])
     assert "topic read fleet/v1/devices/+/ack" in blocks["user dashboard"]
+    assert "topic read fleet/v1/classes/+/telemetry" in blocks["user dashboard"]
     assert "pattern" not in acl
     assert "#" not in "".join(line for line in acl.splitlines() if "devices/" in line)
 

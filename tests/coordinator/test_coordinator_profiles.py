@@ -45,6 +45,25 @@ def test_minimal_class_gets_bounded_defaults(tmp_path: Path) -> None:
     assert profile.precisions == ("fp32",)
     assert profile.rollout.success_ratio == 1.0
     assert profile.rollout.max_failure_ratio == 0.0
+    assert profile.runtime.on_fallback == "serve"
+
+
+def test_a_class_may_refuse_a_fallback_provider_for_its_releases(tmp_path: Path) -> None:
+    path = tmp_path / "classes.toml"
+    path.write_text(
+        GOOD.replace(
+            "max_model_bytes = 1_000_000", 'max_model_bytes = 1_000_000\non_fallback = "refuse"'
+        )
+    )
+    profile = load_profiles(path)["edge-cpu"]
+    assert profile.runtime.on_fallback == "refuse"
+    path.write_text(
+        GOOD.replace(
+            "max_model_bytes = 1_000_000", 'max_model_bytes = 1_000_000\non_fallback = "maybe"'
+        )
+    )
+    with pytest.raises(ValidationError, match="on_fallback"):
+        load_profiles(path)
 
 
 @pytest.mark.parametrize(

@@ -63,7 +63,7 @@ def test_a_changed_message_changes_the_document(monkeypatch: pytest.MonkeyPatch)
 def test_the_official_parser_validates_the_document() -> None:
     checked = _validate(DOCUMENT)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "valid AsyncAPI 3.0.0: 16 channels" in checked.stdout
+    assert f"valid AsyncAPI 3.0.0: {len(CHANNELS)} channels" in checked.stdout
 
 
 def test_the_official_parser_refuses_a_broken_document(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ HOSTILE_NAMES = [
 
 NAMED_BUILDERS: list[tuple[str, Callable[[str], str], Callable[[str], str]]] = [
     ("class", t.class_manifest, lambda n: f"fleet/v1/classes/{n}/manifest"),
+    ("class-telemetry", t.class_telemetry, lambda n: f"fleet/v1/classes/{n}/telemetry"),
     ("rollout-spec", t.rollout_spec, lambda n: f"fleet/v1/rollouts/{n}/spec"),
     ("rollout-status", t.rollout_status, lambda n: f"fleet/v1/rollouts/{n}/status"),
     (
@@ -58,6 +59,10 @@ def _parse_rejected(topic: str) -> None:
         (
             t.class_manifest("jetson-vision-standard"),
             ParsedTopic(kind=TopicKind.CLASS_MANIFEST, name="jetson-vision-standard"),
+        ),
+        (
+            t.class_telemetry("jetson-vision-standard"),
+            ParsedTopic(kind=TopicKind.CLASS_TELEMETRY, name="jetson-vision-standard"),
         ),
         (t.artifact_meta(SHA), ParsedTopic(kind=TopicKind.ARTIFACT_META, name=SHA)),
         (
@@ -213,6 +218,7 @@ def test_unknown_topic_is_rejected_malformed(topic: str) -> None:
 def test_subscription_filters_cover_the_topics_they_are_for() -> None:
     assert t.all_devices(DeviceChannel.TELEMETRY) == "fleet/v1/devices/+/telemetry"
     assert t.all_class_manifests() == "fleet/v1/classes/+/manifest"
+    assert t.all_class_telemetry() == "fleet/v1/classes/+/telemetry"
     assert t.all_rollout_specs() == "fleet/v1/rollouts/+/spec"
     assert t.all_rollout_statuses() == "fleet/v1/rollouts/+/status"
     assert t.all_artifacts() == "fleet/v1/artifacts/#"
