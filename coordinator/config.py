@@ -18,7 +18,7 @@ from coordinator.profiles import ClassProfile
 from schemas import KeyPair
 from schemas.rollout import MAX_REASON_CHARS
 
-__all__ = ["CoordinatorConfig", "CoordinatorLimits"]
+__all__ = ["CoordinatorConfig", "CoordinatorLimits", "MetricsConfig"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +65,43 @@ class CoordinatorLimits:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    """Where the coordinator serves its Prometheus metrics (``coordinator.exporter``), and
+    how many series it lets grow from what devices and operators name."""
+
+    host: str = "127.0.0.1"
+    port: int = 9464
+    """0: a free port (``Coordinator.metrics_address`` says which)."""
+    device_series: int = 500
+    """Device census series (class, release, mode, online) at most: beyond it, the
+    smallest are summed into one series labelled ``other``."""
+    finished_rollouts: int = 20
+    """Finished rollouts shown beside the live ones, the latest first."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            msg = f"metrics port {self.port} outside 0..65535"
+            raise ValueError(msg)
+        if self.device_series < 1 or self.finished_rollouts < 0:
+            msg = "device_series must be positive, finished_rollouts not negative"
+            raise ValueError(msg)
+
+    @classmethod
+    def parse(cls, address: str) -> MetricsConfig:
+        """``PORT``, ``HOST:PORT`` or ``[IPv6]:PORT``; the host is 127.0.0.1 when not given.
+
+        Raises:
+            ValueError: not such an address.
+        """
+        host, _, port = address.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]") or cls.host
+        if not port.isdigit() or any(c.isspace() or c in "/[]" for c in host):
+            msg = f"invalid metrics address {address[:80]!r}: use PORT or HOST:PORT"
+            raise ValueError(msg)
+        return cls(host=host, port=int(port))
+
+
+@dataclass(frozen=True, kw_only=True)
 class CoordinatorConfig:
     data_dir: Path
     endpoint: Endpoint
@@ -95,3 +132,5 @@ class CoordinatorConfig:
     telemetry: AggregateSettings = field(default_factory=AggregateSettings)
     """The fleet telemetry aggregated per class (``classes/{class}/telemetry``): how often
     it is published, how many releases and labels it follows, its alerts' hysteresis."""
+    metrics: MetricsConfig | None = None
+    """Where to serve Prometheus metrics; None (the default): not served."""

@@ -23,6 +23,7 @@ from coordinator.clock import Settling
 from coordinator.config import CoordinatorConfig
 from coordinator.custody import BrokerArtifacts, named_refs
 from coordinator.fleet import FleetView
+from coordinator.metrics import Counters
 from coordinator.rollout import RolloutRecord
 from coordinator.specs import Claim
 from coordinator.store import ClassRecord, CoordinatorStore, Refusal
@@ -73,6 +74,8 @@ class Core:
         self.trust_bytes = config.trust
         """The TrustDoc published: the configured one, or a newer root-signed one found
         retained on the broker."""
+        self.counters = Counters()
+        """What the services count (ingest, refusals, the stores' write times)."""
         self.store = CoordinatorStore(config.data_dir / "coordinator.json")
         self.artifacts = ArtifactStore(config.data_dir / "artifacts")
         self.fleet = FleetView(
@@ -159,6 +162,7 @@ class Core:
 
     async def write(self, fn: Callable[[_R], None], record: _R) -> None:
         async with self.store_lock:
+            started = time.perf_counter()
             work = asyncio.ensure_future(asyncio.to_thread(fn, record))
             try:
                 await asyncio.shield(work)
@@ -167,6 +171,7 @@ class Core:
                 # (nor the store closed) under a write still running.
                 await asyncio.wait([work])
                 raise
+            self.counters.store_writes.observe(time.perf_counter() - started)
 
     async def save(self, record: RolloutRecord, what: str, detail: str) -> None:
         await self.write(self.store.put_rollout, record)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,7 +18,7 @@ from coordinator.rollout import LaneInput, RolloutRecord
 from schemas import DeviceState, HealthReport, Verdict, WaveCounts, bucket
 from schemas.errors import Reason, bound_text
 
-__all__ = ["DeviceView", "FleetView", "agreed_of", "is_verdict"]
+__all__ = ["Census", "DeviceView", "FleetView", "agreed_of", "is_verdict"]
 
 _TRANSIENT: frozenset[str] = frozenset({Reason.CHUNK_CORRUPT.value, Reason.FETCH_TIMEOUT.value})
 """Report reasons about the transfer, not the candidate: a corrupt or missing chunk is
@@ -51,6 +51,18 @@ class DeviceView:
     @property
     def hw_class(self) -> str | None:
         return None if self.state is None else self.state.hw_class
+
+
+Census = tuple[str, str, str, bool]
+"""What the fleet view counts devices by: class, active release, mode (``""`` when the
+device has not said) and whether it is online."""
+
+
+def _census(view: DeviceView) -> Census:
+    state = view.state
+    if state is None:
+        return ("", "", "", view.online)
+    return (state.hw_class, state.active_release or "", state.mode.value, view.online)
 
 
 _Part = tuple[int, int, int, int, int, int, int, int, int]
@@ -230,6 +242,19 @@ class FleetView:
     report."""
     _ranks: dict[str, dict[str, _Ranked]] = field(default_factory=dict)
     """Class -> rollout id -> its devices by bucket, kept as devices come and go."""
+    _census: Counter[Census] = field(default_factory=Counter)
+    """Devices by class, release, mode and online, kept as they change (O(1) each)."""
+    _counted: dict[str, Census] = field(default_factory=dict)
+    """Device -> what it is counted as in ``_census``."""
+    changed_at: float | None = None
+    """The first tick after the last change of any device (presence, state, health):
+    how old what the view knows is, within a tick."""
+    _changed: bool = False
+
+    def census(self) -> dict[Census, int]:
+        """How many devices there are of each class, release, mode and online state:
+        O(the distinct combinations), not O(the fleet)."""
+        return dict(self._census)
 
     def device(self, device_id: str) -> DeviceView:
         return self.devices.setdefault(device_id, DeviceView(device_id))
@@ -279,6 +304,8 @@ class FleetView:
         """Devices that come online are targeted as of ``now``; every targeted device
         without a verdict past its silence limit is silent from now on. O(expired)."""
         self.now = now
+        if self._changed:
+            self.changed_at, self._changed = now, False
         for tally in self._tallies.values():
             while tally.deadlines and tally.deadlines[0][0] <= now:
                 deadline, device_id = heapq.heappop(tally.deadlines)
@@ -375,6 +402,7 @@ class FleetView:
         yield
         present = self.devices.get(view.device_id) is view
         now = view.hw_class if present else None
+        self._recount(view, present)
         if now != was:
             for ranked in self._ranks.get(was or "", {}).values():
                 ranked.remove(view.device_id)
@@ -387,6 +415,23 @@ class FleetView:
             if present:
                 tally.target(view, self.now)
                 tally.add(tally.part(view), 1)
+
+    def _recount(self, view: DeviceView, present: bool) -> None:
+        """Move ``view`` in the census to what it is now (out of it, if it is gone)."""
+        self._changed = True
+        key = _census(view) if present else None
+        was = self._counted.get(view.device_id)
+        if key == was:
+            return
+        if was is not None:
+            self._census[was] -= 1
+            if not self._census[was]:
+                del self._census[was]
+        if key is None:
+            del self._counted[view.device_id]
+        else:
+            self._counted[view.device_id] = key
+            self._census[key] += 1
 
     def in_cohort(self, record: RolloutRecord, view: DeviceView) -> bool:
         """Whether the class's manifest sends ``view`` the candidate now."""

@@ -34,7 +34,7 @@ from coordinator.core import Core, describe
 from coordinator.intake import Intake
 from coordinator.keeper import Keeper
 from coordinator.ledger import TelemetryLedger
-from coordinator.metrics import Counters
+from coordinator.metrics import FAILED, WRONG_DEVICE, Counters
 from coordinator.reporter import Reporter
 from coordinator.telemetry import Verdict as Judged
 from schemas import (
@@ -174,6 +174,7 @@ class Ingest:
         """Read the batch (in one thread hop if it is long), then apply it in order."""
         counters = self._counters
         counters.ingest_batches += 1
+        counters.messages_ingested += len(batch)
         if len(batch) >= self._core.limits.ingest_thread_min:
             counters.ingest_batches_threaded += 1
             counters.ingest_messages_threaded += len(batch)
@@ -191,11 +192,12 @@ class Ingest:
 
     def _dropped(self, message: Message, exc: Exception) -> None:
         """Count and log a message refused or whose handling failed; bounded lines."""
-        self._counters.messages_dropped += 1
         topic = bound_text(message.topic)
         if isinstance(exc, RejectedError):  # its text is bounded where it is built
+            self._counters.refuse(exc.reason.value)
             log.warning("coordinator: dropped %s: %s", topic, exc)
             return
+        self._counters.refuse(FAILED)
         log.error("coordinator: dropped %s after a failure: %s", topic, describe(exc))
         log.debug("coordinator: handling %s failed", topic, exc_info=exc)
 
@@ -302,7 +304,9 @@ class Ingest:
                     if counted and self._reporter is not None:
                         self._reporter.counted(payload)
                 else:
-                    self._counters.messages_dropped += 1
+                    self._counters.refuse(WRONG_DEVICE)
+            case DeviceState() | HealthReport():  # of another device than its topic's
+                self._counters.refuse(WRONG_DEVICE)
             case None if channel is DeviceChannel.PRESENCE:
                 fleet.on_presence(device_id, raw == ONLINE)
             case None if channel is DeviceChannel.STATE:

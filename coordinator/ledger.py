@@ -260,6 +260,7 @@ class TelemetryLedger:
             self._queue_reacks()
             return
         batch, self._dirty = self._dirty, {}
+        started = time.perf_counter()
         work = asyncio.ensure_future(asyncio.to_thread(store.save, batch))
         try:
             await asyncio.shield(work)
@@ -276,6 +277,7 @@ class TelemetryLedger:
             self._dirty = {d: self._marks[d] for d in (*batch, *self._dirty)}
             self._wake.set()
             return
+        self._counters.telemetry_commit_writes.observe(time.perf_counter() - started)
         if self._failing:
             log.warning("coordinator: telemetry committed again")
         self._failing = False

@@ -1,17 +1,55 @@
-"""What the coordinator counts about its ingest, in one place: every drop, every overflow,
-and what became of each telemetry summary. Plain integers on the event loop; the services
-add to them, and an exporter (logs today, Prometheus later) reads :meth:`Counters.snapshot`.
+"""What the coordinator counts about its ingest and its stores, in one place: every drop
+(by reason), every overflow, what became of each telemetry summary, and how long the
+stores' writes take. Plain numbers on the event loop; the services add to them, and the
+exporter (``coordinator.exporter``, for Prometheus) reads them there.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import bisect
+from collections import Counter
+from dataclasses import dataclass, field, fields
+from typing import Final
 
-__all__ = ["Counters"]
+from schemas.errors import Reason
+
+__all__ = ["FAILED", "REFUSALS", "WRITE_BUCKETS_S", "WRONG_DEVICE", "Counters", "Latency"]
+
+WRONG_DEVICE: Final = "wrong_device"
+"""A refusal: a device's message that names another device."""
+FAILED: Final = "failed"
+"""A refusal: handling the message failed (a bug, logged with its cause)."""
+REFUSALS: Final = frozenset({*(r.value for r in Reason), WRONG_DEVICE, FAILED})
+"""Every reason a message is refused for: a bounded set (the exporter's labels)."""
+WRITE_BUCKETS_S: Final = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
+)  # fmt: skip
+
+
+@dataclass
+class Latency:
+    """How long one kind of write took, in the buckets of :data:`WRITE_BUCKETS_S`."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(WRITE_BUCKETS_S) + 1))
+    """Writes per bucket: ``counts[i]`` took at most ``WRITE_BUCKETS_S[i]`` (and more than
+    the bound before); the last, longer than every bound."""
+    total_s: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(WRITE_BUCKETS_S, seconds)] += 1
+        self.total_s += seconds
 
 
 @dataclass
 class Counters:
+    messages_ingested: int = 0
+    """Messages the ingest took from the session (every topic)."""
+    refused: Counter[str] = field(default_factory=Counter)
+    """Messages refused, by reason (one of :data:`REFUSALS`)."""
+    store_writes: Latency = field(default_factory=Latency)
+    """The coordinator store's writes (rollout records, classes, audit), each in its thread."""
+    telemetry_commit_writes: Latency = field(default_factory=Latency)
+    """The telemetry ledger's group commits, each in its thread."""
     incoming_overflow: int = 0
     """Messages the session dropped: QoS 0 beyond its incoming queue (QoS 1 is held back
     by the Receive Maximum instead, and waits in the broker)."""
@@ -46,5 +84,12 @@ class Counters:
     acks_failed: int = 0
     """Acks the broker did not take: kept and published again."""
 
+    def refuse(self, reason: str) -> None:
+        """Count a message refused for ``reason`` (outside :data:`REFUSALS`: as failed)."""
+        self.messages_dropped += 1
+        self.refused[reason if reason in REFUSALS else FAILED] += 1
+
     def snapshot(self) -> dict[str, int]:
-        return asdict(self)
+        """Every plain count, by name."""
+        counts = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: value for name, value in counts.items() if isinstance(value, int)}

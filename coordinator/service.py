@@ -41,6 +41,7 @@ from broker.transport import Transport
 from coordinator.config import CoordinatorConfig, CoordinatorLimits
 from coordinator.core import Core
 from coordinator.custody import release_shas
+from coordinator.exporter import Exporter
 from coordinator.fetching import Fetcher
 from coordinator.fleet import FleetView
 from coordinator.ingest import Ingest
@@ -48,7 +49,6 @@ from coordinator.intake import Intake
 from coordinator.keeper import Keeper
 from coordinator.ledger import TELEMETRY_FILENAME, TelemetryLedger
 from coordinator.link import Connect, Link, session_opener
-from coordinator.metrics import Counters
 from coordinator.reporter import Reporter
 from coordinator.rollout import RolloutRecord
 from coordinator.signer import Signer
@@ -108,13 +108,14 @@ class Coordinator:
                 rather than forget what it decided (the message says how to recover).
         """
         core = self._core = Core(config, clock)
-        self.counters = Counters()
+        self.counters = core.counters
         """What the coordinator counted of its ingest (drops, overflows, telemetry)."""
         self.telemetry = TelemetryLedger(
             config.data_dir / TELEMETRY_FILENAME, counters=self.counters, clock=clock
         )
         self.reporter = Reporter(core)
         """The fleet's telemetry aggregated per class and release, published; alerts."""
+        self._exporter = None if config.metrics is None else Exporter(core, config.metrics)
         self._fetcher = Fetcher(core)
         keeper = Keeper(core, self._fetcher)
         signer = Signer(core)
@@ -146,6 +147,11 @@ class Coordinator:
         return dict(self._core.rollouts)
 
     @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where ``/metrics`` is served (``config.metrics``) while running; None otherwise."""
+        return None if self._exporter is None else self._exporter.address
+
+    @property
     def transport(self) -> Transport | None:
         """The link held now; None between links."""
         return self._core.transport
@@ -156,6 +162,7 @@ class Coordinator:
         Raises:
             RejectedError: the configured TrustDoc does not verify against the root keys.
             ConnectRefused: the broker refused the coordinator's credentials.
+            OSError: the metrics address cannot be bound.
         """
         core = self._core
         core.trusted.update_trust(core.config.trust, now=core.clock())
@@ -180,7 +187,8 @@ class Coordinator:
         committer = asyncio.create_task(self.telemetry.run(lambda: core.transport))
         reporter = asyncio.create_task(self.reporter.run())
         try:
-            await self._link.run()
+            async with self._exporter or contextlib.nullcontext():
+                await self._link.run()
         finally:
             for task in (committer, reporter):
                 task.cancel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import signal
 import sys
@@ -20,12 +21,14 @@ from pathlib import Path
 from broker.launcher import MosquittoBroker
 from broker.session import Session
 from coordinator import serve
+from coordinator.config import MetricsConfig
 from coordinator.operator import (
     next_generation,
     read_spec,
     submit_spec,
 )
 from coordinator.profiles import DEFAULT_PROFILES, load_profiles
+from edgefleet.asyncapi import add_asyncapi_command
 from edgefleet.compose import coordinator_config, publish_rollout
 from edgefleet.dashcli import add_dashboard_command
 from edgefleet.demo import run_demo
@@ -34,6 +37,7 @@ from edgefleet.modelcli import Commands, add_model_commands
 from edgefleet.plancli import add_plan_command
 from edgefleet.simcli import add_sim_command
 from edgefleet.specargs import add_spec_arguments, rollout_id_of, spec_options
+from edgefleet.tailcli import add_tail_command
 from edgefleet.viewcli import add_rollout_views, add_view_commands, home_of
 from schemas import Desired, Role, RolloutSpec
 from schemas.topics import check_name
@@ -128,6 +132,8 @@ def _coordinator_run(args: argparse.Namespace) -> int:
         Path(args.classes),
         datasets_dir=Path(args.datasets) if args.datasets else None,
     )
+    if args.metrics is not None:
+        config = dataclasses.replace(config, metrics=MetricsConfig.parse(args.metrics))
     asyncio.run(serve(config))
     return 0
 
@@ -192,6 +198,8 @@ def add_commands(sub: Commands[argparse.ArgumentParser]) -> None:
     _service_commands(sub)
     _rollout_commands(sub)
     add_view_commands(sub)
+    add_tail_command(sub)
+    add_asyncapi_command(sub)
     add_dashboard_command(sub)
     add_model_commands(sub)
     add_sim_command(sub)
@@ -255,6 +263,13 @@ def _service_commands(sub: Commands[argparse.ArgumentParser]) -> None:
     p.add_argument("--data", help="the coordinator's store (default: HOME/coordinator-data)")
     p.add_argument(
         "--datasets", help="folder of held-out data sets (<name>.npz) for the accuracy gates"
+    )
+    p.add_argument(
+        "--metrics",
+        nargs="?",
+        const="127.0.0.1:9464",
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics on /metrics (default when given: 127.0.0.1:9464)",
     )
     p.set_defaults(func=_coordinator_run)
 

@@ -20,6 +20,7 @@ from typing import TextIO
 
 from broker.session import Session
 from coordinator import ClassProfile, load_profiles
+from coordinator.config import MetricsConfig
 from edgefleet.compose import start_rollout
 from edgefleet.fleet import Fleet
 from edgefleet.home import WATCHER
@@ -254,6 +255,14 @@ def _dashboard_hint(fleet: Fleet) -> str:
     )
 
 
+def _kept_hint(fleet: Fleet, metrics: tuple[str, int] | None) -> str:
+    home = fleet.home.root
+    hint = f"telemetry as JSON lines: `edgefleet --home {home} tail 'devices/+/telemetry'`"
+    if metrics is not None:
+        hint += f"; metrics: `curl -s http://{metrics[0]}:{metrics[1]}/metrics`"
+    return hint
+
+
 async def _keep_running(watch: _Watch) -> None:
     """With ``--keep``: the fleet goes on (for the dashboard) until Ctrl-C or SIGTERM."""
     stop = asyncio.Event()
@@ -295,7 +304,10 @@ async def _run(workdir: Path, devices_per_class: int, out: TextIO, *, keep: bool
         if keep:
             watch.say(_dashboard_hint(fleet))
         async with asyncio.TaskGroup() as tg:
-            fleet.start_coordinator(tg)
+            # Kept, it serves Prometheus metrics (on a free port, said below).
+            coordinator = fleet.start_coordinator(
+                tg, **({"metrics": MetricsConfig(port=0)} if keep else {})
+            )
             for device_id in fleet.home.devices():
                 fleet.start_agent(tg, device_id)
             # Read-only and an account of its own: one account holds one session, and the
@@ -305,10 +317,11 @@ async def _run(workdir: Path, devices_per_class: int, out: TextIO, *, keep: bool
                 follower = tg.create_task(watch.follow(watcher))
                 try:
                     ok = await _scenario(fleet, demo_models, watch)
-                    if keep:
-                        await _keep_running(watch)
                 finally:
                     follower.cancel()
+            if keep:  # the watcher account is free again: for `tail` and `rollout status`
+                watch.say(_kept_hint(fleet, coordinator.metrics_address))
+                await _keep_running(watch)
             for task in [*fleet.agent_tasks.values(), fleet.coordinator_task]:
                 if task is not None:
                     task.cancel()

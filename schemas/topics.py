@@ -15,6 +15,7 @@ from typing import Final
 from schemas.errors import MalformedPayloadError, Reason
 
 __all__ = [
+    "MAX_FILTER_CHARS",
     "NAME_PATTERN",
     "PREFIX",
     "DeviceChannel",
@@ -44,6 +45,7 @@ __all__ = [
     "parse",
     "rollout_spec",
     "rollout_status",
+    "scoped",
     "staging_chunk",
     "staging_chunks",
     "staging_meta",
@@ -231,6 +233,32 @@ def device_all(device_id: str) -> str:
 def everything() -> str:
     """Filter for the whole tree."""
     return f"{PREFIX}/#"
+
+
+MAX_FILTER_CHARS: Final = 512
+"""The longest topic filter :func:`scoped` takes (the tree's longest topic is ~100)."""
+
+
+def scoped(topic_filter: str) -> str:
+    """A filter a person gave (``edgefleet tail``): as it is when it starts with the
+    prefix, else taken under it (``devices/+/state``, ``#``).
+
+    Raises:
+        ValueError: not a valid MQTT filter (``#`` only as the last level, ``+`` only as a
+            whole level, no NUL), or longer than ``MAX_FILTER_CHARS``.
+    """
+    if not topic_filter or len(topic_filter) > MAX_FILTER_CHARS or "\0" in topic_filter:
+        msg = f"invalid topic filter {topic_filter[:MAX_FILTER_CHARS]!r}"
+        raise ValueError(msg)
+    levels = topic_filter.split("/")
+    for i, level in enumerate(levels):
+        wild = ("+" in level or "#" in level) and level not in ("+", "#")
+        if wild or (level == "#" and i != len(levels) - 1):
+            msg = f"invalid topic filter {topic_filter!r}: '+' and '#' stand alone, '#' last"
+            raise ValueError(msg)
+    if topic_filter == PREFIX or topic_filter.startswith(PREFIX + "/"):
+        return topic_filter
+    return f"{PREFIX}/{topic_filter}"
 
 
 def parse(topic: str) -> ParsedTopic:

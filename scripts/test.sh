@@ -12,6 +12,20 @@ source scripts/setup.sh
 if [ ! -x /usr/bin/chromium ]; then
   apt_install chromium
 fi
+# The official AsyncAPI parser, which tests/edgefleet/test_asyncapi.py runs on
+# docs/asyncapi.json: node, and tools/asyncapi's locked packages, installed again when the
+# lock changed (no install scripts: the parser needs none).
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  apt_install nodejs npm
+fi
+npm_lock=tools/asyncapi/package-lock.json
+npm_stamp=tools/asyncapi/node_modules/.edgefleet-installed
+npm_want=$(sha256sum "$npm_lock" | cut -d' ' -f1)
+if [ "$(cat "$npm_stamp" 2>/dev/null)" != "$npm_want" ]; then
+  echo "setup: installing the AsyncAPI parser (npm ci in tools/asyncapi)" >&2
+  (cd tools/asyncapi && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+  echo "$npm_want" > "$npm_stamp"
+fi
 PACKAGES=(schemas broker agent coordinator models storage edgefleet dashboard tests bench)
 echo "== ruff" >&2
 .venv/bin/python -m ruff check .

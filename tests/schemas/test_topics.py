@@ -225,3 +225,18 @@ def test_subscription_filters_cover_the_topics_they_are_for() -> None:
     assert t.artifact_chunks(SHA) == f"fleet/v1/artifacts/{SHA}/+"
     assert t.all_staging() == "fleet/v1/staging/#"
     assert t.staging_chunks(SHA) == f"fleet/v1/staging/{SHA}/+"
+
+
+def test_a_filter_given_by_hand_is_taken_under_the_prefix_unless_it_is_there() -> None:
+    assert t.scoped("devices/+/telemetry") == "fleet/v1/devices/+/telemetry"
+    assert t.scoped("#") == "fleet/v1/#"
+    assert t.scoped("fleet/v1/rollouts/#") == "fleet/v1/rollouts/#"
+    assert t.scoped("fleet/v1") == "fleet/v1"
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "devices/#/state", "devices/cam+/state", "dev#", "a\0b", "x" * 600]
+)
+def test_a_malformed_filter_is_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="invalid topic filter"):
+        t.scoped(bad)
