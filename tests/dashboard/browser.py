@@ -31,9 +31,9 @@ FLAGS: Final = (
 
 
 def need_chromium() -> None:
-    """Fail (not skip) without the browser: scripts/setup.sh installs it."""
+    """Fail (not skip) without the browser: scripts/test.sh installs it."""
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: scripts/setup.sh installs Debian's chromium")
+        pytest.fail(f"{CHROMIUM} is missing: scripts/test.sh installs Debian's chromium")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The AsyncAPI document: committed as generated from ``schemas/`` and ``broker/acl.py``,
 valid for the official parser (``@asyncapi/parser``, run by node from ``tools/asyncapi``,
-which ``scripts/setup.sh`` installs), and true to the ACL about who may do what."""
+which ``scripts/test.sh`` installs), and true to the ACL about who may do what."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ def _channel(key: str) -> Channel:
 
 def _validate(path: Path) -> subprocess.CompletedProcess[str]:
     node = shutil.which("node")
-    assert node is not None, "node is missing: scripts/setup.sh installs it (nodejs, npm)"
+    assert node is not None, "node is missing: scripts/test.sh installs it (nodejs, npm)"
     assert (TOOL / "node_modules" / "@asyncapi" / "parser").is_dir(), (
-        "the parser is not installed: scripts/setup.sh runs `npm ci` in tools/asyncapi"
+        "the parser is not installed: scripts/test.sh runs `npm ci` in tools/asyncapi"
     )
     return subprocess.run(
         [node, str(TOOL / "validate.mjs"), str(path)],
