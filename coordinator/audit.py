@@ -82,6 +82,18 @@ class AuditLog:
             self._db.close()
 
 
+def _read_only(path: Path) -> sqlite3.Connection:
+    """The log at ``path``, opened read-only (a running coordinator may write it).
+
+    Raises:
+        FileNotFoundError: there is no log at ``path``.
+    """
+    if not path.is_file():
+        msg = f"no audit log at {path}"
+        raise FileNotFoundError(msg)
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+
+
 def read_audit(path: Path, rollout_id: str | None = None) -> list[dict[str, Any]]:
     """The entries of the log at ``path`` (of one rollout, if given), oldest first, read
     without writing: a running coordinator may hold the log open meanwhile (WAL).
@@ -90,10 +102,7 @@ def read_audit(path: Path, rollout_id: str | None = None) -> list[dict[str, Any]
         FileNotFoundError: there is no log at ``path``.
         sqlite3.Error: the file is not such a log.
     """
-    if not path.is_file():
-        msg = f"no audit log at {path}"
-        raise FileNotFoundError(msg)
-    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    db = _read_only(path)
     try:
         rows = db.execute("SELECT entry FROM audit ORDER BY id").fetchall()
     finally:
@@ -111,10 +120,7 @@ def read_newest(path: Path, limit: int, rollout_id: str | None = None) -> list[d
         FileNotFoundError: there is no log at ``path``.
         sqlite3.Error: the file is not such a log.
     """
-    if not path.is_file():
-        msg = f"no audit log at {path}"
-        raise FileNotFoundError(msg)
-    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    db = _read_only(path)
     try:
         if rollout_id is None:
             rows = db.execute(
