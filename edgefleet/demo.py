@@ -231,12 +231,13 @@ async def _scenario(fleet: Fleet, demo_models: dict[str, DemoModel], watch: _Wat
                 canaries=canaries if len(waves) > 1 else (),
             )
             status = await watch.until_final(rollout_id, timeout=90.0)
+            rolled_back = status.phase is not Phase.COMPLETED
             if status.releases:
+                heading = "candidates rolled back" if rolled_back else "releases"
                 watch.say(
-                    "releases: "
+                    f"{heading}: "
                     + ", ".join(f"{c}: {r}" for c, r in sorted(status.releases.items()))
                 )
-            rolled_back = status.phase is not Phase.COMPLETED
             gone = frozenset(status.releases.values()) if rolled_back else frozenset()
             if not await watch.until_settled(gone, timeout=30.0):
                 watch.say("!! devices did not settle on the outcome")
