@@ -22,7 +22,17 @@ from dashboard import DashboardServer
 from edgefleet.dashcli import dashboard_config
 from edgefleet.fleet import Fleet
 from models import DemoModel
-from schemas import DeviceState, Mode, Phase, RolloutStatus, encode, topics
+from schemas import (
+    DeviceState,
+    LanePhase,
+    LaneStatus,
+    Mode,
+    Phase,
+    RolloutStatus,
+    WaveCounts,
+    encode,
+    topics,
+)
 from schemas.topics import DeviceChannel
 from tests.dashboard.browser import chromium, until
 from tests.integration.fleetkit import (
@@ -265,6 +275,11 @@ async def _hostile(fleet: Fleet) -> None:
         assert await page.evaluate("document.title") == "edgefleet dashboard"
         assert await page.locator("script").count() == 3  # nothing written into the page ran
         await shoot(page, "hostile")
+        # A rollout soaking its candidate in shadow: the class's agreement is shown.
+        await admin.publish(topics.rollout_status("shadowed"), encode(_shadowed()))
+        row = page.locator(f'#rollouts tr[data-class="{JETSON}"]').first
+        await row.wait_for(timeout=GUARD_MS)
+        assert "shadow agreement 75.0% of 400" in (await row.inner_text())
         # The coordinator's aggregate (classes/{class}/telemetry): charted as it is published.
         view = await page.evaluate(AGGREGATE)
         assert view["release"] == "digits-v2:fp32@0123456789ab"
@@ -273,6 +288,22 @@ async def _hostile(fleet: Fleet) -> None:
         assert view["latest"]["p95"] == 3.0
         assert view["drift"]["alert"] is True
         assert view["breach"]["breach"] is False
+
+
+def _shadowed() -> RolloutStatus:
+    counts = WaveCounts(members=4, targeted=4, healthy=3, shadow_inferences=400, agreed=300)
+    lane = LaneStatus(phase=LanePhase.WAVE, wave=0, cutoff_bp=2500, counts=counts)
+    return RolloutStatus(
+        id="shadowed",
+        generation=1,
+        phase=Phase.WAVE,
+        wave=0,
+        waves_percent=(25.0, 100.0),
+        counts=counts,
+        classes=(JETSON,),
+        lanes={JETSON: lane},
+        updated_at=1.0,
+    )
 
 
 AGGREGATE: Final = """() => {

@@ -69,7 +69,7 @@ function lanesTable(s, waves) {
           el("td", {}, el("span", { class: `badge phase-${lane.phase}` }, PHASE_TEXT[lane.phase] ?? lane.phase)),
           el("td", {}, waveSteps(lane, waves)),
           el("td", {}, percent(lane.cutoff_bp / 10000, 0)),
-          el("td", { class: "num" }, `${lane.counts.healthy} / ${lane.counts.targeted}`),
+          el("td", { class: "num" }, `${lane.counts.healthy} / ${lane.counts.targeted}`, agreement(lane.counts)),
           el("td", { class: lane.counts.unhealthy ? "num bad" : "num" }, lane.counts.unhealthy),
           el("td", { class: lane.counts.silent ? "num bad" : "num" }, lane.counts.silent, lane.silent?.length ? el("div", { class: "ids" }, lane.silent.slice(0, 5).join(", ")) : null),
           el("td", { class: "num" }, lane.counts.pending),
@@ -79,6 +79,13 @@ function lanesTable(s, waves) {
       ),
     ),
   );
+}
+
+// A shadow soak's agreement with the stable model, where devices reported one.
+function agreement(counts) {
+  const n = counts.shadow_inferences ?? 0;
+  if (!n) return null;
+  return el("div", { class: "ids" }, `shadow agreement ${percent((counts.agreed ?? 0) / n, 1)} of ${n}`);
 }
 
 // One step per wave: passed, the current one, the one it failed in, or still to come.
