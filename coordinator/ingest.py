@@ -269,7 +269,7 @@ class Ingest:
         if record is not None and payload == record.spec:
             return  # our own (re-asserted) bytes
         if payload or (ready and record is not None):
-            core.spawn(f"spec {rollout_id}", self._intake.on_spec(rollout_id, payload))
+            self._intake.take(rollout_id, payload)
 
     def _on_presence(self, message: Message) -> None:
         core = self._core

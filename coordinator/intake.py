@@ -58,13 +58,35 @@ class Intake:
         """Specs whose validation the link cut short: tried again once it is back."""
         deferred, self._deferred = self._deferred, {}
         for rollout_id, payload in deferred.items():
-            self._core.spawn(f"spec {rollout_id}", self.on_spec(rollout_id, payload))
+            self.take(rollout_id, payload)
+
+    def take(self, rollout_id: str, payload: bytes) -> None:
+        """Handle a spec beside the caller. It is arriving from now until it is recorded:
+        meanwhile no kept artifact is pruned (``Keeper.arrivals``)."""
+        arrivals = self._keeper.arrivals
+        arrivals.add()
+        if self._core.spawn(f"spec {rollout_id}", self._handle(rollout_id, payload)) is None:
+            arrivals.done()
 
     @property
     def deferred(self) -> bool:
         return bool(self._deferred)
 
     async def on_spec(self, rollout_id: str, payload: bytes) -> None:
+        """Handle a spec, as :meth:`take` does, and wait for it."""
+        self._keeper.arrivals.add()
+        await self._handle(rollout_id, payload)
+
+    async def _handle(self, rollout_id: str, payload: bytes) -> None:
+        """Record a spec that arrives (then it no longer does), then act on it."""
+        try:
+            verdict, arrival, now = await self._arrive(rollout_id, payload)
+        finally:
+            self._keeper.arrivals.done()
+        await self._after(verdict, arrival, now)
+
+    async def _arrive(self, rollout_id: str, payload: bytes) -> tuple[Verdict, Arrival, float]:
+        """Read and record a spec: its verdict, what it is, and when."""
         core = self._core
         # Not before this connection's cache was read: a spec whose rollout already
         # finished is told by its retained status.
@@ -84,7 +106,7 @@ class Intake:
             )
             verdict = specs.TABLE[(arrival.kind, self._standing(arrival))]
             await self._record(verdict, arrival, now)
-        await self._after(verdict, arrival, now)
+        return verdict, arrival, now
 
     def _standing(self, arrival: Arrival) -> specs.Standing:
         core = self._core

@@ -17,7 +17,7 @@ from coordinator.fetching import Fetcher
 from schemas import RejectedError, topics
 from schemas.topics import TopicKind
 
-__all__ = ["Keeper"]
+__all__ = ["Arrivals", "Keeper"]
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,36 @@ def _digest(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
+class Arrivals:
+    """Specs taken and not yet recorded (their artifacts claimed, or refused). An
+    artifact no record names may be the one such a spec is about to claim: a rollout
+    admitted again after its coordinator lost its store, whose candidate no record
+    names until then. So no kept copy is pruned while any spec arrives."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._none = asyncio.Event()
+        self._none.set()
+
+    def add(self) -> None:
+        self._count += 1
+        self._none.clear()
+
+    def done(self) -> None:
+        self._count -= 1
+        if self._count == 0:
+            self._none.set()
+
+    async def none(self) -> None:
+        """Return once no spec arrives."""
+        await self._none.wait()
+
+
 class Keeper:
     def __init__(self, core: Core, fetcher: Fetcher) -> None:
         self._core = core
         self._fetcher = fetcher
+        self.arrivals = Arrivals()
         self._repairing: set[str] = set()
         self._repair_again: set[str] = set()
         """Artifacts tampered with again while being re-asserted."""
@@ -136,8 +162,10 @@ class Keeper:
         await self.prune()
 
     async def prune(self) -> None:
-        """Delete the kept copies no manifest names, and clear them from the broker."""
+        """Delete the kept copies no manifest names, and clear them from the broker;
+        once no spec is arriving (it may be about to claim one of them)."""
         core = self._core
+        await self.arrivals.none()
         async with core.artifact_lock:
             keep = core.referenced()
             gone = await asyncio.to_thread(core.artifacts.prune, keep)

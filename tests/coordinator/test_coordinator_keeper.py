@@ -13,6 +13,7 @@ from broker.transport import Message
 from coordinator.core import Core
 from coordinator.fetching import Fetcher
 from coordinator.keeper import Keeper
+from coordinator.specs import Claim
 from coordinator.store import ClassRecord
 from schemas import ArtifactRef, KeyPair, encode, topics
 from schemas.artifact import split_artifact
@@ -106,3 +107,29 @@ def test_an_artifact_no_manifest_names_is_pruned_and_cleared(tmp_path: Path) -> 
         assert _published(core) == [*cleared, (topics.artifact_meta(SHA), b"")]
 
     _run(tmp_path, ended)
+
+
+def test_nothing_is_pruned_while_a_spec_arrives_that_may_claim_it(tmp_path: Path) -> None:
+    """A coordinator that lost its store re-admits a live rollout from its retained spec;
+    until that spec is recorded, its candidate is named by nothing. The prune of the
+    connection's re-assert waits for it, so the candidate is neither deleted nor cleared
+    from under the re-admission."""
+
+    async def arriving(core: Core, keeper: Keeper) -> None:
+        core.artifacts.put(META_PAYLOAD, DATA)
+        await _retain_everything(core, keeper)
+        core.ready.set()
+        keeper.arrivals.add()
+        prune = asyncio.create_task(keeper.prune())
+        await asyncio.sleep(0.05)
+        assert not prune.done()
+        assert core.artifacts.get(SHA) is not None
+        assert _published(core) == []
+        # The spec is recorded with its claim on the artifact: the prune keeps it.
+        core.claims["r"] = Claim(frozenset({CLASS}), frozenset({SHA}))
+        keeper.arrivals.done()
+        await prune
+        assert core.artifacts.get(SHA) is not None
+        assert _published(core) == []
+
+    _run(tmp_path, arriving)
