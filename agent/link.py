@@ -49,7 +49,11 @@ STATE_SETTLE_S: Final = 1.0
 """How long a changed state waits at least before it is published (see ``Link._state_loop``)."""
 
 
-def settle_delay(settle_s: float, rand: Callable[[], float] = random.random) -> float:
+_JITTER = random.Random()  # noqa: S311 (jitter, not a secret)
+"""The jitter's own generator: the global one's state stays the application's."""
+
+
+def settle_delay(settle_s: float, rand: Callable[[], float] = _JITTER.random) -> float:
     """How long one changed state waits: ``settle_s`` to twice that, at random, so that a
     fleet answering one manifest spreads its states (and its liveness timers, which start
     from them) instead of sending them all in the same instant."""
