@@ -16,7 +16,6 @@ An example (``deploy/agent.toml``)::
 
 from __future__ import annotations
 
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import replace
@@ -24,11 +23,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.folder import InboxConfig
 from agent.serve import ServeConfig
 from agent.service import AgentConfig
+from broker.transport import listen_address
 from schemas import UsageError
 from schemas.errors import bound_text
 
@@ -63,9 +63,6 @@ _NOT_AGENT_CONFIG: Final = {
 """The settings of the process, or built into parts of :class:`AgentConfig`."""
 _LISTS: Final = {"providers"}
 """Settings that are lists: comma-separated in the environment."""
-_SERVE: Final = re.compile(
-    r"^(?:unix:(?P<path>/.{1,200})|(?:(?P<host>[^\s:]{1,253}|\[[0-9a-fA-F:]{2,39}\]):)?(?P<port>\d{1,5}))$"
-)
 
 _Seconds = Field(default=None, gt=0, le=86_400)
 
@@ -88,7 +85,7 @@ class DeviceSettings(BaseModel):
     it (:mod:`agent.folder`)."""
     folder_keep: int | None = Field(default=None, ge=1, le=1_000_000)
     image_scale: float | None = Field(default=None, gt=0, le=1e6)
-    serve: str | None = Field(default=None, pattern=_SERVE.pattern)
+    serve: str | None = Field(default=None, max_length=260)
     """The local inference endpoint: ``[HOST:]PORT`` (HOST defaults to 127.0.0.1) or
     ``unix:/PATH``; unset: no endpoint."""
     serve_model_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
@@ -127,20 +124,16 @@ class DeviceSettings(BaseModel):
         data = self.data or self.bundle / "data"
         return AgentConfig(data_dir=data, serve=self.serve_config(), **tunables)
 
+    @field_validator("serve")
+    @classmethod
+    def _endpoint_address(cls, serve: str | None) -> str | None:
+        if serve is not None:
+            _endpoint(serve, None)  # raises ValueError, told with where it came from
+        return serve
+
     def serve_config(self) -> ServeConfig | None:
         """The endpoint :attr:`serve` asks for (None: none)."""
-        match = None if self.serve is None else _SERVE.match(self.serve)
-        if match is None:
-            return None
-        name = self.serve_model_name
-        if match["path"]:
-            return ServeConfig(unix_path=Path(match["path"]), model_name=name)
-        port = int(match["port"])
-        if port > 65535:
-            msg = f"serve: port {port} is over 65535"
-            raise UsageError(msg)
-        host = (match["host"] or "127.0.0.1").strip("[]")
-        return ServeConfig(host=host, port=port, model_name=name)
+        return None if self.serve is None else _endpoint(self.serve, self.serve_model_name)
 
     def inbox_config(self) -> InboxConfig | None:
         """The inbox :attr:`folder` asks for (None: none)."""
@@ -152,6 +145,22 @@ class DeviceSettings(BaseModel):
         if self.image_scale is not None:
             inbox = replace(inbox, image_scale=self.image_scale)
         return inbox
+
+
+def _endpoint(serve: str, model_name: str | None) -> ServeConfig:
+    """The endpoint of a ``serve`` setting: ``unix:/PATH``, or ``[HOST:]PORT``.
+
+    Raises:
+        ValueError: neither.
+    """
+    if serve.startswith("unix:"):
+        path = Path(serve.removeprefix("unix:"))
+        if not path.is_absolute() or len(str(path)) > 200:
+            msg = "a Unix socket needs an absolute path of at most 200 characters"
+            raise ValueError(msg)
+        return ServeConfig(unix_path=path, model_name=model_name)
+    host, port = listen_address(serve)
+    return ServeConfig(host=host, port=port, model_name=model_name)
 
 
 def load_settings(

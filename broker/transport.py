@@ -23,10 +23,30 @@ __all__ = [
     "Transport",
     "TransportError",
     "Will",
+    "listen_address",
 ]
 
 
 # -- value objects ------------------------------------------------------------------------
+
+
+def listen_address(address: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """The host and port of ``PORT``, ``HOST:PORT`` or ``[IPv6]:PORT`` (``default_host``
+    when none is given): where a local endpoint listens.
+
+    Raises:
+        ValueError: not such an address, or a port over 65535.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]") or default_host
+    bad_host = len(host) > 253 or any(c.isspace() or c in "/[]" for c in host)
+    if not port.isdigit() or len(port) > 5 or bad_host:
+        msg = f"{address[:80]!r} is not PORT, HOST:PORT or [IPv6]:PORT"
+        raise ValueError(msg)
+    if int(port) > 65535:
+        msg = f"port {port} is over 65535"
+        raise ValueError(msg)
+    return host, int(port)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from broker.backoff import RECONNECT, Backoff
-from broker.transport import Endpoint
+from broker.transport import Endpoint, listen_address
 from coordinator.aggregate import AggregateSettings
 from coordinator.profiles import ClassProfile
 from schemas import KeyPair
@@ -93,12 +93,12 @@ class MetricsConfig:
         Raises:
             ValueError: not such an address.
         """
-        host, _, port = address.rpartition(":")
-        host = host.removeprefix("[").removesuffix("]") or cls.host
-        if not port.isdigit() or any(c.isspace() or c in "/[]" for c in host):
-            msg = f"invalid metrics address {address[:80]!r}: use PORT or HOST:PORT"
-            raise ValueError(msg)
-        return cls(host=host, port=int(port))
+        try:
+            host, port = listen_address(address, cls.host)
+        except ValueError as exc:
+            msg = f"invalid metrics address: {exc}"
+            raise ValueError(msg) from None
+        return cls(host=host, port=port)
 
 
 @dataclass(frozen=True, kw_only=True)
