@@ -11,8 +11,9 @@ so they are counted like every other inference (telemetry, a soak). For each fil
 * then the file moves to ``done/`` (to ``failed/`` with ``failed/NAME.error.txt`` when
   it cannot be read, does not fit the model, or the model fails on it).
 
-A crash between the two answers the file again: at least once. No model yet, or too
-many inferences waiting: the file waits for its turn. ``done/``, ``failed/`` and
+An answer is durable (written and synced, ``storage.atomic_write``) before its file
+moves: a crash between the two answers the file again, at least once, and never loses an
+answer. No model yet, or too many inferences waiting: the file waits for its turn. ``done/``, ``failed/`` and
 ``results/`` keep the newest ``keep`` files each.
 
 Files:
@@ -45,6 +46,7 @@ from agent.inference import NotReadyError, OverloadedError, Prediction
 from agent.runtime import Feed, InferenceError, Inputs
 from schemas import Release
 from schemas.errors import bound_text
+from storage import atomic_write
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -180,12 +182,6 @@ def read_input(path: Path, release: Release, image_scale: float = 1.0 / 255.0) -
         raise UnreadableInputError(msg) from None
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def _answer(prediction: Prediction, name: str, now: float) -> str:
     outputs = {k: v.tolist() for k, v in prediction.outputs.items()}
     return json.dumps(
@@ -275,7 +271,7 @@ class FolderInbox:
         return read_input(path, release, self._config.image_scale)
 
     def _answered(self, path: Path, text: str) -> None:
-        _write_atomically(self.results / f"{path.name}.json", text)
+        atomic_write(self.results / f"{path.name}.json", text.encode())
         path.replace(self.done / path.name)
         self.answered += 1
 
@@ -283,7 +279,7 @@ class FolderInbox:
         why = bound_text(why, _ERROR_CHARS)
         log.warning("inbox: %s refused: %s", path.name, why)
         try:
-            _write_atomically(self.failed / f"{path.name}.error.txt", why + "\n")
+            atomic_write(self.failed / f"{path.name}.error.txt", f"{why}\n".encode())
             path.replace(self.failed / path.name)
         except FileNotFoundError:
             return  # taken away meanwhile
