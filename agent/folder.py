@@ -13,8 +13,8 @@ so they are counted like every other inference (telemetry, a soak). For each fil
 
 An answer is durable (written and synced, ``storage.atomic_write``) before its file
 moves: a crash between the two answers the file again, at least once, and never loses an
-answer. No model yet, or too many inferences waiting: the file waits for its turn. ``done/``, ``failed/`` and
-``results/`` keep the newest ``keep`` files each.
+answer. No model yet, or too many inferences waiting: the file waits for its turn.
+``done/``, ``failed/`` and ``results/`` keep the newest ``keep`` files each.
 
 Files:
 
