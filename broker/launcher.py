@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -49,6 +50,9 @@ __all__ = [
 ]
 
 _READY_TIMEOUT = 10.0
+_EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+_PORTS_FROM = 10000
+_MIN_SPAN = 1000
 _STOP_TIMEOUT = 5.0
 _LOG_TAIL_LINES = 40
 PID_FILE = "mosquitto.pid"
@@ -72,14 +76,39 @@ class BrokerMaterial:
     """PEM CRL of the CA: revoked device certificates (may list none)."""
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; a default elsewhere)."""
+    try:
+        low, high = Path(_EPHEMERAL_RANGE_FILE).read_text(encoding="ascii").split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_ports(n: int) -> list[int]:
-    """Return ``n`` distinct TCP ports that were free on 127.0.0.1 a moment ago."""
-    # Hold all sockets open until every port is chosen so the kernel cannot hand one twice.
+    """Return ``n`` distinct TCP ports that were free on 127.0.0.1 a moment ago.
+
+    They are drawn below the kernel's ephemeral range: a port from that range, free when
+    chosen, can be taken by any process's outgoing connection before the listener binds
+    it (or while a test has its broker stopped), which failed runs with "Address already
+    in use". Random draws keep parallel test workers apart; each is checked by binding it.
+    """
+    low = _PORTS_FROM
+    high = _ephemeral_range()[0]
+    if high - low < _MIN_SPAN:
+        low, high = 0, 0  # no room below the range: let the kernel pick
+    draw = random.SystemRandom()
+    # Hold all sockets open until every port is chosen so none is handed out twice.
     socks: list[socket.socket] = []
     try:
-        for _ in range(n):
+        while len(socks) < n:
+            port = draw.randrange(low, high) if high else 0
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
