@@ -23,7 +23,6 @@ from schemas import (
     KeyPair,
     LogHistogram,
     Manifest,
-    Mode,
     Release,
     Role,
     RoleKeys,
@@ -37,6 +36,7 @@ from schemas import (
     topics,
 )
 from schemas.topics import DeviceChannel
+from tests.coordinator.records import device_state
 
 NOW = 1_700_000_000.0
 CLASS = "jetson-vision-standard"
@@ -80,23 +80,15 @@ def _manifest(seq: int = 1) -> Manifest:
     return Manifest(hw_class=CLASS, seq=seq, issued_at=NOW, expires_at=NOW + 3600.0, stable=release)
 
 
-def _state(device_id: str = "cam-001", updated_at: float = NOW, **changes: Any) -> DeviceState:
-    fields: dict[str, Any] = {
-        "device_id": device_id,
-        "hw_class": CLASS,
-        "mode": Mode.SERVING,
-        "active_release": "digits:fp32@0123456789ab",
-        "active_sha256": None,
-        "target_release": None,
-        "rollout_id": None,
-        "applied_seq": 3,
-        "trust_version": 1,
-        "inferences_total": 42,
-        "last_inference_at": updated_at,
-        "last_rejection": None,
-        "updated_at": updated_at,
-    }
-    return DeviceState(**(fields | changes))
+def _state(device_id: str = "cam-001", updated_at: float = NOW) -> DeviceState:
+    return device_state(
+        device_id,
+        hw_class=CLASS,
+        active_release="digits:fp32@0123456789ab",
+        inferences_total=42,
+        last_inference_at=updated_at,
+        updated_at=updated_at,
+    )
 
 
 def _msg(topic: str, payload: bytes, *, retain: bool = True) -> Message:

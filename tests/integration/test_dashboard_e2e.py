@@ -23,7 +23,6 @@ from edgefleet.dashcli import dashboard_config
 from edgefleet.fleet import Fleet
 from models import DemoModel
 from schemas import (
-    DeviceState,
     LanePhase,
     LaneStatus,
     Mode,
@@ -34,6 +33,7 @@ from schemas import (
     topics,
 )
 from schemas.topics import DeviceChannel
+from tests.coordinator.records import device_state
 from tests.dashboard.browser import chromium, until
 from tests.integration.fleetkit import (
     INTEL,
@@ -227,21 +227,7 @@ def test_page_drops_hostile_payloads_and_goes_on(make_fleet: MakeFleet) -> None:
 
 def _state(device_id: str, mode: Mode) -> bytes:
     return encode(
-        DeviceState(
-            device_id=device_id,
-            hw_class=JETSON,
-            mode=mode,
-            active_release=None,
-            active_sha256=None,
-            target_release=None,
-            rollout_id=None,
-            applied_seq=0,
-            trust_version=1,
-            inferences_total=0,
-            last_inference_at=None,
-            last_rejection=None,
-            updated_at=1.0,
-        )
+        device_state(device_id, hw_class=JETSON, mode=mode, applied_seq=0, updated_at=1.0)
     )
 
 

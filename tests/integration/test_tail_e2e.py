@@ -20,7 +20,6 @@ from schemas import (
     KeyPair,
     LogHistogram,
     Manifest,
-    Mode,
     Role,
     TelemetrySummary,
     encode,
@@ -28,6 +27,7 @@ from schemas import (
     topics,
 )
 from schemas.topics import DeviceChannel
+from tests.coordinator.records import device_state
 from tests.integration.fleetkit import (
     INTEL,
     JETSON,
@@ -39,21 +39,7 @@ from tests.integration.fleetkit import (
 
 
 def _state(device_id: str, updated_at: float) -> DeviceState:
-    return DeviceState(
-        device_id=device_id,
-        hw_class=JETSON,
-        mode=Mode.SERVING,
-        active_release=None,
-        active_sha256=None,
-        target_release=None,
-        rollout_id=None,
-        applied_seq=0,
-        trust_version=1,
-        inferences_total=0,
-        last_inference_at=None,
-        last_rejection=None,
-        updated_at=updated_at,
-    )
+    return device_state(device_id, hw_class=JETSON, applied_seq=0, updated_at=updated_at)
 
 
 def _summary(n: int) -> TelemetrySummary:
