@@ -118,7 +118,7 @@ async def pipe_both(
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
+            with contextlib.suppress(asyncio.CancelledError, OSError):
                 await task
         for _, writer in (one, other):
             await _close(writer)
@@ -133,5 +133,5 @@ async def _close(writer: asyncio.StreamWriter) -> None:
             await writer.wait_closed()
     except TimeoutError:
         writer.transport.abort()
-    except (ConnectionError, OSError):
-        pass
+    except OSError:
+        pass  # the peer was gone already: closed is what we wanted
