@@ -23,7 +23,6 @@ import random
 import statistics
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -35,23 +34,10 @@ from coordinator.exporter import Scrape, families
 from coordinator.fleet import Census, FleetView
 from coordinator.metrics import Counters
 from schemas import Mode
-from tests.coordinator.records import T0, device_state
+from tests.coordinator.records import T0, census_by_walk, device_state
 
 CLASSES = ("jetson-vision-standard", "intel-lowpower-detector", "factory-gateway-gpu", "cart")
 RELEASES = ("digits-v1:fp32@0123456789ab", "digits-v2:fp16@abcdef012345", "digits-v3:int8@aa")
-
-
-def _walk(fleet: FleetView) -> dict[Census, int]:
-    """The baseline: every device read at every scrape."""
-    found: Counter[Census] = Counter()
-    for view in fleet.devices.values():
-        state = view.state
-        if state is None:
-            found["", "", "", view.online] += 1
-        else:
-            key = (state.hw_class, state.active_release or "", state.mode.value, view.online)
-            found[key] += 1
-    return dict(found)
 
 
 class _Once(Collector):
@@ -111,10 +97,10 @@ def main() -> int:
         fleet.on_state(state)
     message_us = (time.perf_counter() - start) * 1e6 / (2 * len(ids))
 
-    if fleet.census() != _walk(fleet):
+    if fleet.census() != census_by_walk(fleet):
         print("the census kept differs from a walk of the fleet", file=sys.stderr)
         return 1
-    walk_ms, walk_text = _scrape_ms(lambda: _walk(fleet), args.scrapes)
+    walk_ms, walk_text = _scrape_ms(lambda: census_by_walk(fleet), args.scrapes)
     kept_ms, kept_text = _scrape_ms(fleet.census, args.scrapes)
     if walk_text != kept_text:
         print("the two scrapes differ", file=sys.stderr)

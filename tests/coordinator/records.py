@@ -3,8 +3,10 @@ read names, digests and numbers, never model bytes."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
+from coordinator.fleet import Census, FleetView
 from coordinator.rollout import Lane, Policy, RolloutRecord
 from coordinator.waves import percent_cutoff
 from schemas import (
@@ -26,6 +28,7 @@ __all__ = [
     "CLASS",
     "POLICY",
     "T0",
+    "census_by_walk",
     "device_state",
     "health_report",
     "make_record",
@@ -149,3 +152,17 @@ def health_report(device_id: str, **changes: Any) -> HealthReport:
         at=T0,
     )
     return report.model_copy(update=changes)
+
+
+def census_by_walk(fleet: FleetView) -> dict[Census, int]:
+    """The census by a walk of the whole fleet: the reference for the one the fleet view
+    keeps as devices change (and the baseline of ``bench/metrics.py``)."""
+    found: Counter[Census] = Counter()
+    for view in fleet.devices.values():
+        state = view.state
+        if state is None:
+            found["", "", "", view.online] += 1
+        else:
+            key = (state.hw_class, state.active_release or "", state.mode.value, view.online)
+            found[key] += 1
+    return dict(found)

@@ -6,7 +6,6 @@ is ``tests/integration/test_metrics_e2e.py``."""
 from __future__ import annotations
 
 import random
-from collections import Counter
 from collections.abc import Iterable
 
 import pytest
@@ -21,7 +20,14 @@ from coordinator.fleet import Census, FleetView
 from coordinator.metrics import FAILED, REFUSALS, WRITE_BUCKETS_S, Counters
 from coordinator.rollout import RolloutRecord
 from schemas import LanePhase, Mode, Phase, WaveCounts
-from tests.coordinator.records import CLASS, T0, device_state, make_record, with_lane
+from tests.coordinator.records import (
+    CLASS,
+    T0,
+    census_by_walk,
+    device_state,
+    make_record,
+    with_lane,
+)
 
 OTHER_CLASS = "intel-lowpower-detector"
 
@@ -58,19 +64,6 @@ def _values(family: Metric, *names: str) -> dict[tuple[str, ...], float]:
     return {tuple(s.labels[n] for n in names): s.value for s in family.samples}
 
 
-def _recount(fleet: FleetView) -> Counter[Census]:
-    """The census by a walk of the whole fleet: the reference."""
-    found: Counter[Census] = Counter()
-    for view in fleet.devices.values():
-        state = view.state
-        if state is None:
-            found["", "", "", view.online] += 1
-        else:
-            key = (state.hw_class, state.active_release or "", state.mode.value, view.online)
-            found[key] += 1
-    return found
-
-
 def test_the_census_follows_every_change_as_a_full_recount_would() -> None:
     fleet = FleetView()
     rng = random.Random(7)
@@ -94,7 +87,7 @@ def test_the_census_follows_every_change_as_a_full_recount_would() -> None:
                 fleet.forget(device_id)
             case _:
                 fleet.tick(T0 + step)
-        assert fleet.census() == _recount(fleet), step
+        assert fleet.census() == census_by_walk(fleet), step
 
 
 def test_the_view_is_as_old_as_the_first_tick_after_its_last_change() -> None:
