@@ -183,8 +183,10 @@ async def _damaged_state(fleet: Fleet, model: DemoModel, how: str) -> None:
         assert str(state_file) in told.detail
         await wire.until(lambda: _serves(agent, v1), what="v1 served again")
         state = await wire.until(
-            lambda: _state(wire, device_id, lambda s: s.applied_seq == 4),
-            what="the applied seq rebuilt",
+            lambda: _state(
+                wire, device_id, lambda s: s.applied_seq == 4 and s.mode is Mode.SERVING
+            ),
+            what="the applied seq rebuilt and the device serving",
         )
         assert state.active_sha256 == v1.artifact.sha256
     assert list(state_file.parent.glob("state.json.damaged-*"))
