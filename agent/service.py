@@ -359,11 +359,6 @@ class Agent:
             self.request_stop()
             await task
 
-    @property
-    def started(self) -> bool:
-        """Whether :meth:`run` opened the stores (messages may be handed in)."""
-        return self._keeper.is_open
-
     def request_stop(self) -> None:
         """Stop cleanly: commit the open telemetry window, send the outbox for up to
         ``stop_flush_s``, publish ``offline`` and return from :meth:`run`. Callable from

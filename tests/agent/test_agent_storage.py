@@ -326,7 +326,7 @@ def test_a_requested_stop_commits_the_open_telemetry_window(
 
     async def scenario() -> None:
         task = asyncio.create_task(agent.run())
-        await until(lambda: agent.started, "the stores to open", task)
+        await until(agent.ready.is_set, "the state restored", task)
         await serve_v1(agent, task, home, v1)
         await until(lambda: agent.inferences_total > 20, "inference", task)
         agent.request_stop()
