@@ -147,6 +147,11 @@ class Coordinator:
         return dict(self._core.rollouts)
 
     @property
+    def validating(self) -> frozenset[str]:
+        """Ids of the rollout specs taken in and being validated, not yet decided."""
+        return frozenset(self._core.claims)
+
+    @property
     def metrics_address(self) -> tuple[str, int] | None:
         """Where ``/metrics`` is served (``config.metrics``) while running; None otherwise."""
         return None if self._exporter is None else self._exporter.address

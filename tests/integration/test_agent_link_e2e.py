@@ -58,7 +58,10 @@ async def _flap(fleet: Fleet, model: DemoModel) -> None:
         await publish_manifest(cloud, JETSON, stale)
 
         def rejected() -> list[str | None]:
-            return [e.reason for e in wire.events if e.kind is EventKind.MANIFEST_REJECTED]
+            """Rejections reported, each once: an event the link cut before its ack came
+            back is sent again under its own id (at least once), which is no new report."""
+            told = {e.event_id: e for e in wire.events if e.kind is EventKind.MANIFEST_REJECTED}
+            return [e.reason for e in told.values()]
 
         await wire.until(rejected, what="the stale manifest rejected")
         for flap in range(FLAPS):

@@ -203,6 +203,11 @@ async def _scenario(fleet: Fleet, model: DemoModel) -> None:
             expected = sum(made.values()) + sum(a.inferences_total for a in again.values())
             return ledger()[0] == expected
 
+        # A restarted agent infers once as it starts, then not for 1,000 s: that one in.
+        await wire.until(
+            lambda: all(a.inferences_total >= 1 for a in again.values()) or None,
+            what="each restarted agent's first inference",
+        )
         await wire.until(everything_counted, what="every inference counted")
         counted = ledger()
         final = await snapshots.until(

@@ -55,6 +55,12 @@ def _serving(
         ):
             opened.append(wire)
             await wire.until(lambda: set(agents) <= set(wire.states), what="every state")
+            # The coordinator's connect-time trust comes in its own time: in before the
+            # test counts what arrives after it.
+            await wire.until(
+                lambda: any(m.topic == topics.trust() for m in wire.raw) or None,
+                what="the trust",
+            )
             for device_id in offline:
                 await stop_agent(fleet, device_id)
             await wire.until(

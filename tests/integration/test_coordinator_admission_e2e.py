@@ -17,6 +17,7 @@ from tests.integration.fleetkit import (
     MakeFleet,
     Wire,
     audit_log,
+    eventually,
     live,
     publish_spec,
     run,
@@ -165,7 +166,14 @@ async def _link_cut_during_validation(fleet: Fleet, v2: DemoModel) -> None:
                 await asyncio.sleep(0.5)
                 spec = spec_for(v2, rollout_id="r", classes=(JETSON,))
                 await publish_spec(operator, fleet.home, spec)
-            await asyncio.sleep(0.5)  # the coordinator now waits for the artifact
+            coordinator = fleet.coordinator
+            assert coordinator is not None
+
+            async def validating() -> bool:
+                return "r" in coordinator.validating
+
+            # The coordinator now waits for the artifact: the link goes while it does.
+            await eventually(validating, what="r being validated")
             await asyncio.to_thread(fleet.broker.stop)
             await asyncio.sleep(FETCH_TIMEOUT_S + 1.0)  # its fetch times out, link down
             await asyncio.to_thread(fleet.broker.start)

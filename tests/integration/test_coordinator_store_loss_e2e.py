@@ -138,8 +138,13 @@ async def _sigterm(fleet: Fleet) -> None:
                     process.kill()
                     await process.wait()
             assert code == 0, (signum, code)
-            last = [m.payload for m in wire.raw if m.topic == topics.coordinator_presence()]
-            assert last[-1] == OFFLINE, (signum, last)
+
+            def offline() -> bool | None:
+                said = [m.payload for m in wire.raw if m.topic == topics.coordinator_presence()]
+                return said[-1] == OFFLINE or None
+
+            # Sent and acknowledged before the exit, but the wire reads it in its own time.
+            await wire.until(offline, what=f"the coordinator offline after signal {signum}")
             document = json.loads((data / "coordinator.json").read_text(encoding="utf-8"))
             assert isinstance(document, dict)
 

@@ -19,6 +19,7 @@ from tests.integration.fleetkit import (
     release_id,
     roll_out,
     run,
+    start_agent_with,
     stop_agent,
 )
 
@@ -35,8 +36,24 @@ def test_devices_dying_mid_soak_roll_back_their_class_on_silence_while_the_other
 async def _dying_class(fleet: Fleet, demo_models: dict[str, DemoModel]) -> None:
     v1, v2 = demo_models["digits-v1"], demo_models["digits-v2"]
     intel = sorted(d for d, c in fleet.home.devices().items() if c == INTEL)
-    async with live(fleet), Wire.open(fleet.home) as wire, fleet.operator() as operator:
+    async with live(fleet) as tg, Wire.open(fleet.home) as wire, fleet.operator() as operator:
         await roll_out(operator, fleet, wire, v1, rollout_id="install-v1")
+        # INTEL devices infer slowly from here on, so that no soak can end (20 inferences
+        # at 2 Hz) before the test has stopped every one of them.
+        for device_id in intel:
+            await stop_agent(fleet, device_id)
+            start_agent_with(fleet, tg, device_id, inference_hz=2.0)
+        await wire.until(
+            lambda: (
+                all(
+                    fleet.agents[d].stage is Stage.SERVING
+                    and fleet.agents[d].active_release is not None
+                    for d in intel
+                )
+                or None
+            ),
+            what="the INTEL devices serving v1 again",
+        )
         await publish_rollout(
             operator,
             fleet.home,

@@ -131,6 +131,11 @@ async def _every_inference_counted(
     def expected() -> dict[str, int]:
         return {d: made[d] + again[d].inferences_total for d in devices}
 
+    # A restarted agent infers once as it starts, then not for 1,000 s: that one in first.
+    await wire.until(
+        lambda: all(a.inferences_total >= 1 for a in again.values()) or None,
+        what="each restarted agent's first inference",
+    )
     await wire.until(lambda: counted() == expected(), what="every inference counted")
     # And it stays so: nothing counted twice as the agents' resends keep arriving.
     await asyncio.sleep(1.0)
