@@ -166,6 +166,28 @@ async def stop_agent(fleet: Fleet, device_id: str) -> None:
         await task
 
 
+async def restart_idle(
+    fleet: Fleet, tg: asyncio.TaskGroup, devices: Iterable[str], **changes: Any
+) -> tuple[dict[str, int], dict[str, Agent]]:
+    """Stop each of ``devices`` cleanly (its open telemetry window committed) and start
+    it again on its data folder, inferring once as it starts and then not for 1,000 s;
+    return once each made that one inference. Returns what each made before the stop,
+    and the agents started again."""
+    made: dict[str, int] = {}
+    for device_id in devices:
+        agent = fleet.agents[device_id]
+        agent.request_stop()
+        await fleet.agent_tasks.pop(device_id)
+        made[device_id] = agent.inferences_total
+    again = {d: start_agent_with(fleet, tg, d, **changes, inference_hz=1e-3) for d in made}
+
+    async def first_inferences() -> bool:
+        return all(a.inferences_total >= 1 for a in again.values())
+
+    await eventually(first_inferences, what="each restarted agent's first inference")
+    return made, again
+
+
 def canaries_of(fleet: Fleet) -> tuple[str, ...]:
     """The first device of every class."""
     devices = fleet.home.devices()

@@ -34,9 +34,9 @@ from tests.integration.fleetkit import (
     Wire,
     live,
     release_id,
+    restart_idle,
     roll_out,
     run,
-    start_agent_with,
     stop_coordinator,
 )
 
@@ -184,13 +184,7 @@ async def _scenario(fleet: Fleet, model: DemoModel) -> None:
 
         # Every window sent: the agents stop (their open windows kept), start again
         # without inferring more, and send what was not acknowledged.
-        made: dict[str, int] = {}
-        for device_id in devices:
-            agent = fleet.agents[device_id]
-            agent.request_stop()
-            await fleet.agent_tasks.pop(device_id)
-            made[device_id] = agent.inferences_total
-        again = {d: start_agent_with(fleet, tg, d, inference_hz=1e-3) for d in devices}
+        made, again = await restart_idle(fleet, tg, devices)
 
         def ledger() -> tuple[int, int]:
             marks = [coordinator.telemetry.committed(d) for d in devices]
@@ -203,11 +197,6 @@ async def _scenario(fleet: Fleet, model: DemoModel) -> None:
             expected = sum(made.values()) + sum(a.inferences_total for a in again.values())
             return ledger()[0] == expected
 
-        # A restarted agent infers once as it starts, then not for 1,000 s: that one in.
-        await wire.until(
-            lambda: all(a.inferences_total >= 1 for a in again.values()) or None,
-            what="each restarted agent's first inference",
-        )
         await wire.until(everything_counted, what="every inference counted")
         counted = ledger()
         final = await snapshots.until(

@@ -20,6 +20,7 @@ from tests.integration.fleetkit import (
     MakeFleet,
     Wire,
     live,
+    restart_idle,
     roll_out,
     run,
     start_agent_with,
@@ -113,14 +114,8 @@ async def _every_inference_counted(
     """Stop each agent cleanly (its open window committed), start it again on its data
     folder without inferring any more, and wait until the coordinator's stored count of
     every device is exactly what the agent made."""
-    made: dict[str, int] = {}
-    for device_id in devices:
-        agent = fleet.agents[device_id]
-        agent.request_stop()
-        await fleet.agent_tasks.pop(device_id)
-        made[device_id] = agent.inferences_total
-        assert made[device_id] > 0
-    again = {d: start_agent_with(fleet, tg, d, **FAST, inference_hz=1e-3) for d in devices}
+    made, again = await restart_idle(fleet, tg, devices, **FAST)
+    assert all(made[d] > 0 for d in devices)
     coordinator = fleet.coordinator
     assert coordinator is not None
 
@@ -131,11 +126,6 @@ async def _every_inference_counted(
     def expected() -> dict[str, int]:
         return {d: made[d] + again[d].inferences_total for d in devices}
 
-    # A restarted agent infers once as it starts, then not for 1,000 s: that one in first.
-    await wire.until(
-        lambda: all(a.inferences_total >= 1 for a in again.values()) or None,
-        what="each restarted agent's first inference",
-    )
     await wire.until(lambda: counted() == expected(), what="every inference counted")
     # And it stays so: nothing counted twice as the agents' resends keep arriving.
     await asyncio.sleep(1.0)
