@@ -103,7 +103,7 @@ def _served_over_http(port: int, model: DemoModel) -> None:
                 if c.getresponse().status == 200:
                     break
         except OSError:
-            pass
+            pass  # not listening yet: asked again below
         assert time.monotonic() < deadline, "the endpoint never got ready"
         time.sleep(0.2)
     body = {
